@@ -1,0 +1,67 @@
+"""Plain-loop reference implementations: the oracles the vectorised rules are tested against.
+
+Written for clarity, one row and one position at a time, in float64, on the same pre-drawn
+uniforms as the fast rules. Too slow for real use.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specsample.verify.result import PAD, VerifyResult
+
+
+def reference_sample(weights: torch.Tensor, uniform: float) -> int:
+    """The first id whose running total of `weights` [vocab] exceeds uniform * total."""
+    weights = weights.to(torch.float64)
+    goal = uniform * float(weights.sum())
+    running = torch.cumsum(weights, dim=0)
+    above = torch.nonzero(running > goal)
+    if len(above) == 0:  # goal rounded onto the total: the last id with positive weight
+        return int(torch.nonzero(weights > 0)[-1])
+    return int(above[0])
+
+
+def reference_token_rule(
+    draft_tokens: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    target_probs: torch.Tensor,
+    draft_lengths: torch.Tensor,
+    accept_uniforms: torch.Tensor,
+    sample_uniforms: torch.Tensor,
+) -> VerifyResult:
+    """Same contract as `token_rule`, as a loop over rows and positions."""
+    batch, k = draft_tokens.shape
+    tokens = torch.full((batch, k + 1), PAD, dtype=torch.int64)
+    num_accepted = torch.zeros(batch, dtype=torch.int64)
+    for b in range(batch):
+        emitted: list[int] = []
+        final = None
+        for i in range(int(draft_lengths[b])):
+            x = int(draft_tokens[b, i])
+            p = target_probs[b, i].to(torch.float64)
+            q = _draft_distribution(draft_probs, b, i, x, p.shape[0])
+            if float(accept_uniforms[b, i]) * float(q[x]) < float(p[x]):
+                emitted.append(x)
+                continue
+            weights = torch.clamp(p - q, min=0.0)
+            if float(weights.sum()) <= 0:
+                weights = p
+            final = reference_sample(weights, float(sample_uniforms[b]))
+            break
+        if final is None:  # every draft kept: the bonus token
+            bonus = target_probs[b, len(emitted)].to(torch.float64)
+            final = reference_sample(bonus, float(sample_uniforms[b]))
+        num_accepted[b] = len(emitted)
+        tokens[b, : len(emitted) + 1] = torch.tensor(emitted + [final])
+    return VerifyResult(tokens, num_accepted)
+
+
+def _draft_distribution(
+    draft_probs: torch.Tensor | None, b: int, i: int, x: int, vocab: int
+) -> torch.Tensor:
+    if draft_probs is not None:
+        return draft_probs[b, i].to(torch.float64)
+    one_hot = torch.zeros(vocab, dtype=torch.float64)
+    one_hot[x] = 1.0
+    return one_hot
