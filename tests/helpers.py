@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def random_distribution(vocab: int, generator: torch.Generator, *, sharpness: float = 1.0,
-                        zeros: int = 0) -> torch.Tensor:
+def random_distribution(
+    vocab: int, generator: torch.Generator, *, sharpness: float = 1.0, zeros: int = 0
+) -> torch.Tensor:
     """A random float64 distribution [vocab]; `zeros` ids get probability exactly 0."""
     logits = torch.randn(vocab, generator=generator, dtype=torch.float64) * sharpness
     if zeros:
@@ -28,8 +29,9 @@ class TablePrefixModel:
     def __call__(self, prefix: tuple[int, ...]) -> torch.Tensor:
         if prefix not in self.table:
             g = torch.Generator().manual_seed(hash((self.seed, prefix)) % (2**62))
-            self.table[prefix] = random_distribution(self.vocab, g, sharpness=self.sharpness,
-                                                     zeros=self.zeros)
+            self.table[prefix] = random_distribution(
+                self.vocab, g, sharpness=self.sharpness, zeros=self.zeros
+            )
         return self.table[prefix]
 
 

@@ -13,6 +13,8 @@ fi
 [ -x .venv/bin/python ] || "$py" -m venv .venv
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 [ -d /opt/wheels ] && pip+=(--find-links /opt/wheels)
-"${pip[@]}" "torch==2.13.0"
-"${pip[@]}" -e ".[$extras]"
+quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+echo "specsample: setting up .venv (torch 2.13.0, then .[$extras]) ..." >&2
+quiet "${pip[@]}" "torch==2.13.0"
+quiet "${pip[@]}" -e ".[$extras]"
 touch "$stamp"

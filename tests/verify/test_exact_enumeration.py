@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import ConstantModel, TablePrefixModel
 
+from helpers import ConstantModel, TablePrefixModel
 from specsample.analysis.exact import exact_token_rule_distribution, prefix_errors
 from specsample.verify.reference import reference_token_rule
 from specsample.verify.result import VerifyResult, assemble_tokens
@@ -17,8 +17,9 @@ from specsample.verify.token import token_rule
 EXACT = 1e-12
 
 
-def always_accept_rule(draft_tokens, draft_probs, target_probs, draft_lengths, accept_uniforms,
-                       sample_uniforms):
+def always_accept_rule(
+    draft_tokens, draft_probs, target_probs, draft_lengths, accept_uniforms, sample_uniforms
+):
     """Negative control: keeps every draft, then a bonus token from p."""
     batch, k = draft_tokens.shape
     num_accepted = draft_lengths.clone()
@@ -27,12 +28,14 @@ def always_accept_rule(draft_tokens, draft_probs, target_probs, draft_lengths, a
     return VerifyResult(assemble_tokens(draft_tokens, num_accepted, final), num_accepted)
 
 
-def recover_from_target_rule(draft_tokens, draft_probs, target_probs, draft_lengths,
-                             accept_uniforms, sample_uniforms):
+def recover_from_target_rule(
+    draft_tokens, draft_probs, target_probs, draft_lengths, accept_uniforms, sample_uniforms
+):
     """Negative control: the right keep test, but the recovered token is drawn from p, not from
     the residual max(0, p - q)."""
-    result = token_rule(draft_tokens, draft_probs, target_probs, draft_lengths, accept_uniforms,
-                        sample_uniforms)
+    result = token_rule(
+        draft_tokens, draft_probs, target_probs, draft_lengths, accept_uniforms, sample_uniforms
+    )
     rows = torch.arange(draft_tokens.shape[0])
     final = sample_from_weights(target_probs[rows, result.num_accepted], sample_uniforms)
     tokens = assemble_tokens(draft_tokens, result.num_accepted, final)
@@ -103,7 +106,8 @@ def test_equal_distributions_keep_every_draft():
 def test_negative_controls_fail_the_enumeration(wrong_rule, point_mass):
     target = TablePrefixModel(4, seed=5, sharpness=2.0)
     draft = TablePrefixModel(4, seed=6, sharpness=2.0)
-    distribution = exact_token_rule_distribution(wrong_rule, target, draft, k=2,
-                                                 point_mass=point_mass)
+    distribution = exact_token_rule_distribution(
+        wrong_rule, target, draft, k=2, point_mass=point_mass
+    )
     worst, _ = prefix_errors(distribution, target)
     assert worst > 1e-2

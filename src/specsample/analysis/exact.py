@@ -120,7 +120,9 @@ def _add_pieces(
     target_rows = [target(drafts[:i]).to(torch.float64) for i in range(k + 1)]
     draft_rows = [_drafted_from(draft, drafts, i, point_mass) for i in range(k)]
     keep = [
-        float(acceptance_probability(target_rows[i][drafts[i]].log(), draft_rows[i][drafts[i]].log()))
+        float(
+            acceptance_probability(target_rows[i][drafts[i]].log(), draft_rows[i][drafts[i]].log())
+        )
         for i in range(k)
     ]
     for accepted in range(k + 1):

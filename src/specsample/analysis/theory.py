@@ -34,7 +34,9 @@ def expected_tokens_per_pass(alpha: float, k: int) -> float:
     return (1 - alpha ** (k + 1)) / (1 - alpha)
 
 
-def expected_speedup(alpha: float, k: int, cost_ratio: float, verify_cost: VerifyCost = None) -> float:
+def expected_speedup(
+    alpha: float, k: int, cost_ratio: float, verify_cost: VerifyCost = None
+) -> float:
     """Expected tokens per unit time relative to target-only decoding.
 
     (1 - alpha^(k+1)) / ((1 - alpha) (k c + v(k))), with v(k) the cost of a target pass over k+1
@@ -43,8 +45,9 @@ def expected_speedup(alpha: float, k: int, cost_ratio: float, verify_cost: Verif
     indexed by k).
     """
     if not cost_ratio >= 0:
-        raise ValueError(f"cost_ratio: expected a number >= 0 (draft step / target pass), got "
-                         f"{cost_ratio!r}")
+        raise ValueError(
+            f"cost_ratio: expected a number >= 0 (draft step / target pass), got {cost_ratio!r}"
+        )
     return expected_tokens_per_pass(alpha, k) / (k * cost_ratio + _verify_cost(verify_cost, k))
 
 

@@ -21,7 +21,8 @@ def check_generator(generator: object, device: torch.device) -> None:
     if not isinstance(generator, torch.Generator):
         raise TypeError(
             f"generator: expected a torch.Generator (e.g. torch.Generator(device={str(device)!r})"
-            f".manual_seed(0)), got {type(generator).__name__}; specsample never uses the global RNG"
+            f".manual_seed(0)), got {type(generator).__name__}; "
+            "specsample never uses the global RNG"
         )
     if torch.device(generator.device).type != device.type:
         raise ValueError(
@@ -49,8 +50,10 @@ def check_draft_tokens(draft_tokens: object) -> torch.Tensor:
         raise TypeError(
             f"draft_tokens: expected an int64 tensor [batch, k], got {type(draft_tokens).__name__}"
         )
-    if draft_tokens.dtype.is_floating_point or draft_tokens.dtype.is_complex or (
-        draft_tokens.dtype == torch.bool
+    if (
+        draft_tokens.dtype.is_floating_point
+        or draft_tokens.dtype.is_complex
+        or (draft_tokens.dtype == torch.bool)
     ):
         raise TypeError(f"draft_tokens: expected an integer tensor, got {draft_tokens.dtype}")
     if draft_tokens.dim() != 2:
@@ -91,8 +94,10 @@ def check_devices(*tensors: torch.Tensor | None) -> None:
     devices = {t.device for t in tensors if t is not None}
     if len(devices) > 1:
         names = ", ".join(sorted(str(d) for d in devices))
-        raise ValueError(f"draft_tokens, draft_probs, target_probs, draft_lengths: expected one "
-                         f"device, got {names}")
+        raise ValueError(
+            f"draft_tokens, draft_probs, target_probs, draft_lengths: expected one "
+            f"device, got {names}"
+        )
 
 
 def check_draft_lengths(draft_lengths: object, batch: int, k: int, device) -> torch.Tensor:
@@ -158,7 +163,8 @@ def check_drafted_tokens_possible(
     if bool(impossible.any()):
         b, i = (int(v) for v in torch.nonzero(impossible)[0])
         raise ValueError(
-            f"draft_probs: the drafted token draft_tokens[{b}, {i}] = {int(draft_tokens[b, i])} has "
+            f"draft_probs: the drafted token draft_tokens[{b}, {i}] = {int(draft_tokens[b, i])} "
+            "has "
             f"draft probability 0, so it cannot have been drafted from draft_probs; pass the "
             f"distribution the drafts were sampled from (or None for point-mass drafts)"
         )

@@ -16,7 +16,7 @@ class VerifyResult:
     tokens:       int64 [batch, k+1]: the emitted tokens, left-aligned: the accepted drafts, then
                   one recovered token (after a rejection) or one bonus token (all drafts kept),
                   then PAD (-1).
-    num_accepted: int64 [batch]: how many drafts were kept; row b emitted num_accepted[b] + 1 tokens.
+    num_accepted: int64 [batch]: drafts kept; row b emitted num_accepted[b] + 1 tokens.
     rule_used:    the rule that decided the rows ("token", "block", ...). A rule that cannot apply
                   to an input (block verification of point-mass drafts) names the rule it fell back
                   to here instead of deciding silently.

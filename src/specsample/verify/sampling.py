@@ -18,7 +18,9 @@ import torch
 BLOCK = 1024
 
 
-def acceptance_probability(target_logprob: torch.Tensor, draft_logprob: torch.Tensor) -> torch.Tensor:
+def acceptance_probability(
+    target_logprob: torch.Tensor, draft_logprob: torch.Tensor
+) -> torch.Tensor:
     """min(1, exp(target_logprob - draft_logprob)), elementwise.
 
     This is the probability of keeping a drafted token x, with target_logprob = log P(x) and
@@ -28,8 +30,9 @@ def acceptance_probability(target_logprob: torch.Tensor, draft_logprob: torch.Te
     """
     target_logprob = torch.as_tensor(target_logprob)
     draft_logprob = torch.as_tensor(draft_logprob)
-    dtype = torch.promote_types(torch.promote_types(target_logprob.dtype, draft_logprob.dtype),
-                                torch.float32)
+    dtype = torch.promote_types(
+        torch.promote_types(target_logprob.dtype, draft_logprob.dtype), torch.float32
+    )
     log_ratio = target_logprob.to(dtype) - draft_logprob.to(dtype)
     # -inf - -inf is NaN: an undraftable token (Q = 0) is given 1, a token P rules out 0.
     log_ratio = torch.where(draft_logprob == float("-inf"), 0.0, log_ratio)
@@ -46,8 +49,9 @@ def residual(target_probs: torch.Tensor, draft_probs: torch.Tensor) -> torch.Ten
     Where P = Q (no positive mass left) a rejection has probability 0; the residual is then defined
     as P itself, so the result is always a distribution and never NaN.
     """
-    dtype = torch.promote_types(torch.promote_types(target_probs.dtype, draft_probs.dtype),
-                                torch.float32)
+    dtype = torch.promote_types(
+        torch.promote_types(target_probs.dtype, draft_probs.dtype), torch.float32
+    )
     target = target_probs.to(dtype)
     weights = torch.clamp(target - draft_probs.to(dtype), min=0.0)
     total = weights.sum(dim=-1, keepdim=True)
@@ -57,28 +61,55 @@ def residual(target_probs: torch.Tensor, draft_probs: torch.Tensor) -> torch.Ten
     return weights / total
 
 
-def sample_from_weights(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+def sample_from_weights(
+    weights: torch.Tensor, uniforms: torch.Tensor, *, fallback: torch.Tensor | None = None
+) -> torch.Tensor:
     """Draws one index per row of `weights` [batch, vocab] (>= 0, unnormalised) with `uniforms`
     [batch] in [0, 1).
 
-    Returns int64 [batch]: the first index i with cumsum(weights)[i] > u * sum(weights). A zero
-    weight is never chosen. Every row must have positive total weight.
+    Returns int64 [batch]: the first index i with cumsum(weights)[i] > u * sum(weights); a zero
+    weight is never chosen. A row whose weights are all zero is drawn from the same row of
+    `fallback` [batch, vocab] instead (the rules pass the target distribution: an empty residual
+    means a rejection that has probability 0 in exact arithmetic, see `residual`).
+
+    Sums are taken per block of BLOCK ids in the weights' dtype (float32 or float64: pairwise
+    summation, relative error ~1e-7 in float32), and prefix sums in float64.
     """
-    batch, vocab = weights.shape
-    num_blocks = -(-vocab // BLOCK)
-    padded = weights
-    if num_blocks * BLOCK != vocab:
-        padded = torch.nn.functional.pad(weights, (0, num_blocks * BLOCK - vocab))
-    blocks = padded.reshape(batch, num_blocks, BLOCK)
-    block_sums = blocks.sum(dim=-1, dtype=torch.float64)  # [batch, num_blocks]
+    vocab = weights.shape[1]
+    block_sums = _block_sums(weights)  # [batch, num_blocks]
+    if fallback is not None:
+        empty = block_sums.sum(dim=-1) <= 0
+        if bool(empty.any()):
+            weights = torch.where(empty[:, None], fallback.to(weights.dtype), weights)
+            block_sums = _block_sums(weights)
     block_cdf = torch.cumsum(block_sums, dim=-1)
     goal = uniforms.to(torch.float64) * block_cdf[:, -1]  # [batch]
     block = _first_above(block_cdf, goal, block_sums > 0)  # [batch]
-    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)[:, None])[:, 0], 0.0)
-    rows = torch.arange(batch, device=weights.device)
-    inside = blocks[rows, block].to(torch.float64)  # [batch, BLOCK]
+    if block_sums.shape[1] == 1:
+        return block * 0 + _first_above(
+            torch.cumsum(weights.to(torch.float64), dim=-1), goal, weights > 0
+        )
+    before = torch.where(
+        block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)[:, None])[:, 0], 0.0
+    )
+    ids = block[:, None] * BLOCK + torch.arange(BLOCK, device=weights.device)  # [batch, BLOCK]
+    inside = weights.gather(1, ids.clamp(max=vocab - 1)).to(torch.float64)
+    inside = torch.where(ids < vocab, inside, 0.0)  # the last block may run past the vocabulary
     offset = _first_above(torch.cumsum(inside, dim=-1), goal - before, inside > 0)
     return block * BLOCK + offset
+
+
+def _block_sums(weights: torch.Tensor) -> torch.Tensor:
+    """float64 [batch, ceil(vocab / BLOCK)]: the weight of each block of BLOCK consecutive ids."""
+    batch, vocab = weights.shape
+    if vocab <= BLOCK:
+        return weights.sum(dim=-1, keepdim=True, dtype=torch.float64)
+    full = vocab // BLOCK
+    sums = weights[:, : full * BLOCK].reshape(batch, full, BLOCK).sum(dim=-1).to(torch.float64)
+    if full * BLOCK == vocab:
+        return sums
+    tail = weights[:, full * BLOCK :].sum(dim=-1).to(torch.float64)
+    return torch.cat([sums, tail[:, None]], dim=1)
 
 
 def _first_above(cdf: torch.Tensor, goal: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:

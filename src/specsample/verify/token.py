@@ -33,8 +33,10 @@ def token_rule(
     """
     kept = keep_mask(draft_tokens, draft_probs, target_probs, accept_uniforms)  # [batch, k]
     num_accepted = count_leading_kept(kept, draft_lengths)
-    weights = final_weights(draft_tokens, draft_probs, target_probs, draft_lengths, num_accepted)
-    final_token = sample_from_weights(weights, sample_uniforms)
+    weights, target_row = final_weights(
+        draft_tokens, draft_probs, target_probs, draft_lengths, num_accepted
+    )
+    final_token = sample_from_weights(weights, sample_uniforms, fallback=target_row)
     return VerifyResult(assemble_tokens(draft_tokens, num_accepted, final_token), num_accepted)
 
 
@@ -68,28 +70,24 @@ def final_weights(
     target_probs: torch.Tensor,
     draft_lengths: torch.Tensor,
     num_accepted: torch.Tensor,
-) -> torch.Tensor:
-    """[batch, vocab], unnormalised: the residual max(0, p - q) at the rejected position, or p at
-    the bonus position. Computed in at least float32; only the one row per batch entry is read."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, target_row), both [batch, vocab], in at least float32. weights is unnormalised:
+    the residual max(0, p - q) at the rejected position, or p at the bonus position. target_row is
+    p at that position: `sample_from_weights` falls back to it where a residual has no mass. Only
+    one row per batch entry is read."""
     batch, k = draft_tokens.shape
     rows = torch.arange(batch, device=draft_tokens.device)
     compute_dtype = torch.promote_types(target_probs.dtype, torch.float32)
-    target_row = target_probs[rows, num_accepted].to(compute_dtype)  # [batch, vocab]
+    target_row = target_probs[rows, num_accepted].to(compute_dtype)  # [batch, vocab], a copy
     rejected = num_accepted < draft_lengths  # [batch]
     if not bool(rejected.any()):
-        return target_row
+        return target_row, target_row
     at = num_accepted.clamp(max=max(k - 1, 0))
     if draft_probs is None:
         # Point mass: q is one-hot on the drafted token, so the residual is p without that token.
-        drafted = draft_tokens[rows, at]
-        removed = torch.zeros_like(target_row).scatter(1, drafted[:, None], 1.0)
-        weights = target_row * (1.0 - removed * rejected[:, None])
-    else:
-        draft_row = draft_probs[rows, at].to(compute_dtype)
-        weights = torch.clamp(target_row - draft_row * rejected[:, None], min=0.0)
-    # A rejection where max(0, p - q) has no mass left (p <= q everywhere: rows that are equal up
-    # to rounding) has probability 0 in exact arithmetic; draw from p there, as `residual` does.
-    empty = weights.sum(dim=-1, dtype=torch.float64) <= 0
-    if bool(empty.any()):
-        weights = torch.where(empty[:, None], target_row, weights)
-    return weights
+        drafted = draft_tokens[rows, at][:, None]
+        removed = target_row.gather(1, drafted) * rejected[:, None]
+        return target_row.scatter_add(1, drafted, -removed), target_row
+    # The indexing copies, so the arithmetic can run in place on the copy.
+    weights = draft_probs[rows, at].to(compute_dtype).mul_(rejected[:, None])
+    return torch.sub(target_row, weights, out=weights).clamp_(min=0.0), target_row

@@ -27,8 +27,10 @@ class SamplingConfig:
     min_p: float = 0.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or (
-            self.temperature < 0
+        if (
+            not isinstance(self.temperature, (int, float))
+            or not math.isfinite(self.temperature)
+            or (self.temperature < 0)
         ):
             raise ValueError(
                 f"temperature: expected a finite number >= 0 (0 = greedy), got {self.temperature!r}"
@@ -50,8 +52,10 @@ def logits_to_probs(logits: torch.Tensor, config: SamplingConfig | None = None) 
     input). -inf logits get probability 0."""
     config = config or SamplingConfig()
     if not isinstance(logits, torch.Tensor) or not logits.dtype.is_floating_point:
-        raise TypeError(f"logits: expected a float tensor [..., vocab], got {type(logits).__name__}"
-                        f"{'' if not isinstance(logits, torch.Tensor) else ' of ' + str(logits.dtype)}")
+        raise TypeError(
+            f"logits: expected a float tensor [..., vocab], got {type(logits).__name__}"
+            f"{'' if not isinstance(logits, torch.Tensor) else ' of ' + str(logits.dtype)}"
+        )
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if config.greedy:
         return greedy_probs(logits)

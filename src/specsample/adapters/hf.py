@@ -1,0 +1,318 @@
+"""`LanguageModel` adapter for Hugging Face transformers causal LMs with a KV cache.
+
+Ragged batches share one physical cache *timeline* of T slots. Each row owns a boolean
+`real[batch, T]` marking which slots hold its tokens; padding and rolled-back tokens become
+holes (masked out, never attended to). Because holes break the usual "position = slot index"
+rule, every forward pass gets
+
+* explicit `position_ids` = number of real tokens before that slot in the row, so RoPE sees
+  exactly the positions a fresh unpadded forward would, and
+* a ready-made 4-D additive mask `[batch, 1, n, T + n]` (real & causal in slot space), which
+  transformers passes through untouched, so it never re-derives masks or positions from a
+  2-D padding mask.
+
+Rollback (`truncate`) only flips bits in `real` and then crops the physical cache to the last
+slot any row still needs. Holes left in shorter rows are reclaimed by `compact()`, which packs
+each row's real slots to the left; this is exact because RoPE is applied before caching.
+
+transformers version quirks handled here (and nowhere else):
+
+* the cache keyword is `cache` in 5.x (`past_key_values` before, deprecated in 5.x);
+* `Cache.crop(n)` in 5.x only accepts n <= 0 (tokens to remove); older versions took an
+  absolute length but also accepted negative n, so we always pass a negative count;
+* KV tensors live in `cache.layers[i].keys` (>= 4.56) or `cache.key_cache[i]` (older);
+* `from_pretrained` takes `dtype` (>= 4.56) rather than `torch_dtype`;
+* `logits_to_keep` was `num_logits_to_keep` before 4.50.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from specsample.adapters.protocol import check_extend_args, check_prompts, check_truncate_args
+
+__all__ = ["HFCausalLM"]
+
+# Attention backends that honour an arbitrary 4-D additive mask (holes included).
+_MASKABLE_ATTN = {"eager", "sdpa"}
+
+
+def _forward_params(model: torch.nn.Module) -> set[str]:
+    return set(inspect.signature(model.forward).parameters)
+
+
+def _text_config(model: Any) -> Any:
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def _check_supported(model: Any) -> None:
+    """Reject models whose attention this adapter cannot reproduce exactly."""
+    cfg = _text_config(model)
+    attn = getattr(model.config, "_attn_implementation", None) or "eager"
+    if attn not in _MASKABLE_ATTN:
+        raise ValueError(
+            f"model: expected attn_implementation in {sorted(_MASKABLE_ATTN)} (the adapter "
+            f"needs 4-D masks with holes), got {attn!r}"
+        )
+    layer_types = getattr(cfg, "layer_types", None) or []
+    odd = sorted({t for t in layer_types if t != "full_attention"})
+    windowed = getattr(cfg, "sliding_window", None) is not None and getattr(
+        cfg, "use_sliding_window", True
+    )
+    if odd or windowed:
+        raise ValueError(
+            "model: expected full attention in every layer, got "
+            f"{odd or 'sliding_window=' + str(cfg.sliding_window)}"
+        )
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _new_cache() -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def _map_kv(cache: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Apply `fn` to every cached key/value tensor `[batch, heads, T, head_dim]` in place."""
+    if hasattr(cache, "layers"):  # transformers >= 4.56
+        for layer in cache.layers:
+            if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4:
+                layer.keys, layer.values = fn(layer.keys), fn(layer.values)
+    elif hasattr(cache, "key_cache"):  # older DynamicCache
+        cache.key_cache = [fn(k) if k.dim() == 4 else k for k in cache.key_cache]
+        cache.value_cache = [fn(v) if v.dim() == 4 else v for v in cache.value_cache]
+    else:
+        raise NotImplementedError(f"cannot reindex cache of type {type(cache).__name__}")
+
+
+class HFCausalLM:
+    """`LanguageModel` over a transformers causal LM (Llama/Qwen2-style, full attention).
+
+    Args:
+        model: an `AutoModelForCausalLM`-style module; it is put in eval mode.
+        device: where inputs, cache and returned tensors live; the model is moved there.
+            Defaults to the device of the model's parameters.
+        vocab_size: return only the first `vocab_size` logit columns, for checkpoints whose
+            head is padded beyond the tokenizer (e.g. 152064 rows vs 151936 tokens).
+        compact_slack: repack the cache once the timeline is this many slots longer than
+            the longest row (`None`: never automatically).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        device: torch.device | str | None = None,
+        vocab_size: int | None = None,
+        compact_slack: int | None = 256,
+    ) -> None:
+        _check_supported(model)
+        if device is not None:
+            model = model.to(device)
+        self.model = model.eval()
+        self.device = _model_device(model)
+        head_rows = int(model.get_output_embeddings().weight.shape[0])
+        if vocab_size is None:
+            vocab_size = head_rows
+        if not 1 <= vocab_size <= head_rows:
+            raise ValueError(
+                f"vocab_size: expected 1 <= vocab_size <= {head_rows} (rows of the "
+                f"model's output head), got {vocab_size}"
+            )
+        if compact_slack is not None and compact_slack < 0:
+            raise ValueError(f"compact_slack: expected None or >= 0, got {compact_slack}")
+        self.vocab_size = int(vocab_size)
+        self.compact_slack = compact_slack
+        self._input_vocab = int(model.get_input_embeddings().weight.shape[0])
+        self._dtype = next(model.parameters()).dtype
+        params = _forward_params(model)
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._keep_kw = next(
+            (k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None
+        )
+        self._cache: Any = None
+        self._real = torch.zeros(0, 0, dtype=torch.bool, device=self.device)
+        self._lengths = torch.zeros(0, dtype=torch.long, device=self.device)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        gguf_file: str | None = None,
+        *,
+        vocab_size: int | None = None,
+        **model_kwargs: Any,
+    ) -> HFCausalLM:
+        """Load with `AutoModelForCausalLM.from_pretrained` (GGUF is dequantized to `dtype`).
+
+        Extra keyword arguments (e.g. `attn_implementation="sdpa"`) go to transformers.
+        """
+        import transformers
+        from transformers import AutoModelForCausalLM
+
+        major_minor = tuple(int(p) for p in transformers.__version__.split(".")[:2])
+        dtype_kw = "dtype" if major_minor >= (4, 56) else "torch_dtype"
+        if gguf_file is not None:
+            model_kwargs["gguf_file"] = gguf_file
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, **{dtype_kw: dtype}, **model_kwargs
+        )
+        return cls(model, device=device, vocab_size=vocab_size)
+
+    # ------------------------------------------------------------------ protocol
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Current number of tokens per row, int64 `[batch]` (a copy)."""
+        return self._lengths.clone()
+
+    @property
+    def batch_size(self) -> int:
+        return int(self._lengths.shape[0])
+
+    @property
+    def timeline_length(self) -> int:
+        """Physical cache slots T (>= max length; the excess is holes)."""
+        return int(self._real.shape[1])
+
+    @torch.inference_mode()
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Reset to `prompts`; returns float logits `[batch, vocab]` after each prompt."""
+        rows = check_prompts(prompts, self._input_vocab)
+        batch, width = len(rows), max(map(len, rows))
+        # Left-pad so every row's last prompt token sits in the final slot: then one
+        # logits column per row suffices (no [batch, seq, vocab] blow-up for long prompts).
+        tokens = torch.zeros(batch, width, dtype=torch.long)
+        valid = torch.zeros(batch, width, dtype=torch.bool)
+        for b, row in enumerate(rows):
+            tokens[b, width - len(row) :] = torch.tensor(row)
+            valid[b, width - len(row) :] = True
+        self._cache = _new_cache()
+        self._real = torch.zeros(batch, 0, dtype=torch.bool, device=self.device)
+        self._lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
+        logits = self._forward(tokens.to(self.device), valid.to(self.device), keep_last=True)
+        return logits[:, -1]
+
+    @torch.inference_mode()
+    def extend(self, tokens: torch.Tensor, num_valid: torch.Tensor) -> torch.Tensor:
+        """Append `tokens[b, :num_valid[b]]` (int64 `[batch, n]`, `[batch]`).
+
+        Returns float logits `[batch, n, vocab]`; padded positions hold finite junk.
+        """
+        self._require_state()
+        tokens, num_valid = check_extend_args(tokens, num_valid, self.batch_size, self._input_vocab)
+        tokens, num_valid = tokens.to(self.device), num_valid.to(self.device)
+        n = tokens.shape[1]
+        if n == 0:
+            return torch.zeros(self.batch_size, 0, self.vocab_size, device=self.device)
+        valid = torch.arange(n, device=self.device) < num_valid[:, None]
+        logits = self._forward(tokens, valid, keep_last=False)
+        self._trim()  # slots that are padding in every row need not stay in the cache
+        return logits
+
+    @torch.inference_mode()
+    def truncate(self, lengths: torch.Tensor) -> None:
+        """Keep the first `lengths[b]` tokens of row b (int64 `[batch]`)."""
+        self._require_state()
+        lengths = check_truncate_args(lengths, self._lengths)
+        rank = self._real.long().cumsum(dim=1)  # real tokens up to and including each slot
+        self._real &= rank <= lengths[:, None]
+        self._lengths = lengths.clone()
+        self._trim()
+
+    # ------------------------------------------------------------------ internals
+
+    def _require_state(self) -> None:
+        if self._cache is None:
+            raise RuntimeError("call prefill() before extend() or truncate()")
+
+    def _forward(self, tokens: torch.Tensor, valid: torch.Tensor, keep_last: bool) -> torch.Tensor:
+        """Run new slots `tokens[batch, n]` (real where `valid`) through the model.
+
+        Appends n slots to the timeline and returns float logits `[batch, n or 1, vocab]`.
+        """
+        batch, n = tokens.shape
+        past = self._real.shape[1]
+        assert self._cache.get_seq_length() == past, "cache and timeline out of sync"
+        real = torch.cat([self._real, valid], dim=1)  # [batch, past + n]
+        # Position of a slot = real tokens of its row before it; padding gets a harmless
+        # clamped value (its output is never used and its slot is masked for others).
+        positions = self._lengths[:, None] + valid.long().cumsum(dim=1) - 1
+        positions = positions.clamp_min(0)
+        kwargs: dict[str, Any] = {
+            "input_ids": torch.where(valid, tokens, 0),
+            "attention_mask": self._mask(real, past, n),
+            "position_ids": positions,
+            self._cache_kw: self._cache,
+            "use_cache": True,
+        }
+        if keep_last and self._keep_kw is not None:
+            kwargs[self._keep_kw] = 1
+        out = self.model(**kwargs)
+        returned = getattr(out, self._cache_kw, None)
+        if returned is not None:  # some versions hand back a new object
+            self._cache = returned
+        self._real = real
+        self._lengths = self._lengths + valid.sum(dim=1)
+        return out.logits[..., : self.vocab_size].float()
+
+    def _mask(self, real: torch.Tensor, past: int, n: int) -> torch.Tensor:
+        """Additive mask `[batch, 1, n, past + n]`: 0 where query slot may attend key slot.
+
+        A query sees the real slots of its own row at or before it. Every query also sees
+        itself, so padded queries (e.g. left padding in prefill) never get an all-masked
+        row: kernels that treat the mask as -inf turn such rows into NaN, and a NaN value
+        vector leaks into real rows through 0-weight attention in later layers.
+        """
+        q_slot = past + torch.arange(n, device=self.device)[:, None]  # [n, 1]
+        k_slot = torch.arange(past + n, device=self.device)[None, :]  # [1, past + n]
+        allowed = (real[:, None, :] & (k_slot <= q_slot)) | (k_slot == q_slot)
+        mask = torch.zeros(allowed.shape, dtype=self._dtype, device=self.device)
+        mask.masked_fill_(~allowed, torch.finfo(self._dtype).min)
+        return mask[:, None]
+
+    def _trim(self) -> None:
+        """Crop the physical cache to the last slot any row still uses; maybe compact."""
+        total = self._real.shape[1]
+        slot_number = torch.arange(1, total + 1, device=self.device)
+        needed = int((self._real * slot_number).amax()) if self._real.numel() else 0
+        if needed < total:
+            self._cache.crop(needed - total)  # negative = "remove this many" in every version
+            self._real = self._real[:, :needed]
+        longest = int(self._lengths.max()) if self._lengths.numel() else 0
+        if self.compact_slack is not None and needed - longest > self.compact_slack:
+            self.compact()
+
+    @torch.inference_mode()
+    def compact(self) -> None:
+        """Pack each row's real slots to the left, shrinking T to the longest row.
+
+        Exact: cached keys already carry their RoPE positions, and slot order within a
+        row is preserved, so only the (masked) holes disappear. Costs one cache copy.
+        """
+        self._require_state()
+        total = self._real.shape[1]
+        longest = int(self._lengths.max())
+        slots = torch.arange(total, device=self.device)
+        # Sort key: real slots first (in order), holes after.
+        order = torch.argsort(torch.where(self._real, slots, slots + total), dim=1)
+        order = order[:, :longest]
+
+        def gather(x: torch.Tensor) -> torch.Tensor:
+            assert x.shape[2] == total, "cache length differs from timeline"
+            index = order[:, None, :, None].expand(x.shape[0], x.shape[1], longest, x.shape[3])
+            return x.gather(2, index)
+
+        _map_kv(self._cache, gather)
+        self._real = slots[None, :longest] < self._lengths[:, None]

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The whole test suite, set-up included: lint, then pytest. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/setup.sh dev
+.venv/bin/ruff check src tests benchmarks
+.venv/bin/ruff format --check src tests benchmarks
+exec .venv/bin/python -m pytest "$@"
