@@ -1,0 +1,220 @@
+"""The speculative decoding loop. Target-only decoding is the same loop with no drafter (k = 0:
+every step emits one bonus token from the target), so both share warpers, generator and code."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from specsample.adapters.protocol import LanguageModel
+from specsample.decoding.cursor import ModelCursor
+from specsample.decoding.stats import DecodeStats
+from specsample.drafters.base import Draft, Drafter
+from specsample.drafters.length import AdaptiveDraftLength, FixedDraftLength, StepCosts
+from specsample.verify import greedy_rule, verify
+from specsample.verify.result import VerifyResult
+from specsample.warpers import SamplingConfig, logits_to_probs
+
+ACCEPTED, RECOVERED, BONUS = "accepted", "recovered", "bonus"
+# on_tokens(row, tokens, kinds): called as each row's tokens are committed, for streaming.
+TokenCallback = Callable[[int, list[int], list[str]], None]
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # the new tokens of each row (EOS included when it ended the row)
+    finished_by_eos: list[bool]
+    stats: DecodeStats
+
+
+def generate(
+    target: LanguageModel,
+    prompts: Sequence[Sequence[int]],
+    *,
+    generator: torch.Generator,
+    drafter: Drafter | None = None,
+    sampling: SamplingConfig | None = None,
+    max_new_tokens: int = 128,
+    draft_length: int | FixedDraftLength | AdaptiveDraftLength = 4,
+    eos_token_ids: Sequence[int] = (),
+    on_tokens: TokenCallback | None = None,
+) -> Generation:
+    """Samples up to max_new_tokens tokens after each prompt, exactly as the target would
+    (speculatively when a drafter is given).
+
+    1. draft up to k tokens per row (never past max_new_tokens),
+    2. score the pending token and the drafts with the target in one pass,
+    3. verify: keep a prefix of the drafts, add one recovered or bonus token,
+    4. commit (cut at EOS or the limit) and let the next step roll the caches back.
+    """
+    sampling = sampling or SamplingConfig()
+    _check_generate_args(prompts, max_new_tokens, generator)
+    policy = _draft_length_policy(draft_length, drafter)
+    sequences = [list(p) for p in prompts]
+    batch = len(sequences)
+    new_tokens: list[list[int]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    by_eos = [False] * batch
+    eos = set(eos_token_ids)
+    stats, costs = DecodeStats(), StepCosts()
+    started = time.perf_counter()
+    target_cursor = ModelCursor(target)
+    target_cursor.start(sequences)
+    if drafter is not None:
+        drafter.start(sequences)
+    while not all(done):
+        active = [not d for d in done]
+        remaining = torch.tensor([max_new_tokens - len(t) for t in new_tokens])
+        limits = torch.minimum(policy.next_lengths(batch), remaining - 1).clamp(min=0)
+        limits = torch.where(torch.tensor(active), limits, 0)
+        # 1. draft
+        clock = time.perf_counter()
+        draft = _propose(drafter, sequences, limits, sampling, generator)
+        draft_seconds = time.perf_counter() - clock
+        # 2. score
+        clock = time.perf_counter()
+        logits = target_cursor.feed(sequences, active, draft.tokens, draft.lengths)
+        target_seconds = time.perf_counter() - clock
+        # 3. verify
+        clock = time.perf_counter()
+        result = _verify(draft, logits, sampling, generator, target.vocab_size)
+        stats.verify_seconds += time.perf_counter() - clock
+        # 4. commit
+        for b in range(batch):
+            if not active[b]:
+                continue
+            emitted = _commit(b, result, draft, new_tokens, sequences, max_new_tokens, eos)
+            if emitted and emitted[-1] in eos:
+                done[b] = by_eos[b] = True
+            done[b] = done[b] or len(new_tokens[b]) >= max_new_tokens
+            if on_tokens is not None and emitted:
+                on_tokens(b, emitted, _kinds(len(emitted), result, draft, b))
+        _record(stats, costs, draft, result, active, draft_seconds, target_seconds, drafter)
+        policy.update(draft.lengths, result.num_accepted, costs)
+    stats.new_tokens = sum(len(t) for t in new_tokens)
+    stats.total_seconds = time.perf_counter() - started
+    if costs.target(1) is not None and 1 in costs.target_pass:
+        stats.target_single_pass_seconds = costs.target(1)
+    return Generation(new_tokens, by_eos, stats)
+
+
+def _propose(drafter, sequences, limits, sampling, generator) -> Draft:
+    if drafter is None or int(limits.max()) == 0:
+        return Draft.empty(len(sequences))
+    return drafter.propose(sequences, limits, sampling, generator)
+
+
+def _verify(
+    draft: Draft,
+    logits: torch.Tensor,
+    sampling: SamplingConfig,
+    generator: torch.Generator,
+    target_vocab: int,
+) -> VerifyResult:
+    """logits [batch, k+1, target vocab] -> the verified step. Probabilities of a drafter with a
+    different vocabulary size are padded with zeros (ids a model lacks have probability 0)."""
+    k = draft.tokens.shape[1]
+    logits = logits[:, : k + 1].float()
+    if sampling.greedy:
+        target_tokens = logits.argmax(dim=-1).cpu()
+        return greedy_rule(draft.tokens, target_tokens, draft.lengths)
+    target_probs = logits_to_probs(logits, sampling)
+    draft_probs = draft.probs
+    if draft_probs is not None:
+        vocab = max(target_probs.shape[-1], draft_probs.shape[-1])
+        target_probs = _pad_vocab(target_probs, vocab)
+        draft_probs = _pad_vocab(draft_probs.to(target_probs.device), vocab)
+    device = target_probs.device
+    result = verify(
+        draft.tokens.to(device),
+        draft_probs,
+        target_probs,
+        generator=generator,
+        draft_lengths=draft.lengths.to(device),
+        validate=False,
+    )
+    return VerifyResult(result.tokens.cpu(), result.num_accepted.cpu(), result.rule_used)
+
+
+def _pad_vocab(probs: torch.Tensor, vocab: int) -> torch.Tensor:
+    missing = vocab - probs.shape[-1]
+    return probs if missing == 0 else torch.nn.functional.pad(probs, (0, missing))
+
+
+def _commit(b, result, draft, new_tokens, sequences, max_new_tokens, eos) -> list[int]:
+    """Appends row b's emitted tokens, cut after an EOS and at max_new_tokens."""
+    count = int(result.num_accepted[b]) + 1
+    emitted = result.tokens[b, :count].tolist()
+    emitted = emitted[: max_new_tokens - len(new_tokens[b])]
+    for j, token in enumerate(emitted):
+        if token in eos:
+            emitted = emitted[: j + 1]
+            break
+    new_tokens[b].extend(emitted)
+    sequences[b].extend(emitted)
+    return emitted
+
+
+def _kinds(count: int, result: VerifyResult, draft: Draft, b: int) -> list[str]:
+    accepted = int(result.num_accepted[b])
+    last = BONUS if accepted == int(draft.lengths[b]) else RECOVERED
+    return ([ACCEPTED] * accepted + [last])[:count]
+
+
+def _record(stats, costs, draft, result, active, draft_seconds, target_seconds, drafter) -> None:
+    rows = torch.tensor(active)
+    lengths, accepted = draft.lengths[rows], result.num_accepted[rows]
+    k = draft.tokens.shape[1]
+    stats.target_passes += 1
+    stats.row_steps += int(rows.sum())
+    stats.drafted += int(lengths.sum())
+    stats.accepted += int(accepted.sum())
+    stats.keep_tests += int(accepted.sum() + (accepted < lengths).sum())
+    stats.drafted_row_steps += int((lengths > 0).sum())
+    stats.empty_steps += int(((lengths > 0) & (accepted == 0)).sum())
+    while len(stats.drafted_by_position) < k:
+        stats.drafted_by_position.append(0)
+        stats.accepted_by_position.append(0)
+    for i in range(k):
+        # position i was tested when the row drafted past i and kept everything before it
+        tested = (lengths > i) & (accepted >= i)
+        stats.drafted_by_position[i] += int(tested.sum())
+        stats.accepted_by_position[i] += int((tested & (accepted > i)).sum())
+    passes_before = stats.draft_passes
+    stats.draft_passes = drafter.forward_passes if drafter is not None else 0
+    new_passes = stats.draft_passes - passes_before
+    stats.draft_seconds += draft_seconds
+    stats.target_seconds += target_seconds
+    if new_passes:
+        for _ in range(new_passes):
+            costs.draft_step.add(draft_seconds / new_passes)
+    costs.add_target_pass(k + 1, target_seconds)
+
+
+def _draft_length_policy(draft_length, drafter):
+    if drafter is None:
+        return FixedDraftLength(0)
+    if isinstance(draft_length, int):
+        return FixedDraftLength(draft_length)
+    if isinstance(draft_length, (FixedDraftLength, AdaptiveDraftLength)):
+        return draft_length
+    raise TypeError(
+        f"draft_length: expected an int or a FixedDraftLength/AdaptiveDraftLength, got "
+        f"{type(draft_length).__name__}"
+    )
+
+
+def _check_generate_args(prompts, max_new_tokens, generator) -> None:
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or (max_new_tokens < 1)
+    ):
+        raise ValueError(f"max_new_tokens: expected an integer >= 1, got {max_new_tokens!r}")
+    if isinstance(prompts, (str, bytes)) or len(prompts) == 0:
+        raise ValueError("prompts: expected a non-empty list of token-id lists")

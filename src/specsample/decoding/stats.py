@@ -1,0 +1,108 @@
+"""Statistics of a decoding run, with the speedup theory predicts from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from specsample.analysis.theory import expected_speedup
+
+
+@dataclass
+class DecodeStats:
+    target_passes: int = 0
+    draft_passes: int = 0
+    new_tokens: int = 0  # emitted tokens kept (after EOS / max_new_tokens cuts)
+    row_steps: int = 0  # (row, target pass) pairs
+    drafted: int = 0  # drafted tokens verified
+    accepted: int = 0  # drafts kept
+    keep_tests: int = 0  # keep tests run: accepted drafts + one per rejection
+    empty_steps: int = 0  # row steps with drafts where nothing was accepted
+    drafted_by_position: list[int] = field(default_factory=list)
+    accepted_by_position: list[int] = field(default_factory=list)
+    draft_seconds: float = 0.0
+    target_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    total_seconds: float = 0.0
+    target_single_pass_seconds: float | None = None  # measured 1-token target pass, if known
+
+    @property
+    def alpha(self) -> float:
+        """Acceptance rate per keep test (the alpha of the theory)."""
+        return self.accepted / self.keep_tests if self.keep_tests else 0.0
+
+    @property
+    def acceptance_by_position(self) -> list[float]:
+        return [
+            a / d if d else 0.0
+            for a, d in zip(self.accepted_by_position, self.drafted_by_position, strict=True)
+        ]
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """Mean tokens emitted per row per target pass."""
+        return self.new_tokens / self.row_steps if self.row_steps else 0.0
+
+    @property
+    def empty_share(self) -> float:
+        """Share of drafting row steps in which nothing was accepted."""
+        drafting_steps = self.drafted_row_steps
+        return self.empty_steps / drafting_steps if drafting_steps else 0.0
+
+    drafted_row_steps: int = 0
+
+    @property
+    def mean_draft_length(self) -> float:
+        return self.drafted / self.row_steps if self.row_steps else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.total_seconds if self.total_seconds else 0.0
+
+    @property
+    def cost_ratio(self) -> float | None:
+        """c: one draft forward pass over one target pass (1-token pass when measured)."""
+        if not self.draft_passes or not self.target_passes:
+            return None
+        target = self.target_single_pass_seconds or self.target_seconds / self.target_passes
+        return (self.draft_seconds / self.draft_passes) / target
+
+    def predicted_speedup(self) -> float | None:
+        """Theory's speedup over target-only decoding from the measured alpha, mean draft length
+        and costs (the pass over k+1 tokens at its measured cost when the 1-token cost is known)."""
+        c = self.cost_ratio
+        if c is None:
+            return None
+        k = max(round(self.mean_draft_length), 0)
+        verify = 1.0
+        if self.target_single_pass_seconds:
+            verify = (self.target_seconds / self.target_passes) / self.target_single_pass_seconds
+        return expected_speedup(min(self.alpha, 1.0), k, c, lambda _: verify)
+
+    def summary(self) -> dict[str, object]:
+        predicted = self.predicted_speedup()
+        return {
+            "new_tokens": self.new_tokens,
+            "target_passes": self.target_passes,
+            "draft_passes": self.draft_passes,
+            "alpha": round(self.alpha, 4),
+            "acceptance_by_position": [round(a, 3) for a in self.acceptance_by_position],
+            "tokens_per_pass": round(self.tokens_per_pass, 3),
+            "empty_share": round(self.empty_share, 3),
+            "mean_draft_length": round(self.mean_draft_length, 2),
+            "cost_ratio_c": None if self.cost_ratio is None else round(self.cost_ratio, 3),
+            "seconds": {
+                "draft": round(self.draft_seconds, 3),
+                "target": round(self.target_seconds, 3),
+                "verify": round(self.verify_seconds, 3),
+                "rest": round(
+                    self.total_seconds
+                    - self.draft_seconds
+                    - self.target_seconds
+                    - self.verify_seconds,
+                    3,
+                ),
+                "total": round(self.total_seconds, 3),
+            },
+            "tokens_per_second": round(self.tokens_per_second, 2),
+            "predicted_speedup": None if predicted is None else round(predicted, 3),
+        }

@@ -1,0 +1,80 @@
+"""A draft model: samples drafts from its warped distribution Q and returns Q with them, so the
+verification rule sees exactly the distribution each draft was drawn from."""
+
+from __future__ import annotations
+
+import torch
+
+from specsample.adapters.protocol import LanguageModel
+from specsample.decoding.cursor import ModelCursor
+from specsample.drafters.base import Draft
+from specsample.verify.sampling import sample_from_weights
+from specsample.warpers import SamplingConfig, logits_to_probs
+
+
+class ModelDrafter:
+    """Drafts with a small model through the LanguageModel protocol.
+
+    confidence: stop drafting a row before position i when the draft's largest probability there
+    is below this (0 disables it). The decision depends only on the draft's own distribution, so
+    verification stays exact.
+    """
+
+    point_mass = False
+
+    def __init__(self, model: LanguageModel, *, confidence: float = 0.0):
+        if not 0 <= confidence < 1:
+            raise ValueError(f"confidence: expected a number in [0, 1), got {confidence!r}")
+        self.cursor = ModelCursor(model)
+        self.confidence = confidence
+        self.forward_passes = 0
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cursor.vocab_size
+
+    def start(self, prompts: list[list[int]]) -> None:
+        self.cursor.start(prompts)
+
+    def propose(
+        self,
+        sequences: list[list[int]],
+        max_lengths: torch.Tensor,
+        sampling: SamplingConfig,
+        generator: torch.Generator,
+    ) -> Draft:
+        batch = len(sequences)
+        k = int(max_lengths.max()) if batch else 0
+        if k == 0:
+            return Draft.empty(batch)
+        drafting = max_lengths > 0  # [batch]
+        logits = self.cursor.feed(sequences, drafting.tolist())[:, 0]  # [batch, vocab]
+        self.forward_passes += 1
+        tokens, probs = [], []
+        lengths = torch.zeros(batch, dtype=torch.int64)
+        for i in range(k):
+            q = logits_to_probs(logits.float(), sampling)  # [batch, vocab]
+            if self.confidence > 0:
+                drafting &= q.amax(dim=-1).cpu() >= self.confidence
+            drafting &= max_lengths > i
+            if not bool(drafting.any()):
+                break
+            if sampling.greedy:
+                token = q.argmax(dim=-1)
+            else:
+                uniforms = torch.rand(
+                    batch, generator=generator, dtype=torch.float64, device=q.device
+                )
+                token = sample_from_weights(q, uniforms)
+            token = torch.where(drafting.to(token.device), token, 0)
+            tokens.append(token)
+            probs.append(q)
+            lengths += drafting.long()
+            if i + 1 < k and bool((drafting & (max_lengths > i + 1)).any()):
+                logits = self.cursor.append(token[:, None].cpu(), drafting.long())[:, 0]
+                self.forward_passes += 1
+        if not tokens:
+            return Draft.empty(batch)
+        draft_tokens = torch.stack(tokens, dim=1).cpu()
+        draft_probs = None if sampling.greedy else torch.stack(probs, dim=1)
+        return Draft(draft_tokens, draft_probs, lengths)
