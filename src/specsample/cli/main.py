@@ -16,9 +16,9 @@ import sys
 from collections.abc import Sequence
 
 import specsample
-from specsample.cli import explain
+from specsample.cli import explain, generate
 
-COMMANDS = (explain.register,)
+COMMANDS = (generate.register, explain.register)
 
 
 def build_parser() -> argparse.ArgumentParser:

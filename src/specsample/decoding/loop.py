@@ -21,6 +21,8 @@ from specsample.warpers import SamplingConfig, logits_to_probs
 ACCEPTED, RECOVERED, BONUS = "accepted", "recovered", "bonus"
 # on_tokens(row, tokens, kinds): called as each row's tokens are committed, for streaming.
 TokenCallback = Callable[[int, list[int], list[str]], None]
+# stop_when(row, new_tokens): True ends the row (stop strings); checked after each commit.
+StopCondition = Callable[[int, list[int]], bool]
 
 
 @dataclass
@@ -41,6 +43,7 @@ def generate(
     draft_length: int | FixedDraftLength | AdaptiveDraftLength = 4,
     eos_token_ids: Sequence[int] = (),
     on_tokens: TokenCallback | None = None,
+    stop_when: StopCondition | None = None,
 ) -> Generation:
     """Samples up to max_new_tokens tokens after each prompt, exactly as the target would
     (speculatively when a drafter is given).
@@ -90,6 +93,7 @@ def generate(
             if emitted and emitted[-1] in eos:
                 done[b] = by_eos[b] = True
             done[b] = done[b] or len(new_tokens[b]) >= max_new_tokens
+            done[b] = done[b] or (stop_when is not None and stop_when(b, new_tokens[b]))
             if on_tokens is not None and emitted:
                 on_tokens(b, emitted, _kinds(len(emitted), result, draft, b))
         _record(stats, costs, draft, result, active, draft_seconds, target_seconds, drafter)
