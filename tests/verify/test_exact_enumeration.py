@@ -44,6 +44,7 @@ def recover_from_target_rule(
 
 RULES = {"vectorised": token_rule, "reference": reference_token_rule}
 CASES = [  # (vocab, k, target sharpness, draft sharpness, zeros per row)
+    (3, 0, 1.0, 1.0, 0),
     (2, 1, 1.0, 1.0, 0),
     (3, 2, 2.0, 0.5, 0),
     (4, 3, 1.5, 1.5, 1),

@@ -58,12 +58,13 @@ def exact_token_rule_distribution(
     vocab = int(target(()).shape[0])
     for drafts, weight in _draft_sequences(draft, vocab, k, point_mass):
         _add_pieces(outcomes, target, draft, drafts, weight, point_mass)
+    rows = len(outcomes.weights)
     result = rule(
-        torch.tensor(outcomes.draft_tokens, dtype=torch.int64).reshape(-1, k),
+        torch.tensor(outcomes.draft_tokens, dtype=torch.int64).reshape(rows, k),
         None if point_mass else torch.stack(outcomes.draft_rows),
         torch.stack(outcomes.target_rows),
         torch.full((len(outcomes.weights),), k, dtype=torch.int64),
-        torch.tensor(outcomes.accept_uniforms, dtype=torch.float64).reshape(-1, k),
+        torch.tensor(outcomes.accept_uniforms, dtype=torch.float64).reshape(rows, k),
         torch.tensor(outcomes.sample_uniforms, dtype=torch.float64),
     )
     distribution: dict[tuple[int, ...], float] = defaultdict(float)

@@ -40,9 +40,9 @@ def expected_speedup(
     """Expected tokens per unit time relative to target-only decoding.
 
     (1 - alpha^(k+1)) / ((1 - alpha) (k c + v(k))), with v(k) the cost of a target pass over k+1
-    tokens relative to a pass over 1 (1 when `verify_cost` is None, as on a GPU; on CPUs a pass
+    tokens relative to a pass over 1: 1 when `verify_cost` is None, as on a GPU; on CPUs a pass
     over more tokens costs more, so pass the measured curve: a callable, mapping or sequence
-    indexed by k).
+    indexed by k (v(0) = 1 where a mapping or sequence leaves it out).
     """
     if not cost_ratio >= 0:
         raise ValueError(
@@ -55,7 +55,7 @@ def best_draft_length(
     alpha: float, cost_ratio: float, *, max_k: int = 16, verify_cost: VerifyCost = None
 ) -> int:
     """The k in 0..max_k with the largest expected speedup (0 means drafting does not pay)."""
-    _check_k(max_k)
+    _check_k(max_k, "max_k")
     speedups = [expected_speedup(alpha, k, cost_ratio, verify_cost) for k in range(max_k + 1)]
     return max(range(max_k + 1), key=lambda k: (speedups[k], -k))
 
@@ -63,6 +63,12 @@ def best_draft_length(
 def _verify_cost(verify_cost: VerifyCost, k: int) -> float:
     if verify_cost is None:
         return 1.0
+    if (
+        k == 0
+        and not callable(verify_cost)
+        and ((isinstance(verify_cost, Mapping) and 0 not in verify_cost) or len(verify_cost) == 0)
+    ):
+        return 1.0  # a pass over 1 token is the unit of cost
     if callable(verify_cost):
         value = verify_cost(k)
     else:
@@ -80,6 +86,6 @@ def _check_alpha(alpha: float) -> None:
         raise ValueError(f"alpha: expected an acceptance rate in [0, 1], got {alpha!r}")
 
 
-def _check_k(k: int) -> None:
+def _check_k(k: int, name: str = "k") -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise ValueError(f"k: expected an integer >= 0, got {k!r}")
+        raise ValueError(f"{name}: expected an integer >= 0, got {k!r}")

@@ -90,8 +90,9 @@ def check_shapes(
         )
 
 
-def check_devices(*tensors: torch.Tensor | None) -> None:
-    devices = {t.device for t in tensors if t is not None}
+def check_devices(*tensors: object) -> None:
+    # Not-a-tensor arguments (a list for draft_lengths) get their own TypeError later.
+    devices = {t.device for t in tensors if isinstance(t, torch.Tensor)}
     if len(devices) > 1:
         names = ", ".join(sorted(str(d) for d in devices))
         raise ValueError(

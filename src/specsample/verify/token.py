@@ -88,6 +88,7 @@ def final_weights(
         drafted = draft_tokens[rows, at][:, None]
         removed = target_row.gather(1, drafted) * rejected[:, None]
         return target_row.scatter_add(1, drafted, -removed), target_row
-    # The indexing copies, so the arithmetic can run in place on the copy.
-    weights = draft_probs[rows, at].to(compute_dtype).mul_(rejected[:, None])
+    # The indexing copies, so the arithmetic can run in place on the copy. Rows that kept every
+    # draft read a padding row here (any values, NaN included): zero it, do not multiply by 0.
+    weights = draft_probs[rows, at].to(compute_dtype).masked_fill_(~rejected[:, None], 0.0)
     return torch.sub(target_row, weights, out=weights).clamp_(min=0.0), target_row
