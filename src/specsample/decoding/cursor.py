@@ -69,7 +69,10 @@ class ModelCursor:
     def _roll_back(self, sequences: list[list[int]], active: list[bool]) -> None:
         keep = []
         for seq, cached, on in zip(sequences, self.cached, active, strict=True):
-            limit = min(len(cached), len(seq) - 1) if on else len(cached)
+            if not on:  # left alone: its cache may run past its sequence (drafts after an EOS)
+                keep.append(len(cached))
+                continue
+            limit = min(len(cached), len(seq) - 1)
             shared = 0
             while shared < limit and cached[shared] == seq[shared]:
                 shared += 1

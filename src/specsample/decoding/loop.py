@@ -201,7 +201,9 @@ def _record(stats, costs, draft, result, active, draft_seconds, target_seconds, 
 def _draft_length_policy(draft_length, drafter):
     if drafter is None:
         return FixedDraftLength(0)
-    if isinstance(draft_length, int):
+    if isinstance(draft_length, int) and not isinstance(draft_length, bool):
+        if draft_length < 0:
+            raise ValueError(f"draft_length: expected an integer >= 0, got {draft_length!r}")
         return FixedDraftLength(draft_length)
     if isinstance(draft_length, (FixedDraftLength, AdaptiveDraftLength)):
         return draft_length

@@ -61,6 +61,14 @@ class AdaptiveDraftLength:
     ):
         if isinstance(max_k, bool) or not isinstance(max_k, int) or max_k < 1:
             raise ValueError(f"max_k: expected an integer >= 1, got {max_k!r}")
+        if start_k is not None and (
+            isinstance(start_k, bool) or not isinstance(start_k, int) or start_k < 1
+        ):
+            raise ValueError(f"start_k: expected None or an integer >= 1, got {start_k!r}")
+        if isinstance(probe_every, bool) or not isinstance(probe_every, int) or probe_every < 1:
+            raise ValueError(f"probe_every: expected an integer >= 1, got {probe_every!r}")
+        if not 0 < smoothing <= 1:
+            raise ValueError(f"smoothing: expected a number in (0, 1], got {smoothing!r}")
         self.max_k = max_k
         self.start_k = min(start_k or 4, max_k)
         self.probe_every = probe_every

@@ -1,0 +1,368 @@
+"""Behaviour of `generate`: greedy speculative output equals target-only greedy output token for
+token (tiny random-weight transformers models and toy models), limits, EOS, streaming callback,
+seeding, the global RNG, statistics and argument checks."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from specsample.adapters.toy import ToyLM
+from specsample.decoding.loop import ACCEPTED, BONUS, RECOVERED, generate
+from specsample.drafters.model import ModelDrafter
+from specsample.drafters.ngram import NgramDrafter
+from specsample.warpers import SamplingConfig
+
+GREEDY = SamplingConfig(temperature=0)
+PROMPTS = [[5, 17, 3], [60, 2, 9, 9, 41, 7, 13], [1]]  # ragged, one of length 1
+NEW_TOKENS = 24
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def toy_pair(vocab: int = 16, noise: float = 0.7) -> tuple[ToyLM, ToyLM]:
+    target = ToyLM(vocab, seed=1, scale=1.5)
+    return target, ToyLM(vocab, seed=2, base=target, noise=noise)
+
+
+def toy_greedy(model: ToyLM, prompt: list[int], new_tokens: int, eos=()) -> list[int]:
+    """Oracle: argmax of the exact logits, one token at a time, stopping after an EOS."""
+    sequence = list(prompt)
+    for _ in range(new_tokens):
+        sequence.append(int(model.logits_for(sequence).argmax()))
+        if sequence[-1] in eos:
+            break
+    return sequence[len(prompt) :]
+
+
+DRAFTERS = ["model-k1", "model-k3", "model-k5", "ngram-k3"]
+
+
+def make_drafter(name: str, draft) -> tuple[ModelDrafter | NgramDrafter, int]:
+    """A drafter named in DRAFTERS ("model-k3": ModelDrafter over `draft`, k = 3) and its k."""
+    kind, k = name.split("-k")
+    return (ModelDrafter(draft) if kind == "model" else NgramDrafter()), int(k)
+
+
+# ---------------------------------------------------------------- greedy identity (transformers)
+
+
+@pytest.fixture(scope="module")
+def hf_pair():
+    """A 2-layer random-weight Qwen2 target and a 1-layer draft that shares its embeddings, first
+    layer and head (so greedy agreement is moderate), both float32."""
+    transformers = pytest.importorskip("transformers")
+
+    def build(layers: int) -> torch.nn.Module:
+        torch.manual_seed(0)
+        config = transformers.Qwen2Config(
+            vocab_size=96,
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        )
+        model = transformers.Qwen2ForCausalLM._from_config(
+            config, attn_implementation="sdpa", dtype=torch.float32
+        )
+        return model.eval()
+
+    target, draft = build(2), build(1)
+    draft.load_state_dict(target.state_dict(), strict=False)  # drops the target's layer 1
+    return target, draft
+
+
+@pytest.fixture(scope="module")
+def hf_target_only_greedy(hf_pair) -> list[list[int]]:
+    from specsample.adapters.hf import HFCausalLM
+
+    out = generate(
+        HFCausalLM(hf_pair[0]),
+        PROMPTS,
+        generator=seeded(),
+        sampling=GREEDY,
+        max_new_tokens=NEW_TOKENS,
+    )
+    return out.tokens
+
+
+def test_target_only_greedy_matches_uncached_argmax_loop(hf_pair, hf_target_only_greedy):
+    target = hf_pair[0]
+    for prompt, tokens in zip(PROMPTS, hf_target_only_greedy, strict=True):
+        sequence = list(prompt)
+        with torch.no_grad():
+            for _ in range(NEW_TOKENS):
+                sequence.append(int(target(torch.tensor([sequence])).logits[0, -1].argmax()))
+        assert tokens == sequence[len(prompt) :]
+
+
+@pytest.mark.parametrize("name", DRAFTERS)
+def test_greedy_speculative_equals_target_only_greedy_hf(name, hf_pair, hf_target_only_greedy):
+    from specsample.adapters.hf import HFCausalLM
+
+    drafter, k = make_drafter(name, HFCausalLM(hf_pair[1]))
+    out = generate(
+        HFCausalLM(hf_pair[0]),
+        PROMPTS,
+        generator=seeded(),
+        drafter=drafter,
+        sampling=GREEDY,
+        max_new_tokens=NEW_TOKENS,
+        draft_length=k,
+    )
+    assert out.tokens == hf_target_only_greedy
+    assert out.stats.accepted > 0, "no draft was ever accepted: the test saw only rejections"
+    assert out.stats.accepted < out.stats.drafted, "no draft was ever rejected"
+
+
+# ---------------------------------------------------------------- greedy identity (toy models)
+
+
+@pytest.mark.parametrize("name", DRAFTERS)
+def test_greedy_speculative_equals_target_only_greedy_toy(name):
+    target, draft = toy_pair()
+    prompts = [[p % 16 for p in prompt] for prompt in PROMPTS]
+    drafter, k = make_drafter(name, draft)
+    out = generate(
+        target,
+        prompts,
+        generator=seeded(),
+        drafter=drafter,
+        sampling=GREEDY,
+        max_new_tokens=NEW_TOKENS,
+        draft_length=k,
+    )
+    assert out.tokens == [toy_greedy(target, p, NEW_TOKENS) for p in prompts]
+    assert 0 < out.stats.accepted < out.stats.drafted
+
+
+# ---------------------------------------------------------------- limits and EOS
+
+
+class RecordingDrafter:
+    """Passes through to a drafter and records every call's sequences and max_lengths."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.calls: list[tuple[list[int], list[int]]] = []
+
+    @property
+    def forward_passes(self) -> int:
+        return self.inner.forward_passes
+
+    def start(self, prompts):
+        self.inner.start(prompts)
+
+    def propose(self, sequences, max_lengths, sampling, generator):
+        self.calls.append(([len(s) for s in sequences], max_lengths.tolist()))
+        return self.inner.propose(sequences, max_lengths, sampling, generator)
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 5])
+@pytest.mark.parametrize("sampling", [GREEDY, SamplingConfig()], ids=["greedy", "sampled"])
+def test_max_new_tokens_is_never_exceeded_and_drafts_stop_at_the_limit(max_new_tokens, sampling):
+    target = ToyLM(8, seed=1)
+    same = ToyLM(8, seed=2, base=target, noise=0.0)  # the target itself: every draft is kept
+    prompts = [[1, 2], [3], [4, 5, 6, 7]]
+    drafter = RecordingDrafter(ModelDrafter(same))
+    out = generate(
+        target,
+        prompts,
+        generator=seeded(),
+        drafter=drafter,
+        sampling=sampling,
+        max_new_tokens=max_new_tokens,
+        draft_length=4,
+    )
+    assert [len(t) for t in out.tokens] == [max_new_tokens] * len(prompts)
+    for lengths, max_lengths in drafter.calls:
+        for prompt, length, limit in zip(prompts, lengths, max_lengths, strict=True):
+            remaining = max_new_tokens - (length - len(prompt))
+            assert limit <= max(remaining - 1, 0)  # room for the recovered or bonus token
+    if max_new_tokens == 1:
+        assert out.stats.drafted == 0
+    else:
+        assert out.stats.accepted == out.stats.drafted > 0
+
+
+def test_eos_ends_its_row_drops_later_tokens_of_the_step_and_other_rows_go_on():
+    target = ToyLM(8, seed=11, scale=2.0)
+    same = ToyLM(8, seed=12, base=target, noise=0.0)  # every draft kept: EOS lands mid-step
+    prompts = [[1], [2, 3], [4, 5, 6], [7, 7], [0, 1, 2, 3], [6]]
+    eos = (0,)
+    steps: dict[int, list[tuple[list[int], list[str]]]] = {}
+    out = generate(
+        target,
+        prompts,
+        generator=seeded(),
+        drafter=ModelDrafter(same),
+        sampling=GREEDY,
+        max_new_tokens=12,
+        draft_length=4,
+        eos_token_ids=eos,
+        on_tokens=lambda row, tokens, kinds: steps.setdefault(row, []).append((tokens, kinds)),
+    )
+    expected = [toy_greedy(target, p, 12, eos) for p in prompts]
+    assert out.tokens == expected
+    assert out.finished_by_eos == [row[-1] in eos for row in expected]
+    assert 0 < sum(out.finished_by_eos) < len(prompts)  # some rows end early, others go on
+    # an EOS that was an accepted draft had more tokens after it in its step; they were dropped
+    assert any(
+        kinds[-1] == ACCEPTED and tokens[-1] in eos
+        for row_steps in steps.values()
+        for tokens, kinds in row_steps
+    )
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_sampled_rows_end_at_their_first_eos(k):
+    target, draft = toy_pair(vocab=4)
+    out = generate(
+        target,
+        [[1, 2, 3]] * 64,
+        generator=seeded(3),
+        drafter=ModelDrafter(draft),
+        max_new_tokens=10,
+        draft_length=k,
+        eos_token_ids=[0],
+    )
+    for tokens, by_eos in zip(out.tokens, out.finished_by_eos, strict=True):
+        assert 0 not in tokens[:-1]
+        assert by_eos == (tokens[-1] == 0)
+        assert by_eos or len(tokens) == 10
+    assert 0 < sum(out.finished_by_eos) < 64
+
+
+# ---------------------------------------------------------------- callback, seeding, RNG
+
+
+@pytest.mark.parametrize("name", ["target-only", *DRAFTERS])
+def test_on_tokens_streams_every_committed_token_in_order(name):
+    target, draft = toy_pair(vocab=6)
+    drafter, k = (None, 0) if name == "target-only" else make_drafter(name, draft)
+    prompts = [[1, 2, 1, 2], [3], [0, 4, 5]] * 4
+    streamed: list[list[int]] = [[] for _ in prompts]
+    kinds_seen: list[str] = []
+
+    def on_tokens(row: int, tokens: list[int], kinds: list[str]) -> None:
+        assert tokens and len(kinds) == len(tokens)
+        assert set(kinds[:-1]) <= {ACCEPTED}  # accepted drafts, then one recovered or bonus
+        assert kinds[-1] in {ACCEPTED, RECOVERED, BONUS}
+        streamed[row].extend(tokens)
+        kinds_seen.extend(kinds)
+
+    out = generate(
+        target,
+        prompts,
+        generator=seeded(),
+        drafter=drafter,
+        max_new_tokens=15,
+        draft_length=k,
+        eos_token_ids=[0],
+        on_tokens=on_tokens,
+    )
+    assert streamed == out.tokens
+    if drafter is None:
+        assert set(kinds_seen) == {BONUS}
+    else:
+        assert set(kinds_seen) == {ACCEPTED, RECOVERED, BONUS}
+
+
+def sampled_run(seed: int, drafter_name: str = "model-k3"):
+    target, draft = toy_pair(vocab=6)
+    drafter, k = make_drafter(drafter_name, draft)
+    return generate(
+        target,
+        [[1, 2, 1, 2], [3], [0, 4, 5]] * 3,
+        generator=seeded(seed),
+        drafter=drafter,
+        sampling=SamplingConfig(temperature=0.9, top_p=0.95),
+        max_new_tokens=16,
+        draft_length=k,
+    )
+
+
+@pytest.mark.parametrize("name", DRAFTERS)
+def test_same_seed_gives_same_output_and_another_seed_another(name):
+    first = sampled_run(7, name).tokens
+    assert sampled_run(7, name).tokens == first
+    assert sampled_run(8, name).tokens != first
+
+
+def test_generate_leaves_the_global_torch_rng_untouched():
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    sampled_run(0)
+    target, _ = toy_pair()
+    generate(target, [[1, 2]], generator=seeded(), max_new_tokens=5)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+# ---------------------------------------------------------------- statistics
+
+
+@pytest.mark.parametrize("name", DRAFTERS)
+def test_stats_are_consistent(name):
+    stats = sampled_run(0, name).stats
+    assert 0 < stats.accepted <= stats.keep_tests <= stats.drafted
+    assert stats.new_tokens == 9 * 16
+    assert stats.tokens_per_pass == stats.new_tokens / stats.row_steps
+    assert stats.tokens_per_pass > 1.0
+    assert len(stats.acceptance_by_position) == len(stats.drafted_by_position)
+    assert all(0.0 <= a <= 1.0 for a in stats.acceptance_by_position)
+    assert stats.drafted_by_position[0] == stats.drafted_row_steps
+    assert 0.0 <= stats.empty_share <= 1.0
+    assert 0.0 < stats.alpha <= 1.0
+    if name.startswith("model"):
+        assert stats.draft_passes > 0 and stats.cost_ratio is not None
+    else:
+        assert stats.draft_passes == 0
+
+
+def test_target_only_stats_have_one_token_per_pass():
+    target, _ = toy_pair()
+    out = generate(target, [[1, 2], [3]], generator=seeded(), max_new_tokens=7)
+    stats = out.stats
+    assert stats.tokens_per_pass == 1.0
+    assert stats.target_passes == 7 and stats.row_steps == 14 and stats.new_tokens == 14
+    assert stats.drafted == stats.accepted == stats.draft_passes == 0
+
+
+# ---------------------------------------------------------------- argument checks
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "argument"),
+    [
+        ({"max_new_tokens": 0}, ValueError, "max_new_tokens"),
+        ({"max_new_tokens": -3}, ValueError, "max_new_tokens"),
+        ({"max_new_tokens": 2.0}, ValueError, "max_new_tokens"),
+        ({"max_new_tokens": True}, ValueError, "max_new_tokens"),
+        ({"generator": 0}, TypeError, "generator"),
+        ({"generator": None}, TypeError, "generator"),
+        ({"prompts": []}, ValueError, "prompts"),
+        ({"prompts": [[]]}, ValueError, "prompts[0]"),
+        ({"draft_length": "4"}, TypeError, "draft_length"),
+        ({"draft_length": 2.5}, TypeError, "draft_length"),
+        ({"draft_length": -1}, ValueError, "draft_length"),
+    ],
+    ids=lambda value: repr(value) if not isinstance(value, dict) else None,
+)
+def test_bad_arguments_raise_naming_the_argument(kwargs, error, argument):
+    target, draft = toy_pair()
+    call = {
+        "prompts": [[1, 2]],
+        "generator": seeded(),
+        "drafter": ModelDrafter(draft),
+        "max_new_tokens": 4,
+        "draft_length": 2,
+        **kwargs,
+    }
+    with pytest.raises(error, match=f"^{re.escape(argument)}: "):
+        generate(target, call.pop("prompts"), **call)
