@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 # Rows are sampled in two stages (pick a block of this many ids, then an id inside it) so that the
@@ -71,44 +73,68 @@ def sample_from_weights(
     weight is never chosen. A row whose weights are all zero is drawn from the same row of
     `fallback` [batch, vocab] instead (the rules pass the target distribution: an empty residual
     means a rejection that has probability 0 in exact arithmetic, see `residual`).
-
-    Sums are taken per block of BLOCK ids in the weights' dtype (float32 or float64: pairwise
-    summation, relative error ~1e-7 in float32), and prefix sums in float64.
     """
-    vocab = weights.shape[1]
-    block_sums = _block_sums(weights)  # [batch, num_blocks]
+    block_sums = block_sums_of(weights)  # [batch, num_blocks]
     if fallback is not None:
         empty = block_sums.sum(dim=-1) <= 0
         if bool(empty.any()):
             weights = torch.where(empty[:, None], fallback.to(weights.dtype), weights)
-            block_sums = _block_sums(weights)
+            block_sums = block_sums_of(weights)
+    vocab = weights.shape[1]
+
+    def block_weights(ids: torch.Tensor) -> torch.Tensor:
+        return weights.gather(1, ids.clamp(max=vocab - 1))
+
+    return sample_blocked(block_sums, uniforms, block_weights, vocab)
+
+
+def sample_blocked(
+    block_sums: torch.Tensor,
+    uniforms: torch.Tensor,
+    block_weights: Callable[[torch.Tensor], torch.Tensor],
+    vocab: int,
+) -> torch.Tensor:
+    """Inverse-CDF sampling in two stages, so that no [batch, vocab] prefix sum is ever formed.
+
+    block_sums    float64 [batch, num_blocks]: the weight of each block of block_width(vocab)
+                  consecutive ids (see block_sums_of); every row must have a positive total.
+    uniforms      [batch] in [0, 1).
+    block_weights ids int64 [batch, width] -> the weights at those ids (ids past the vocabulary
+                  are clamped by the caller's gather and zeroed here).
+    Returns int64 [batch]: the first id whose running total exceeds u * total; a zero weight is
+    never chosen. Prefix sums are in float64; block sums in the weights' dtype (float32: pairwise
+    summation, relative error ~1e-7).
+    """
+    width = block_width(vocab)
     block_cdf = torch.cumsum(block_sums, dim=-1)
     goal = uniforms.to(torch.float64) * block_cdf[:, -1]  # [batch]
     block = _first_above(block_cdf, goal, block_sums > 0)  # [batch]
-    if block_sums.shape[1] == 1:
-        return block * 0 + _first_above(
-            torch.cumsum(weights.to(torch.float64), dim=-1), goal, weights > 0
-        )
     before = torch.where(
         block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)[:, None])[:, 0], 0.0
     )
-    ids = block[:, None] * BLOCK + torch.arange(BLOCK, device=weights.device)  # [batch, BLOCK]
-    inside = weights.gather(1, ids.clamp(max=vocab - 1)).to(torch.float64)
+    ids = block[:, None] * width + torch.arange(width, device=block.device)  # [batch, width]
+    inside = block_weights(ids).to(torch.float64)
     inside = torch.where(ids < vocab, inside, 0.0)  # the last block may run past the vocabulary
     offset = _first_above(torch.cumsum(inside, dim=-1), goal - before, inside > 0)
-    return block * BLOCK + offset
+    return block * width + offset
 
 
-def _block_sums(weights: torch.Tensor) -> torch.Tensor:
-    """float64 [batch, ceil(vocab / BLOCK)]: the weight of each block of BLOCK consecutive ids."""
+def block_width(vocab: int) -> int:
+    return min(BLOCK, vocab)
+
+
+def block_sums_of(weights: torch.Tensor) -> torch.Tensor:
+    """float64 [batch, ceil(vocab / width)]: the weight of each block of block_width(vocab)
+    consecutive ids of weights [batch, vocab]."""
     batch, vocab = weights.shape
-    if vocab <= BLOCK:
+    width = block_width(vocab)
+    if vocab == width:
         return weights.sum(dim=-1, keepdim=True, dtype=torch.float64)
-    full = vocab // BLOCK
-    sums = weights[:, : full * BLOCK].reshape(batch, full, BLOCK).sum(dim=-1).to(torch.float64)
-    if full * BLOCK == vocab:
+    full = vocab // width
+    sums = weights[:, : full * width].reshape(batch, full, width).sum(dim=-1).to(torch.float64)
+    if full * width == vocab:
         return sums
-    tail = weights[:, full * BLOCK :].sum(dim=-1).to(torch.float64)
+    tail = weights[:, full * width :].sum(dim=-1).to(torch.float64)
     return torch.cat([sums, tail[:, None]], dim=1)
 
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 import torch
 
 from specsample.verify.result import VerifyResult, assemble_tokens
-from specsample.verify.sampling import sample_from_weights
+from specsample.verify.sampling import block_sums_of, sample_blocked
+
+# Rows of the residual are formed this many elements at a time (4 MB of float32).
+CHUNK_ELEMENTS = 1 << 20
 
 
 def token_rule(
@@ -33,10 +36,9 @@ def token_rule(
     """
     kept = keep_mask(draft_tokens, draft_probs, target_probs, accept_uniforms)  # [batch, k]
     num_accepted = count_leading_kept(kept, draft_lengths)
-    weights, target_row = final_weights(
-        draft_tokens, draft_probs, target_probs, draft_lengths, num_accepted
+    final_token = sample_final_tokens(
+        draft_tokens, draft_probs, target_probs, draft_lengths, num_accepted, sample_uniforms
     )
-    final_token = sample_from_weights(weights, sample_uniforms, fallback=target_row)
     return VerifyResult(assemble_tokens(draft_tokens, num_accepted, final_token), num_accepted)
 
 
@@ -64,31 +66,64 @@ def count_leading_kept(kept: torch.Tensor, draft_lengths: torch.Tensor) -> torch
     return (kept & in_draft).long().cumprod(dim=1).sum(dim=1)
 
 
-def final_weights(
+def sample_final_tokens(
     draft_tokens: torch.Tensor,
     draft_probs: torch.Tensor | None,
     target_probs: torch.Tensor,
     draft_lengths: torch.Tensor,
     num_accepted: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights, target_row), both [batch, vocab], in at least float32. weights is unnormalised:
-    the residual max(0, p - q) at the rejected position, or p at the bonus position. target_row is
-    p at that position: `sample_from_weights` falls back to it where a residual has no mass. Only
-    one row per batch entry is read."""
+    sample_uniforms: torch.Tensor,
+) -> torch.Tensor:
+    """int64 [batch]: the recovered token, drawn from max(0, p - q) at the rejected position, or
+    the bonus token, drawn from p after the last draft.
+
+    The residual is never formed as a [batch, vocab] tensor: block sums are computed a few rows at
+    a time (the rows stay in cache), then only the chosen block of ids is recomputed. A rejected
+    row whose residual has no mass (p <= q everywhere: rows equal up to rounding; a rejection has
+    probability 0 there in exact arithmetic) is drawn from p, as `residual` defines.
+    """
     batch, k = draft_tokens.shape
+    vocab = target_probs.shape[2]
     rows = torch.arange(batch, device=draft_tokens.device)
-    compute_dtype = torch.promote_types(target_probs.dtype, torch.float32)
-    target_row = target_probs[rows, num_accepted].to(compute_dtype)  # [batch, vocab], a copy
+    at = num_accepted.clamp(max=max(k - 1, 0))  # the draft row of a rejection (unused otherwise)
+    drafted = draft_tokens[rows, at] if k else torch.zeros_like(num_accepted)
     rejected = num_accepted < draft_lengths  # [batch]
     if not bool(rejected.any()):
-        return target_row, target_row
-    at = num_accepted.clamp(max=max(k - 1, 0))
-    if draft_probs is None:
-        # Point mass: q is one-hot on the drafted token, so the residual is p without that token.
-        drafted = draft_tokens[rows, at][:, None]
-        removed = target_row.gather(1, drafted) * rejected[:, None]
-        return target_row.scatter_add(1, drafted, -removed), target_row
-    # The indexing copies, so the arithmetic can run in place on the copy. Rows that kept every
-    # draft read a padding row here (any values, NaN included): zero it, do not multiply by 0.
-    weights = draft_probs[rows, at].to(compute_dtype).masked_fill_(~rejected[:, None], 0.0)
-    return torch.sub(target_row, weights, out=weights).clamp_(min=0.0), target_row
+        draft_probs = None  # nothing to subtract: every row draws its bonus token from p
+    compute_dtype = torch.promote_types(target_probs.dtype, torch.float32)
+
+    def weights_at(chosen: torch.Tensor, ids: torch.Tensor | None, subtract: torch.Tensor):
+        """The residual (p where subtract is False) of rows `chosen` [n], at ids [n, m] or at
+        every id (ids None). Indexing copies, so the arithmetic runs in place on the copy."""
+        full_rows = ids is None
+        if full_rows:
+            p = target_probs[chosen, num_accepted[chosen]].to(compute_dtype)  # [n, vocab]
+            ids = torch.arange(vocab, device=chosen.device)[None, :]
+        else:
+            p = target_probs[chosen[:, None], num_accepted[chosen, None], ids].to(compute_dtype)
+        if draft_probs is None:  # point mass: q is one-hot on the drafted token
+            hit = (ids == drafted[chosen, None]) & subtract[:, None]
+            return p.masked_fill_(hit, 0.0)
+        if full_rows:
+            q = draft_probs[chosen, at[chosen]].to(compute_dtype)
+        else:
+            q = draft_probs[chosen[:, None], at[chosen, None], ids].to(compute_dtype)
+        return p.sub_(q.masked_fill_(~subtract[:, None], 0.0)).clamp_(min=0.0)
+
+    step = max(1, CHUNK_ELEMENTS // vocab)
+    sums = []
+    for start in range(0, batch, step):
+        chosen = rows[start : start + step]
+        sums.append(block_sums_of(weights_at(chosen, None, rejected[chosen])))
+    block_sums = torch.cat(sums)  # [batch, num_blocks]
+    empty = block_sums.sum(dim=-1) <= 0
+    if bool(empty.any()):
+        rejected = rejected & ~empty
+        redo = rows[empty]
+        block_sums[redo] = block_sums_of(weights_at(redo, None, rejected[redo]))
+    return sample_blocked(
+        block_sums,
+        sample_uniforms,
+        lambda ids: weights_at(rows, ids.clamp(max=vocab - 1), rejected),
+        vocab,
+    )
