@@ -75,9 +75,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--dtype",
-        choices=["bfloat16", "float32", "float16"],
-        default="bfloat16",
-        help="model weights dtype (default bfloat16)",
+        choices=["auto", "bfloat16", "float32", "float16"],
+        default="auto",
+        help="compute dtype; auto (default) = float32 on CPU (multi-token bfloat16 passes are "
+        "slow on CPUs without bfloat16 instructions), bfloat16 on CUDA",
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--stats", action="store_true", help="print decoding statistics")
@@ -123,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         pair = load_pair(
             args.target,
             args.draft,
-            dtype=getattr(torch, args.dtype),
+            dtype=None if args.dtype == "auto" else getattr(torch, args.dtype),
             device=args.device,
             use_draft=args.drafter == "model",
         )

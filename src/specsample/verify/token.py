@@ -92,38 +92,63 @@ def sample_final_tokens(
         draft_probs = None  # nothing to subtract: every row draws its bonus token from p
     compute_dtype = torch.promote_types(target_probs.dtype, torch.float32)
 
-    def weights_at(chosen: torch.Tensor, ids: torch.Tensor | None, subtract: torch.Tensor):
-        """The residual (p where subtract is False) of rows `chosen` [n], at ids [n, m] or at
-        every id (ids None). Indexing copies, so the arithmetic runs in place on the copy."""
-        full_rows = ids is None
-        if full_rows:
-            p = target_probs[chosen, num_accepted[chosen]].to(compute_dtype)  # [n, vocab]
-            ids = torch.arange(vocab, device=chosen.device)[None, :]
-        else:
-            p = target_probs[chosen[:, None], num_accepted[chosen, None], ids].to(compute_dtype)
-        if draft_probs is None:  # point mass: q is one-hot on the drafted token
-            hit = (ids == drafted[chosen, None]) & subtract[:, None]
-            return p.masked_fill_(hit, 0.0)
-        if full_rows:
-            q = draft_probs[chosen, at[chosen]].to(compute_dtype)
-        else:
-            q = draft_probs[chosen[:, None], at[chosen, None], ids].to(compute_dtype)
-        return p.sub_(q.masked_fill_(~subtract[:, None], 0.0)).clamp_(min=0.0)
-
+    flat_target = target_probs.reshape(batch * (k + 1), vocab)
+    flat_draft = None if draft_probs is None else draft_probs.reshape(batch * k, vocab)
+    target_row = rows * (k + 1) + num_accepted  # rows of the flat tensors
+    draft_row = rows * k + at
     step = max(1, CHUNK_ELEMENTS // vocab)
+    buffers: dict[str, torch.Tensor] = {}
+
+    def read_rows(flat: torch.Tensor, index: torch.Tensor, name: str) -> torch.Tensor:
+        """flat[index] copied into a buffer reused across chunks: fresh large allocations cost
+        page faults on every chunk."""
+        if name not in buffers:
+            buffers[name] = torch.empty(step, vocab, dtype=flat.dtype, device=flat.device)
+        out = torch.index_select(flat, 0, index, out=buffers[name][: len(index)])
+        return out.to(compute_dtype)
+
+    def residual_of(p, q_or_none, hit, subtract):
+        """In place on p: max(0, p - q) on rows where subtract, p elsewhere."""
+        if not bool(subtract.any()):
+            return p
+        if q_or_none is None:  # point mass: q is one-hot on the drafted token
+            return p.masked_fill_(hit() & subtract[:, None], 0.0)
+        if not bool(subtract.all()):
+            q_or_none.masked_fill_(~subtract[:, None], 0.0)
+        return p.sub_(q_or_none).clamp_(min=0.0)
+
+    def full_rows(chosen: torch.Tensor, subtract: torch.Tensor) -> torch.Tensor:
+        """[n, vocab]: the residual of rows `chosen` (p where subtract is False)."""
+        p = read_rows(flat_target, target_row[chosen], "p")
+        needs_q = flat_draft is not None and bool(subtract.any())
+        q = read_rows(flat_draft, draft_row[chosen], "q") if needs_q else None
+
+        def hit() -> torch.Tensor:
+            return torch.arange(vocab, device=chosen.device)[None, :] == drafted[chosen, None]
+
+        return residual_of(p, q, hit, subtract)
+
+    def at_ids(ids: torch.Tensor) -> torch.Tensor:
+        """[batch, m]: the residual of every row at ids [batch, m] (clamped into the vocab)."""
+        p = flat_target[target_row[:, None], ids].to(compute_dtype)
+        q = None if flat_draft is None else flat_draft[draft_row[:, None], ids].to(compute_dtype)
+        return residual_of(p, q, lambda: ids == drafted[:, None], rejected)
+
+    # Rejected rows first, so that chunks of bonus rows skip reading q altogether.
+    order = torch.cat([rows[rejected], rows[~rejected]])
     sums = []
     for start in range(0, batch, step):
-        chosen = rows[start : start + step]
-        sums.append(block_sums_of(weights_at(chosen, None, rejected[chosen])))
-    block_sums = torch.cat(sums)  # [batch, num_blocks]
+        chosen = order[start : start + step]
+        sums.append(block_sums_of(full_rows(chosen, rejected[chosen])))
+    block_sums = torch.empty(batch, sums[0].shape[1], dtype=torch.float64, device=rows.device)
+    block_sums[order] = torch.cat(sums)  # [batch, num_blocks]
     empty = block_sums.sum(dim=-1) <= 0
     if bool(empty.any()):
         rejected = rejected & ~empty
-        redo = rows[empty]
-        block_sums[redo] = block_sums_of(weights_at(redo, None, rejected[redo]))
+        for row in rows[empty].tolist():
+            block_sums[row] = block_sums_of(
+                full_rows(rows[row : row + 1], rejected[row : row + 1])
+            )[0]
     return sample_blocked(
-        block_sums,
-        sample_uniforms,
-        lambda ids: weights_at(rows, ids.clamp(max=vocab - 1), rejected),
-        vocab,
+        block_sums, sample_uniforms, lambda ids: at_ids(ids.clamp(max=vocab - 1)), vocab
     )

@@ -1,0 +1,119 @@
+"""`specsample generate` end to end on tiny models saved to disk with their own tokenizer, built
+in-process (no hub): JSON output, greedy identity between drafters, argument errors, and the
+tokenizer-mismatch check."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from specsample.cli.main import main
+
+CORPUS = [
+    "def reverse(head):",
+    "    prev = None",
+    "    while head:",
+    "        head = head.next",
+    "return prev",
+    "the quick brown fox jumps over the lazy dog",
+] * 20
+
+
+def save_tiny_model(folder, seed: int, vocab_size: int = 300, corpus=CORPUS, layers: int = 2):
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", unk_token="<unk>")
+    fast.save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(fast),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=fast.eos_token_id,
+    )
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return save_tiny_model(root / "target", seed=0), save_tiny_model(
+        root / "draft", seed=1, layers=1
+    )
+
+
+def run_json(capsys, *args):
+    code = main(["generate", *args, "--json", "--max-new-tokens", "12", "--dtype", "float32"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    return json.loads(out)
+
+
+def test_generate_json_reports_texts_and_statistics(tiny_pair, capsys):
+    target, draft = tiny_pair
+    result = run_json(capsys, "def reverse", "--target", target, "--draft", draft, "--k", "3")
+    assert len(result["texts"]) == 1
+    stats = result["stats"]
+    assert stats["new_tokens"] <= 12
+    assert 0 <= stats["alpha"] <= 1
+    assert stats["target_passes"] >= 1
+
+
+@pytest.mark.parametrize("drafter", ["model", "ngram"])
+def test_greedy_output_is_the_same_with_and_without_a_drafter(tiny_pair, capsys, drafter):
+    target, draft = tiny_pair
+    common = ["def reverse(head):", "--target", target, "--temperature", "0"]
+    baseline = run_json(capsys, *common, "--drafter", "none")
+    speculative = run_json(capsys, *common, "--draft", draft, "--drafter", drafter, "--k", "4")
+    assert speculative["texts"] == baseline["texts"]
+
+
+def test_batch_file_generates_every_line(tiny_pair, capsys, tmp_path):
+    target, draft = tiny_pair
+    batch = tmp_path / "prompts.txt"
+    batch.write_text("def reverse\n\nthe quick brown\nreturn\n")
+    result = run_json(capsys, "--batch-file", str(batch), "--target", target, "--draft", draft)
+    assert len(result["texts"]) == 3
+
+
+def test_tokenizer_mismatch_is_an_error_before_generation(tiny_pair, capsys, tmp_path):
+    target, _ = tiny_pair
+    other = save_tiny_model(
+        tmp_path / "other", seed=2, vocab_size=280, corpus=["completely different words here"] * 30
+    )
+    code = main(["generate", "hi", "--target", target, "--draft", other, "--dtype", "float32"])
+    assert code == 1
+    assert "draft: expected a model with the target's tokenizer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--k", "-1"], "--k"),
+        (["--k", "many"], "--k"),
+        (["--temperature", "-0.5"], "--temperature"),
+        (["--top-p", "0"], "--top-p"),
+        (["--max-new-tokens", "0"], "--max-new-tokens"),
+    ],
+)
+def test_bad_options_exit_2_naming_the_option(tiny_pair, capsys, args, named):
+    target, draft = tiny_pair
+    code = main(["generate", "hi", "--target", target, "--draft", draft, *args])
+    assert code == 2
+    assert named in capsys.readouterr().err
