@@ -63,7 +63,7 @@ def ours_fixed(k: int) -> str:
 
 
 def ours_ngram(k: int) -> str:
-    return f"ours n-gram, k={k}"
+    return f"ours n-gram, adaptive (max {k})"
 
 
 def hf_assisted_k(k: int) -> str:
@@ -308,7 +308,7 @@ def make_contenders(pair, target_lm, draft_lm, args, counters) -> dict[str, Cont
             "ours",
             "ngram",
             args.ngram_k,
-            ours(NgramDrafter, lambda: args.ngram_k),
+            ours(NgramDrafter, lambda: AdaptiveDraftLength(args.ngram_k)),
         ),
         Contender(HF_TO, "transformers", "target-only", None, hf({})),
         Contender(HF_ASSISTED, "transformers", "model", None, hf({"assistant_model": draft_model})),
@@ -859,7 +859,7 @@ def main() -> None:
         "`torch.manual_seed` with the same seed.",
         f"- batch 1 contenders: {'; '.join(contenders)}. Ours: `specsample.decoding.loop.generate` "
         f"with `ModelDrafter(draft)` and `AdaptiveDraftLength({ADAPTIVE_MAX_K})` or fixed "
-        f"k={args.k}, or `NgramDrafter()` (max n-gram 3, latest match) with k={args.ngram_k}. "
+        f"k={args.k}, or `NgramDrafter()` (max n-gram 3, latest match) with `AdaptiveDraftLength({args.ngram_k})`. "
         "Transformers: `target.generate(...)`; assisted generation with "
         "`assistant_model=draft` at its defaults in this version "
         f"({', '.join(f'{k}={v}' for k, v in assist.items())}; scikit-learn "

@@ -89,12 +89,12 @@ def test_adaptive_does_not_pause_when_drafting_pays():
 
 def test_adaptive_pauses_with_probes_when_drafting_does_not_pay():
     probe_every = 4
-    policy = AdaptiveDraftLength(max_k=4, start_k=2, probe_every=probe_every)
+    policy = AdaptiveDraftLength(max_k=4, start_k=2, probe_every=probe_every, min_tests=1)
     slow = costs(0.9)  # a draft step costs nearly as much as a target pass
     k = policy.next_lengths(3)
     policy.update(k, lengths(0, 0, 0), slow)  # nothing kept
     assert policy.paused
-    assert policy.alpha == 0.0
+    assert policy.alpha == pytest.approx(2 / 6)  # 0 of 3 kept, with the prior's 2 of 3
     schedule = []
     for _ in range(3 * probe_every):
         k = policy.next_lengths(3)
@@ -108,7 +108,7 @@ def test_adaptive_pauses_with_probes_when_drafting_does_not_pay():
 
 
 def test_adaptive_resumes_when_probes_show_high_acceptance():
-    policy = AdaptiveDraftLength(max_k=8, start_k=2, probe_every=2)
+    policy = AdaptiveDraftLength(max_k=8, start_k=2, probe_every=2, min_tests=1)
     slow = costs(0.9)
     policy.update(policy.next_lengths(2), lengths(0, 0), slow)
     assert policy.paused
@@ -166,3 +166,56 @@ def test_step_costs_read_the_nearest_measured_pass():
 def test_adaptive_rejects_bad_arguments_naming_them(kwargs, argument):
     with pytest.raises(ValueError, match=f"^{argument}: expected"):
         AdaptiveDraftLength(**kwargs)
+
+
+def test_adaptive_pauses_a_model_free_drafter_when_verifying_more_tokens_costs_too_much():
+    """No draft passes (n-gram lookup): c = 0, so only the measured cost of longer target passes
+    can make drafting lose. Acceptance 0.1 with a pass over k+1 tokens costing 1 + k/2 loses for
+    every k; acceptance 0.9 wins."""
+    expensive = StepCosts()
+    for n in range(1, 10):
+        expensive.add_target_pass(n, 1.0 + (n - 1) / 2)
+    policy = AdaptiveDraftLength(max_k=8, start_k=4, min_tests=1)
+    policy.next_lengths(2)
+    policy.update(torch.tensor([4, 4]), torch.tensor([0, 0]), expensive)
+    assert policy.paused
+    policy = AdaptiveDraftLength(max_k=8, start_k=4, min_tests=1)
+    policy.next_lengths(2)
+    policy.update(torch.tensor([4, 4]), torch.tensor([4, 3]), expensive)
+    assert not policy.paused
+
+
+def test_relative_pass_cost_follows_a_line_through_measured_passes():
+    measured = StepCosts()
+    assert measured.relative_pass_cost(5) is None
+    measured.add_target_pass(5, 3.0)
+    assert measured.relative_pass_cost(9) == 1.0  # one length measured: flat
+    measured.add_target_pass(1, 1.0)
+    measured.add_target_pass(3, 2.0)
+    assert measured.relative_pass_cost(1) == pytest.approx(1.0)
+    assert measured.relative_pass_cost(9) == pytest.approx(5.0)
+
+
+def test_adaptive_caps_row_lengths_at_the_theory_best_k():
+    """alpha 0.8, c 0.4 and passes costing 1 + 0.25 (n - 1): the theory's best k is 1."""
+    measured = StepCosts()
+    measured.draft_step.add(0.4)
+    for n in (1, 3, 5):
+        measured.add_target_pass(n, 1.0 + 0.25 * (n - 1))
+    policy = AdaptiveDraftLength(max_k=8, start_k=6, min_tests=1)
+    policy.next_lengths(2)
+    policy.update(torch.tensor([6, 6]), torch.tensor([5, 5]), measured)  # 10 kept, 2 rejected
+    assert policy.alpha == pytest.approx(0.8)  # (10 + 2) / (12 + 3) with the prior
+    assert policy.best_k == 1
+    assert policy.next_lengths(2).tolist() == [1, 1]
+
+
+def test_adaptive_needs_min_tests_before_pausing():
+    """One unlucky first step (nothing kept) must not stop drafting by itself."""
+    slow = costs(0.9)
+    policy = AdaptiveDraftLength(max_k=4, start_k=2)  # default min_tests = 12
+    policy.update(policy.next_lengths(3), lengths(0, 0, 0), slow)  # 3 keep tests
+    assert not policy.paused
+    for _ in range(4):
+        policy.update(policy.next_lengths(3), lengths(0, 0, 0), slow)
+    assert policy.paused  # 15 failed keep tests

@@ -262,7 +262,8 @@ def _print_stats(summary: dict) -> None:
         f"{summary['mean_draft_length']})",
         f"  nothing accepted      {summary['empty_share']:.1%} of drafting passes",
         f"  cost ratio c          {summary['cost_ratio_c']}  (draft step / target pass)",
-        f"  time split            draft {seconds['draft']:.2f} s, target {seconds['target']:.2f} "
+        f"  time split            prefill {seconds['prefill']:.2f} s, draft {seconds['draft']:.2f} "
+        f"s, target {seconds['target']:.2f} "
         f"s, verify {seconds['verify']:.2f} s, rest {seconds['rest']:.2f} s",
         f"  predicted speedup     {summary['predicted_speedup']}  (theory, from alpha, k and c)",
     ]

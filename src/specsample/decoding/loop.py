@@ -68,6 +68,7 @@ def generate(
     target_cursor.start(sequences)
     if drafter is not None:
         drafter.start(sequences)
+    stats.prefill_seconds = time.perf_counter() - started
     while not all(done):
         active = [not d for d in done]
         remaining = torch.tensor([max_new_tokens - len(t) for t in new_tokens])

@@ -19,6 +19,7 @@ class DecodeStats:
     empty_steps: int = 0  # row steps with drafts where nothing was accepted
     drafted_by_position: list[int] = field(default_factory=list)
     accepted_by_position: list[int] = field(default_factory=list)
+    prefill_seconds: float = 0.0  # both models' prompt passes
     draft_seconds: float = 0.0
     target_seconds: float = 0.0
     verify_seconds: float = 0.0
@@ -91,11 +92,13 @@ class DecodeStats:
             "mean_draft_length": round(self.mean_draft_length, 2),
             "cost_ratio_c": None if self.cost_ratio is None else round(self.cost_ratio, 3),
             "seconds": {
+                "prefill": round(self.prefill_seconds, 3),
                 "draft": round(self.draft_seconds, 3),
                 "target": round(self.target_seconds, 3),
                 "verify": round(self.verify_seconds, 3),
                 "rest": round(
                     self.total_seconds
+                    - self.prefill_seconds
                     - self.draft_seconds
                     - self.target_seconds
                     - self.verify_seconds,

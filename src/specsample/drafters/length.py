@@ -2,18 +2,20 @@
 
 - FixedDraftLength(k): always k.
 - AdaptiveDraftLength: a per-row schedule that grows by one after every draft of a row was kept
-  and shrinks by one after a rejection (within [1, max_k]); and a batch-wide check, from the
-  speedup theory with the measured acceptance rate and costs, that drafting pays at all. When it
-  does not, rows draft nothing (target-only steps) and one step in `probe_every` drafts a single
-  token to keep measuring. The draft length never depends on the target's future, so every
-  choice here keeps verification exact.
+  and shrinks by one after a rejection (within [1, max_k]), capped by the batch-wide best k of
+  the speedup theory (analysis.theory.best_draft_length) with the measured acceptance rate, the
+  measured cost ratio c and the measured cost of target passes by length (a line fitted through
+  them: on CPUs a pass over more tokens costs more). When the best k is 0, drafting does not pay:
+  rows draft nothing (target-only steps) and one step in `probe_every` drafts a single token to
+  keep measuring. The draft length never depends on the target's future, so every choice here
+  keeps verification exact.
 """
 
 from __future__ import annotations
 
 import torch
 
-from specsample.analysis.theory import expected_speedup
+from specsample.analysis.theory import best_draft_length
 
 
 class FixedDraftLength:
@@ -49,8 +51,35 @@ class StepCosts:
         nearest = min(known, key=lambda n: abs(n - tokens))
         return self.target_pass[nearest].value
 
+    def relative_pass_cost(self, tokens: int) -> float | None:
+        """Cost of a target pass over `tokens` tokens divided by a pass over 1, from a least-
+        squares line through the measured (tokens, seconds) means; flat while fewer than two
+        lengths are measured. None before any pass."""
+        if not self.target_pass:
+            return None
+        sizes = sorted(self.target_pass)
+        if len(sizes) == 1:
+            return 1.0
+        xs = [float(n) for n in sizes]
+        ys = [self.target_pass[n].value for n in sizes]
+        mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+        slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sum(
+            (x - mean_x) ** 2 for x in xs
+        )
+        slope = max(slope, 0.0)
+        one = mean_y + slope * (1 - mean_x)
+        if one <= 0:
+            return 1.0
+        return (one + slope * (tokens - 1)) / one
+
+
+PRIOR_KEPT, PRIOR_TESTS = 2.0, 3.0
+
 
 class AdaptiveDraftLength:
+    """smoothing: weight of the newest step in the acceptance estimate (older steps decay by
+    1 - smoothing each step); min_tests: keep tests to see before the theory may cap k."""
+
     def __init__(
         self,
         max_k: int = 8,
@@ -58,6 +87,7 @@ class AdaptiveDraftLength:
         start_k: int | None = None,
         probe_every: int = 8,
         smoothing: float = 0.2,
+        min_tests: int = 12,
     ):
         if isinstance(max_k, bool) or not isinstance(max_k, int) or max_k < 1:
             raise ValueError(f"max_k: expected an integer >= 1, got {max_k!r}")
@@ -75,7 +105,12 @@ class AdaptiveDraftLength:
         self.smoothing = smoothing
         self.row_k: torch.Tensor | None = None
         self.alpha: float | None = None
+        self.kept_weight = 0.0  # decayed counts of kept drafts and of keep tests
+        self.test_weight = 0.0
+        self.tests_seen = 0
+        self.min_tests = min_tests
         self.paused = False
+        self.best_k = max_k  # the theory's best k for the measured alpha and costs
         self.steps = 0
 
     def next_lengths(self, batch: int) -> torch.Tensor:
@@ -85,7 +120,7 @@ class AdaptiveDraftLength:
         if self.paused:
             probe = self.steps % self.probe_every == 0
             return torch.full((batch,), 1 if probe else 0, dtype=torch.int64)
-        return self.row_k.clone()
+        return self.row_k.clamp(max=self.best_k)
 
     def update(self, drafted: torch.Tensor, accepted: torch.Tensor, costs: StepCosts) -> None:
         """drafted, accepted: int64 [batch] for the step just verified."""
@@ -99,27 +134,33 @@ class AdaptiveDraftLength:
                 grow, self.row_k + 1, torch.where(tried, self.row_k - 1, self.row_k)
             )
             self.row_k = self.row_k.clamp(1, self.max_k)
-        rate = float(accepted[tried].sum()) / float(
-            (accepted[tried] + (accepted < drafted)[tried].long()).sum()
-        )
-        self.alpha = (
-            rate
-            if self.alpha is None
-            else ((1 - self.smoothing) * self.alpha + self.smoothing * rate)
-        )
-        self.paused = not self._drafting_pays(costs)
+        # Per-test acceptance: each kept draft passed a keep test, each rejection failed one.
+        kept = float(accepted[tried].sum())
+        failed = float((accepted < drafted)[tried].sum())
+        decay = 1 - self.smoothing
+        self.kept_weight = decay * self.kept_weight + kept
+        self.test_weight = decay * self.test_weight + kept + failed
+        self.tests_seen += int(kept + failed)
+        # A weak prior (PRIOR_KEPT of PRIOR_TESTS) keeps one unlucky early step from deciding.
+        self.alpha = (self.kept_weight + PRIOR_KEPT) / (self.test_weight + PRIOR_TESTS)
+        if self.tests_seen >= self.min_tests:
+            self.paused = not self._drafting_pays(costs)
 
     def _drafting_pays(self, costs: StepCosts) -> bool:
+        """Sets best_k from the theory; False when it is 0."""
         single = costs.target(1)
-        if self.alpha is None or costs.draft_step.count == 0 or single is None:
+        if self.alpha is None or single is None:
             return True
-        c = costs.draft_step.value / single
-        alpha = min(self.alpha, 0.999)
-        best = max(
-            expected_speedup(alpha, k, c, lambda n: (costs.target(n + 1) or single) / single)
-            for k in range(1, self.max_k + 1)
+        # A drafter without a model (n-gram lookup) records no draft passes: its c is 0, and only
+        # the extra cost of verifying more tokens can make drafting lose.
+        c = costs.draft_step.value / single if costs.draft_step.count else 0.0
+        self.best_k = best_draft_length(
+            min(self.alpha, 0.999),
+            c,
+            max_k=self.max_k,
+            verify_cost=lambda k: costs.relative_pass_cost(k + 1) or 1.0,
         )
-        return best > 1.0
+        return self.best_k > 0
 
 
 class _Mean:
