@@ -859,7 +859,8 @@ def main() -> None:
         "`torch.manual_seed` with the same seed.",
         f"- batch 1 contenders: {'; '.join(contenders)}. Ours: `specsample.decoding.loop.generate` "
         f"with `ModelDrafter(draft)` and `AdaptiveDraftLength({ADAPTIVE_MAX_K})` or fixed "
-        f"k={args.k}, or `NgramDrafter()` (max n-gram 3, latest match) with `AdaptiveDraftLength({args.ngram_k})`. "
+        f"k={args.k}, or `NgramDrafter()` (max n-gram 3, latest match) with "
+        f"`AdaptiveDraftLength({args.ngram_k})`. "
         "Transformers: `target.generate(...)`; assisted generation with "
         "`assistant_model=draft` at its defaults in this version "
         f"({', '.join(f'{k}={v}' for k, v in assist.items())}; scikit-learn "
