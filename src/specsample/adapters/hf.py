@@ -250,9 +250,12 @@ class HFCausalLM:
         # clamped value (its output is never used and its slot is masked for others).
         positions = self._lengths[:, None] + valid.long().cumsum(dim=1) - 1
         positions = positions.clamp_min(0)
+        # With no padding or holes anywhere (one row, or rows kept in step) the plain causal mask
+        # is the right one: let the model build it and use its fastest attention path.
+        no_holes = bool(real.all())
         kwargs: dict[str, Any] = {
             "input_ids": torch.where(valid, tokens, 0),
-            "attention_mask": self._mask(real, past, n),
+            "attention_mask": None if no_holes else self._mask(real, past, n),
             "position_ids": positions,
             self._cache_kw: self._cache,
             "use_cache": True,

@@ -56,6 +56,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="draft length: an integer, or 'auto' for the adaptive schedule (default)",
     )
     parser.add_argument("--max-k", type=int, default=8, help="largest draft length for --k auto")
+    parser.add_argument(
+        "--draft-confidence",
+        type=float,
+        default=0.0,
+        help="model drafter: stop drafting a row where the draft's top probability falls below "
+        "this (0 = off, the default); exact either way",
+    )
     parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     parser.add_argument("--top-k", type=int, default=0, help="0 = off (default)")
     parser.add_argument("--top-p", type=float, default=1.0, help="1 = off (default)")
@@ -116,6 +123,10 @@ def run(args: argparse.Namespace) -> int:
     prompts = _prompts(args)
     sampling = _sampling(args)
     draft_length = _draft_length(args, AdaptiveDraftLength)
+    if not 0 <= args.draft_confidence < 1:
+        raise argparse.ArgumentTypeError(
+            f"--draft-confidence: expected a number in [0, 1), got {args.draft_confidence}"
+        )
     if args.max_new_tokens < 1:
         raise argparse.ArgumentTypeError(
             f"--max-new-tokens: expected an integer >= 1, got {args.max_new_tokens}"
