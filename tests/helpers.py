@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from scipy.stats import chi2
 
 
 def random_distribution(
@@ -43,3 +44,47 @@ class ConstantModel:
 
     def __call__(self, prefix: tuple[int, ...]) -> torch.Tensor:
         return self.probs
+
+
+def g_test_p_value(observed: torch.Tensor, expected_probs: torch.Tensor) -> float:
+    """p-value of the G-test of observed counts against expected probabilities (cells with
+    expected probability 0 must be empty, otherwise the p-value is 0)."""
+    observed = observed.flatten().to(torch.float64)
+    expected = expected_probs.flatten().to(torch.float64) * observed.sum()
+    if bool((observed[expected == 0] > 0).any()):
+        return 0.0
+    cells = expected > 0
+    o, e = observed[cells], expected[cells]
+    g = 2 * float(torch.where(o > 0, o * torch.log(o / e), torch.zeros_like(o)).sum())
+    return float(chi2.sf(g, df=int(cells.sum()) - 1))
+
+
+class Tables:
+    """All next-token distributions of a prefix model up to a depth, as one tensor, so that a
+    whole batch of prefixes is looked up at once. Prefix codes: code * (vocab + 1) + token + 1."""
+
+    def __init__(self, model, vocab: int, depth: int):
+        self.vocab = vocab
+        size = (vocab + 1) ** (depth + 1)
+        self.table = torch.zeros(size, vocab, dtype=torch.float64)
+        self._fill(model, (), 0, depth)
+
+    def _fill(self, model, prefix, code, depth):
+        self.table[code] = model(prefix)
+        if len(prefix) < depth:
+            for token in range(self.vocab):
+                self._fill(model, prefix + (token,), self.extend(code, token), depth)
+
+    def extend(self, code, token):
+        return code * (self.vocab + 1) + token + 1
+
+    def __getitem__(self, codes):
+        return self.table[codes]
+
+
+def joint_counts(first_two, vocab):
+    return torch.bincount(first_two[:, 0] * vocab + first_two[:, 1], minlength=vocab * vocab)
+
+
+def target_joint(target_model, vocab):
+    return torch.stack([target_model((a,)) * target_model(())[a] for a in range(vocab)])

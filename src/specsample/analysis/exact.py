@@ -58,12 +58,40 @@ def exact_token_rule_distribution(
     vocab = int(target(()).shape[0])
     for drafts, weight in _draft_sequences(draft, vocab, k, point_mass):
         _add_pieces(outcomes, target, draft, drafts, weight, point_mass)
+    return _emitted_distribution(rule, outcomes, k, point_mass)
+
+
+def exact_block_rule_distribution(
+    rule: Rule, target: PrefixModel, draft: PrefixModel, *, k: int
+) -> dict[tuple[int, ...], float]:
+    """The exact distribution of the tokens one step of a block-verification `rule` emits.
+
+    The pieces of the randomness follow ALGORITHMS.md section 2, computed here independently in
+    float64: each u_i passes (u_i <= h_i) or fails, tau is the last pass, and the final token's
+    uniform has one piece per token of the block residual normalize(max(0, P_tau p - q)).
+    """
+    outcomes = _Outcomes([], [], [], [], [], [])
+    vocab = int(target(()).shape[0])
+    for drafts, weight in _draft_sequences(draft, vocab, k, point_mass=False):
+        _add_block_pieces(outcomes, target, draft, drafts, weight)
+    return _emitted_distribution(rule, outcomes, k, point_mass=False)
+
+
+def expected_accepted(distribution: dict[tuple[int, ...], float]) -> float:
+    """E[number of accepted drafts] = E[emitted tokens] - 1."""
+    return sum((len(sequence) - 1) * weight for sequence, weight in distribution.items())
+
+
+def _emitted_distribution(
+    rule: Rule, outcomes: _Outcomes, k: int, point_mass: bool
+) -> dict[tuple[int, ...], float]:
+    """Runs `rule` once per outcome, in one batch, and adds up what it emitted."""
     rows = len(outcomes.weights)
     result = rule(
         torch.tensor(outcomes.draft_tokens, dtype=torch.int64).reshape(rows, k),
         None if point_mass else torch.stack(outcomes.draft_rows),
         torch.stack(outcomes.target_rows),
-        torch.full((len(outcomes.weights),), k, dtype=torch.int64),
+        torch.full((rows,), k, dtype=torch.int64),
         torch.tensor(outcomes.accept_uniforms, dtype=torch.float64).reshape(rows, k),
         torch.tensor(outcomes.sample_uniforms, dtype=torch.float64),
     )
@@ -148,6 +176,52 @@ def _add_pieces(
             outcomes.draft_tokens.append(list(drafts))
             outcomes.draft_rows.append(torch.stack(draft_rows) if k else torch.zeros(0, len(final)))
             outcomes.target_rows.append(torch.stack(target_rows))
+            outcomes.accept_uniforms.append(uniforms)
+            outcomes.sample_uniforms.append(float(upper[token] - final[token] / 2))
+            outcomes.weights.append(weight * pattern * float(final[token]))
+
+
+def _add_block_pieces(
+    outcomes: _Outcomes,
+    target: PrefixModel,
+    draft: PrefixModel,
+    drafts: tuple[int, ...],
+    weight: float,
+) -> None:
+    k = len(drafts)
+    p = [target(drafts[:i]).to(torch.float64) for i in range(k + 1)]
+    q = [draft(drafts[:i]).to(torch.float64) for i in range(k)]
+    kept = [1.0]
+    for i in range(k):
+        kept.append(min(1.0, kept[i] * float(p[i][drafts[i]]) / float(q[i][drafts[i]])))
+    thresholds = []
+    for i in range(1, k + 1):
+        if i == k:
+            thresholds.append(kept[k])
+            continue
+        mass = float(torch.clamp(kept[i] * p[i] - q[i], min=0.0).sum())
+        denominator = mass + 1.0 - kept[i]
+        thresholds.append(mass / denominator if denominator > 0 else 1.0)
+    for passes in itertools.product((True, False), repeat=k):
+        pattern = 1.0
+        for passed, h in zip(passes, thresholds, strict=True):
+            pattern *= h if passed else 1 - h
+        if pattern <= 0:
+            continue
+        uniforms = [
+            h / 2 if passed else (1 + h) / 2 for passed, h in zip(passes, thresholds, strict=True)
+        ]
+        tau = max((i + 1 for i in range(k) if passes[i]), default=0)
+        if tau == k:
+            final = p[k]
+        else:
+            final = torch.clamp(kept[tau] * p[tau] - q[tau], min=0.0)
+            final = final / final.sum() if float(final.sum()) > 0 else p[tau]
+        upper = torch.cumsum(final, dim=0)
+        for token in torch.nonzero(final > 0)[:, 0].tolist():
+            outcomes.draft_tokens.append(list(drafts))
+            outcomes.draft_rows.append(torch.stack(q) if k else torch.zeros(0, len(final)))
+            outcomes.target_rows.append(torch.stack(p))
             outcomes.accept_uniforms.append(uniforms)
             outcomes.sample_uniforms.append(float(upper[token] - final[token] / 2))
             outcomes.weights.append(weight * pattern * float(final[token]))

@@ -11,18 +11,20 @@ from __future__ import annotations
 import torch
 
 from specsample.verify import checks
+from specsample.verify.block import block_rule
 from specsample.verify.greedy import greedy_rule
 from specsample.verify.result import PAD, VerifyResult
 from specsample.verify.sampling import acceptance_probability, residual, sample_from_weights
 from specsample.verify.token import token_rule
 
-RULES = {"token": token_rule}
+RULES = {"token": token_rule, "block": block_rule}
 
 __all__ = [
     "PAD",
     "RULES",
     "VerifyResult",
     "acceptance_probability",
+    "block_rule",
     "draw_uniforms",
     "greedy_rule",
     "residual",
@@ -53,7 +55,9 @@ def verify(
                   prompt and drafts 0..i-1, row k is for the bonus token.
     generator     torch.Generator on the tensors' device; the only source of randomness (the global
                   RNG is never used). Draws, in order: uniforms [batch, k], then uniforms [batch].
-    rule          "token": token-level speculative sampling.
+    rule          "token": token-level speculative sampling; "block": block verification (the
+                  optimal rule for one draft chain: at least as many accepted tokens in
+                  expectation; point-mass drafts fall back to "token", named in rule_used).
     draft_lengths int64 [batch] or None: row b uses its first draft_lengths[b] drafts (0 allowed)
                   and target_probs[b, draft_lengths[b]] is its bonus distribution.
     validate      True (default) also checks every probability row the rule may read: finite,

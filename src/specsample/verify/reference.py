@@ -65,3 +65,50 @@ def _draft_distribution(
     one_hot = torch.zeros(vocab, dtype=torch.float64)
     one_hot[x] = 1.0
     return one_hot
+
+
+def reference_block_rule(
+    draft_tokens: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    target_probs: torch.Tensor,
+    draft_lengths: torch.Tensor,
+    accept_uniforms: torch.Tensor,
+    sample_uniforms: torch.Tensor,
+) -> VerifyResult:
+    """Same contract as `block_rule`, as a loop; point-mass drafts use the token rule."""
+    if draft_probs is None:
+        result = reference_token_rule(
+            draft_tokens, None, target_probs, draft_lengths, accept_uniforms, sample_uniforms
+        )
+        return VerifyResult(result.tokens, result.num_accepted, "token")
+    batch, k = draft_tokens.shape
+    tokens = torch.full((batch, k + 1), PAD, dtype=torch.int64)
+    num_accepted = torch.zeros(batch, dtype=torch.int64)
+    for b in range(batch):
+        length = int(draft_lengths[b])
+        p = [target_probs[b, i].to(torch.float64) for i in range(length + 1)]
+        q = [draft_probs[b, i].to(torch.float64) for i in range(length)]
+        x = [int(t) for t in draft_tokens[b, :length]]
+        kept = [1.0]  # kept[i] = P_i
+        for i in range(length):
+            kept.append(min(1.0, kept[i] * float(p[i][x[i]]) / float(q[i][x[i]])))
+        tau = 0
+        for i in range(1, length + 1):
+            if i == length:
+                threshold = kept[length]
+            else:
+                mass = float(torch.clamp(kept[i] * p[i] - q[i], min=0.0).sum())
+                denominator = mass + 1.0 - kept[i]
+                threshold = mass / denominator if denominator > 0 else 1.0
+            if float(accept_uniforms[b, i - 1]) <= threshold:
+                tau = i
+        if tau == length:
+            weights = p[length]
+        else:
+            weights = torch.clamp(kept[tau] * p[tau] - q[tau], min=0.0)
+            if float(weights.sum()) <= 0:
+                weights = p[tau]
+        final = reference_sample(weights, float(sample_uniforms[b]))
+        num_accepted[b] = tau
+        tokens[b, : tau + 1] = torch.tensor(x[:tau] + [final])
+    return VerifyResult(tokens, num_accepted, "block")

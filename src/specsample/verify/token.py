@@ -73,9 +73,11 @@ def sample_final_tokens(
     draft_lengths: torch.Tensor,
     num_accepted: torch.Tensor,
     sample_uniforms: torch.Tensor,
+    target_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """int64 [batch]: the recovered token, drawn from max(0, p - q) at the rejected position, or
-    the bonus token, drawn from p after the last draft.
+    """int64 [batch]: the recovered token, drawn from max(0, s p - q) at the rejected position
+    (s = target_scale[b], 1 when None; block verification passes its P_tau), or the bonus token,
+    drawn from p after the last draft.
 
     The residual is never formed as a [batch, vocab] tensor: block sums are computed a few rows at
     a time (the rows stay in cache), then only the chosen block of ids is recomputed. A rejected
@@ -107,14 +109,16 @@ def sample_final_tokens(
         out = torch.index_select(flat, 0, index, out=buffers[name][: len(index)])
         return out.to(compute_dtype)
 
-    def residual_of(p, q_or_none, hit, subtract):
-        """In place on p: max(0, p - q) on rows where subtract, p elsewhere."""
+    def residual_of(p, q_or_none, hit, subtract, scale):
+        """In place on p: max(0, scale p - q) on rows where subtract, p elsewhere."""
         if not bool(subtract.any()):
             return p
         if q_or_none is None:  # point mass: q is one-hot on the drafted token
             return p.masked_fill_(hit() & subtract[:, None], 0.0)
         if not bool(subtract.all()):
             q_or_none.masked_fill_(~subtract[:, None], 0.0)
+        if scale is not None:
+            p.mul_(torch.where(subtract, scale, 1.0)[:, None].to(p.dtype))
         return p.sub_(q_or_none).clamp_(min=0.0)
 
     def full_rows(chosen: torch.Tensor, subtract: torch.Tensor) -> torch.Tensor:
@@ -126,13 +130,15 @@ def sample_final_tokens(
         def hit() -> torch.Tensor:
             return torch.arange(vocab, device=chosen.device)[None, :] == drafted[chosen, None]
 
-        return residual_of(p, q, hit, subtract)
+        return residual_of(
+            p, q, hit, subtract, None if target_scale is None else target_scale[chosen]
+        )
 
     def at_ids(ids: torch.Tensor) -> torch.Tensor:
         """[batch, m]: the residual of every row at ids [batch, m] (clamped into the vocab)."""
         p = flat_target[target_row[:, None], ids].to(compute_dtype)
         q = None if flat_draft is None else flat_draft[draft_row[:, None], ids].to(compute_dtype)
-        return residual_of(p, q, lambda: ids == drafted[:, None], rejected)
+        return residual_of(p, q, lambda: ids == drafted[:, None], rejected, target_scale)
 
     # Rejected rows first, so that chunks of bonus rows skip reading q altogether.
     order = torch.cat([rows[rejected], rows[~rejected]])
