@@ -112,6 +112,7 @@ def exactness_p_value(
     draft_length=2,
     eos: tuple[int, ...] = (),
     seed: int = 0,
+    rule: str = "token",
 ) -> float:
     """Runs generate on ROWS rows (prompts cycled through the batch) and G-tests each prompt's
     rows against that prompt's exact outcome distribution; one combined p-value."""
@@ -127,6 +128,7 @@ def exactness_p_value(
         max_new_tokens=max_new_tokens,
         draft_length=draft_length,
         eos_token_ids=eos,
+        rule=rule,
     )
     assert out.stats.drafted > 0, "the drafter never drafted: nothing was tested"
     tests = []
@@ -165,6 +167,12 @@ VARIANTS = {
     ),
     "adaptive-length-never-paused": lambda: exactness_p_value(
         model_drafter(), draft_length=NeverPausedLength(max_k=3, start_k=1), max_new_tokens=5
+    ),
+    "block-rule-k3": lambda: exactness_p_value(
+        model_drafter(), draft_length=3, max_new_tokens=4, rule="block"
+    ),
+    "block-rule-ngram": lambda: exactness_p_value(
+        NgramDrafter(max_ngram=2), draft_length=3, rule="block"
     ),
     "temperature-0.7": lambda: exactness_p_value(
         model_drafter(), sampling=SamplingConfig(temperature=0.7)

@@ -57,6 +57,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--max-k", type=int, default=8, help="largest draft length for --k auto")
     parser.add_argument(
+        "--rule",
+        choices=["token", "block"],
+        default="token",
+        help="verification rule: token (token by token) or block (block verification: the "
+        "optimal rule for one draft chain, never fewer accepted tokens); both exact",
+    )
+    parser.add_argument(
         "--draft-confidence",
         type=float,
         default=0.0,
@@ -182,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
         eos_token_ids=eos_token_ids(pair.tokenizer, pair.target_config),
         on_tokens=on_tokens,
         stop_when=stop_string_condition(pair.tokenizer, args.stop),
+        rule=args.rule,
     )
     texts = [
         trim_at_stop(pair.tokenizer.decode(t, skip_special_tokens=True), args.stop)

@@ -14,7 +14,7 @@ from specsample.decoding.cursor import ModelCursor
 from specsample.decoding.stats import DecodeStats
 from specsample.drafters.base import Draft, Drafter
 from specsample.drafters.length import AdaptiveDraftLength, FixedDraftLength, StepCosts
-from specsample.verify import greedy_rule, verify
+from specsample.verify import RULES, greedy_rule, verify
 from specsample.verify.result import VerifyResult
 from specsample.warpers import SamplingConfig, logits_to_probs
 
@@ -44,6 +44,7 @@ def generate(
     eos_token_ids: Sequence[int] = (),
     on_tokens: TokenCallback | None = None,
     stop_when: StopCondition | None = None,
+    rule: str = "token",
 ) -> Generation:
     """Samples up to max_new_tokens tokens after each prompt, exactly as the target would
     (speculatively when a drafter is given).
@@ -55,6 +56,8 @@ def generate(
     """
     sampling = sampling or SamplingConfig()
     _check_generate_args(prompts, max_new_tokens, generator)
+    if rule not in RULES:
+        raise ValueError(f"rule: expected one of {sorted(RULES)}, got {rule!r}")
     policy = _draft_length_policy(draft_length, drafter)
     sequences = [list(p) for p in prompts]
     batch = len(sequences)
@@ -84,7 +87,7 @@ def generate(
         target_seconds = time.perf_counter() - clock
         # 3. verify
         clock = time.perf_counter()
-        result = _verify(draft, logits, sampling, generator, target.vocab_size)
+        result = _verify(draft, logits, sampling, generator, rule)
         stats.verify_seconds += time.perf_counter() - clock
         # 4. commit
         for b in range(batch):
@@ -117,7 +120,7 @@ def _verify(
     logits: torch.Tensor,
     sampling: SamplingConfig,
     generator: torch.Generator,
-    target_vocab: int,
+    rule: str,
 ) -> VerifyResult:
     """logits [batch, k+1, target vocab] -> the verified step. Probabilities of a drafter with a
     different vocabulary size are padded with zeros (ids a model lacks have probability 0)."""
@@ -138,6 +141,7 @@ def _verify(
         draft_probs,
         target_probs,
         generator=generator,
+        rule=rule,
         draft_lengths=draft.lengths.to(device),
         validate=False,
     )
