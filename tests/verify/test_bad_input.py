@@ -269,7 +269,7 @@ def test_a_generator_on_another_device_is_rejected():
         call(generator=torch.Generator(device="cuda"))
 
 
-@pytest.mark.parametrize("rule", ["block", "Token", "", None])
+@pytest.mark.parametrize("rule", ["tree", "Token", "", None])
 def test_an_unknown_rule_is_rejected(rule):
     with pytest.raises(ValueError, match="rule"):
         call(rule=rule)
