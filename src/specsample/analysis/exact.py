@@ -171,14 +171,9 @@ def _add_pieces(
             if accepted < k
             else target_rows[k]
         )
-        upper = torch.cumsum(final, dim=0)
-        for token in torch.nonzero(final > 0)[:, 0].tolist():
-            outcomes.draft_tokens.append(list(drafts))
-            outcomes.draft_rows.append(torch.stack(draft_rows) if k else torch.zeros(0, len(final)))
-            outcomes.target_rows.append(torch.stack(target_rows))
-            outcomes.accept_uniforms.append(uniforms)
-            outcomes.sample_uniforms.append(float(upper[token] - final[token] / 2))
-            outcomes.weights.append(weight * pattern * float(final[token]))
+        _add_final_token_pieces(
+            outcomes, drafts, draft_rows, target_rows, uniforms, final, weight * pattern
+        )
 
 
 def _add_block_pieces(
@@ -217,14 +212,30 @@ def _add_block_pieces(
         else:
             final = torch.clamp(kept[tau] * p[tau] - q[tau], min=0.0)
             final = final / final.sum() if float(final.sum()) > 0 else p[tau]
-        upper = torch.cumsum(final, dim=0)
-        for token in torch.nonzero(final > 0)[:, 0].tolist():
-            outcomes.draft_tokens.append(list(drafts))
-            outcomes.draft_rows.append(torch.stack(q) if k else torch.zeros(0, len(final)))
-            outcomes.target_rows.append(torch.stack(p))
-            outcomes.accept_uniforms.append(uniforms)
-            outcomes.sample_uniforms.append(float(upper[token] - final[token] / 2))
-            outcomes.weights.append(weight * pattern * float(final[token]))
+        _add_final_token_pieces(outcomes, drafts, q, p, uniforms, final, weight * pattern)
+
+
+def _add_final_token_pieces(
+    outcomes: _Outcomes,
+    drafts: tuple[int, ...],
+    draft_rows: list[torch.Tensor],
+    target_rows: list[torch.Tensor],
+    uniforms: list[float],
+    final: torch.Tensor,
+    weight: float,
+) -> None:
+    """One outcome per token of positive probability in `final` (normalised [vocab]): its
+    sample uniform is the midpoint of the token's piece, its weight `weight` * final[token]."""
+    upper = torch.cumsum(final, dim=0)
+    for token in torch.nonzero(final > 0)[:, 0].tolist():
+        outcomes.draft_tokens.append(list(drafts))
+        outcomes.draft_rows.append(
+            torch.stack(draft_rows) if drafts else torch.zeros(0, len(final))
+        )
+        outcomes.target_rows.append(torch.stack(target_rows))
+        outcomes.accept_uniforms.append(uniforms)
+        outcomes.sample_uniforms.append(float(upper[token] - final[token] / 2))
+        outcomes.weights.append(weight * float(final[token]))
 
 
 def _drafted_from(draft: PrefixModel, drafts: tuple[int, ...], i: int, point_mass: bool):
