@@ -29,16 +29,35 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from specsample.adapters.protocol import check_extend_args, check_prompts, check_truncate_args
+from specsample.adapters.protocol import (
+    check_commit_path_args,
+    check_extend_args,
+    check_extend_tree_args,
+    check_prompts,
+    check_truncate_args,
+)
 
 __all__ = ["HFCausalLM"]
 
 # Attention backends that honour an arbitrary 4-D additive mask (holes included).
 _MASKABLE_ATTN = {"eager", "sdpa"}
+
+
+@dataclass
+class _OpenTree:
+    """The token tree added since the last commit. Per row and node id: parents/valid/positions
+    `[batch, N]`, sees `[batch, N, slots]` (which slots the node attends to)."""
+
+    start: int
+    parents: torch.Tensor
+    valid: torch.Tensor
+    positions: torch.Tensor
+    sees: torch.Tensor
 
 
 def _forward_params(model: torch.nn.Module) -> set[str]:
@@ -142,6 +161,7 @@ class HFCausalLM:
         self._cache: Any = None
         self._real = torch.zeros(0, 0, dtype=torch.bool, device=self.device)
         self._lengths = torch.zeros(0, dtype=torch.long, device=self.device)
+        self._tree: _OpenTree | None = None
 
     @classmethod
     def from_pretrained(
@@ -199,6 +219,7 @@ class HFCausalLM:
             tokens[b, width - len(row) :] = torch.tensor(row)
             valid[b, width - len(row) :] = True
         self._cache = _new_cache()
+        self._tree = None
         self._real = torch.zeros(batch, 0, dtype=torch.bool, device=self.device)
         self._lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
         logits = self._forward(tokens.to(self.device), valid.to(self.device), keep_last=True)
@@ -211,6 +232,7 @@ class HFCausalLM:
         Returns float logits `[batch, n, vocab]`; padded positions hold finite junk.
         """
         self._require_state()
+        self._require_no_tree("extend")
         tokens, num_valid = check_extend_args(tokens, num_valid, self.batch_size, self._input_vocab)
         tokens, num_valid = tokens.to(self.device), num_valid.to(self.device)
         n = tokens.shape[1]
@@ -225,10 +247,117 @@ class HFCausalLM:
     def truncate(self, lengths: torch.Tensor) -> None:
         """Keep the first `lengths[b]` tokens of row b (int64 `[batch]`)."""
         self._require_state()
+        self._require_no_tree("truncate")
         lengths = check_truncate_args(lengths, self._lengths)
         rank = self._real.long().cumsum(dim=1)  # real tokens up to and including each slot
         self._real &= rank <= lengths[:, None]
         self._lengths = lengths.clone()
+        self._trim()
+
+    # ------------------------------------------------------------------ token trees
+
+    @torch.inference_mode()
+    def extend_tree(
+        self, tokens: torch.Tensor, parents: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
+        """Add tree nodes (see `TreeLanguageModel.extend_tree`); one forward pass.
+
+        Node i of the open tree sits in slot `tree_start + i`. Its RoPE position is its depth
+        below the row's last token, and it attends to the row's real slots plus its own
+        ancestors, so its logits equal those of a plain forward of the row followed by the path
+        to it. Tree slots are not real (other rows' and later queries never see them) until
+        `commit_path` moves the kept path next to the row.
+        """
+        self._require_state()
+        if self._tree is None:
+            batch = self.batch_size
+            none = torch.zeros(batch, 0, dtype=torch.long, device=self.device)
+            self._tree = _OpenTree(
+                start=self._real.shape[1],
+                parents=none,
+                valid=none.bool(),
+                positions=none.clone(),
+                sees=torch.zeros(
+                    batch, 0, self._real.shape[1], dtype=torch.bool, device=self.device
+                ),
+            )
+        tree = self._tree
+        tokens, parents, valid = check_extend_tree_args(
+            tokens, parents, valid, self.batch_size, self._input_vocab, tree.valid
+        )
+        tokens, parents, valid = (x.to(self.device) for x in (tokens, parents, valid))
+        n = tokens.shape[1]
+        if n == 0:
+            return torch.zeros(self.batch_size, 0, self.vocab_size, device=self.device)
+        past = self._real.shape[1]
+        before = tree.valid.shape[1]
+        rows = torch.arange(self.batch_size, device=self.device)
+        # sees[b, i, s]: node i may attend slot s (its ancestors, itself, the row's real slots).
+        sees = torch.cat(
+            [
+                torch.nn.functional.pad(tree.sees, (0, n)),
+                torch.zeros(self.batch_size, n, past + n, dtype=torch.bool, device=self.device),
+            ],
+            dim=1,
+        )
+        positions = torch.cat([tree.positions, torch.zeros_like(parents)], dim=1)
+        base = torch.nn.functional.pad(self._real, (0, n))  # [batch, past + n]
+        for j in range(n):
+            parent = parents[:, j]
+            root = (parent < 0) | ~valid[:, j]
+            above = sees[rows, parent.clamp(min=0)]  # [batch, past + n]
+            row_sees = torch.where(root[:, None], base, above)
+            row_sees[:, past + j] = True
+            sees[:, before + j] = row_sees
+            positions[:, before + j] = torch.where(
+                root, self._lengths, positions[rows, parent.clamp(min=0)] + 1
+            )
+        new_positions = positions[:, before:]
+        logits = self._run(
+            tokens, valid, new_positions, self._additive(sees[:, before:]), keep_last=False
+        )
+        self._real = torch.nn.functional.pad(self._real, (0, n))
+        self._tree = _OpenTree(
+            start=tree.start,
+            parents=torch.cat([tree.parents, torch.where(valid, parents, -1)], dim=1),
+            valid=torch.cat([tree.valid, valid], dim=1),
+            positions=positions,
+            sees=sees,
+        )
+        return logits
+
+    @torch.inference_mode()
+    def commit_path(self, path: torch.Tensor) -> None:
+        """Close the open tree, keeping row b's nodes `path[b]` (see
+        `TreeLanguageModel.commit_path`).
+
+        The kept nodes' keys and values are copied to the slots right after the tree's start,
+        in path order, and the rest of the tree is cropped: no holes are left behind in a row
+        that kept its longest path, and only a few slots per layer are copied.
+        """
+        self._require_state()
+        if self._tree is None:
+            raise RuntimeError("commit_path: no tree is open (call extend_tree() first)")
+        tree = self._tree
+        path = check_commit_path_args(path, tree.parents, tree.valid).to(self.device)
+        kept = (path >= 0).sum(dim=1)  # [batch]
+        depth = int(kept.max()) if kept.numel() else 0
+        start = tree.start
+        source = start + path[:, :depth].clamp(min=0)  # [batch, depth]
+
+        def move(x: torch.Tensor) -> torch.Tensor:
+            index = source[:, None, :, None].expand(x.shape[0], x.shape[1], depth, x.shape[3])
+            x[:, :, start : start + depth] = x.gather(2, index)
+            return x[:, :, : start + depth]
+
+        if depth:
+            _map_kv(self._cache, move)
+        else:
+            _map_kv(self._cache, lambda x: x[:, :, :start])
+        slots = torch.arange(depth, device=self.device)[None, :]
+        self._real = torch.cat([self._real[:, :start], slots < kept[:, None]], dim=1)
+        self._lengths = self._lengths + kept
+        self._tree = None
         self._trim()
 
     # ------------------------------------------------------------------ internals
@@ -237,14 +366,17 @@ class HFCausalLM:
         if self._cache is None:
             raise RuntimeError("call prefill() before extend() or truncate()")
 
+    def _require_no_tree(self, method: str) -> None:
+        if self._tree is not None:
+            raise RuntimeError(f"{method}: a token tree is open; call commit_path() first")
+
     def _forward(self, tokens: torch.Tensor, valid: torch.Tensor, keep_last: bool) -> torch.Tensor:
         """Run new slots `tokens[batch, n]` (real where `valid`) through the model.
 
         Appends n slots to the timeline and returns float logits `[batch, n or 1, vocab]`.
         """
-        batch, n = tokens.shape
+        n = tokens.shape[1]
         past = self._real.shape[1]
-        assert self._cache.get_seq_length() == past, "cache and timeline out of sync"
         real = torch.cat([self._real, valid], dim=1)  # [batch, past + n]
         # Position of a slot = real tokens of its row before it; padding gets a harmless
         # clamped value (its output is never used and its slot is masked for others).
@@ -252,10 +384,26 @@ class HFCausalLM:
         positions = positions.clamp_min(0)
         # With no padding or holes anywhere (one row, or rows kept in step) the plain causal mask
         # is the right one: let the model build it and use its fastest attention path.
-        no_holes = bool(real.all())
+        mask = None if bool(real.all()) else self._mask(real, past, n)
+        logits = self._run(tokens, valid, positions, mask, keep_last)
+        self._real = real
+        self._lengths = self._lengths + valid.sum(dim=1)
+        return logits
+
+    def _run(
+        self,
+        tokens: torch.Tensor,
+        valid: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+        keep_last: bool,
+    ) -> torch.Tensor:
+        """One model call on n new slots (appended to the cache); float logits `[batch, n or 1,
+        vocab]`. mask: additive `[batch, 1, n, past + n]`, or None for the plain causal one."""
+        assert self._cache.get_seq_length() == self._real.shape[1], "cache and timeline differ"
         kwargs: dict[str, Any] = {
             "input_ids": torch.where(valid, tokens, 0),
-            "attention_mask": None if no_holes else self._mask(real, past, n),
+            "attention_mask": mask,
             "position_ids": positions,
             self._cache_kw: self._cache,
             "use_cache": True,
@@ -266,9 +414,13 @@ class HFCausalLM:
         returned = getattr(out, self._cache_kw, None)
         if returned is not None:  # some versions hand back a new object
             self._cache = returned
-        self._real = real
-        self._lengths = self._lengths + valid.sum(dim=1)
         return out.logits[..., : self.vocab_size].float()
+
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        """bool `[batch, n, slots]` -> additive mask `[batch, 1, n, slots]`."""
+        mask = torch.zeros(allowed.shape, dtype=self._dtype, device=self.device)
+        mask.masked_fill_(~allowed, torch.finfo(self._dtype).min)
+        return mask[:, None]
 
     def _mask(self, real: torch.Tensor, past: int, n: int) -> torch.Tensor:
         """Additive mask `[batch, 1, n, past + n]`: 0 where query slot may attend key slot.
@@ -281,9 +433,7 @@ class HFCausalLM:
         q_slot = past + torch.arange(n, device=self.device)[:, None]  # [n, 1]
         k_slot = torch.arange(past + n, device=self.device)[None, :]  # [1, past + n]
         allowed = (real[:, None, :] & (k_slot <= q_slot)) | (k_slot == q_slot)
-        mask = torch.zeros(allowed.shape, dtype=self._dtype, device=self.device)
-        mask.masked_fill_(~allowed, torch.finfo(self._dtype).min)
-        return mask[:, None]
+        return self._additive(allowed)
 
     def _trim(self) -> None:
         """Crop the physical cache to the last slot any row still uses; maybe compact."""
@@ -305,6 +455,7 @@ class HFCausalLM:
         row is preserved, so only the (masked) holes disappear. Costs one cache copy.
         """
         self._require_state()
+        self._require_no_tree("compact")
         total = self._real.shape[1]
         longest = int(self._lengths.max())
         slots = torch.arange(total, device=self.device)

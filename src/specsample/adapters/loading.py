@@ -68,6 +68,9 @@ def load_pair(
         tokenizer, config = pair.tokenizer, pair.target.config
         description = "default pair: Qwen2.5-Coder-1.5B-Instruct (target), 0.5B-Instruct (draft)"
     else:
+        _check_gguf_path("target", target)
+        if draft is not None and use_draft:
+            _check_gguf_path("draft", draft)
         tokenizer = _load_tokenizer(target)
         target_lm = _load_model(target, dtype, device)
         draft_lm = None
@@ -94,6 +97,25 @@ def check_same_tokenizer(target_tok: Any, draft_tok: Any, target: str, draft: st
         f"tokens at different ids and {len(set(target_vocab) ^ set(draft_vocab))} tokens in only "
         f"one of them. Speculative sampling needs one vocabulary; pick a draft of the same family"
     )
+
+
+def _check_gguf_path(argument: str, name: str) -> None:
+    """For a name ending in .gguf: raises FileNotFoundError unless it is an existing file, and
+    ValueError unless it starts with the GGUF magic bytes (before transformers would look for it
+    on the hub or fail with a message that names no argument)."""
+    path = Path(name)
+    if path.suffix != ".gguf":
+        return
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"{argument}: expected a GGUF file, got {name!r}, which {what}")
+    with open(path, "rb") as file:
+        magic = file.read(4)
+    if magic != b"GGUF":
+        raise ValueError(
+            f"{argument}: expected a GGUF file (starting with b'GGUF'), got {name!r}, which "
+            f"starts with {magic!r}"
+        )
 
 
 def _split_gguf(name: str) -> tuple[str, str | None]:

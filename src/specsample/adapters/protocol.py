@@ -18,7 +18,10 @@ import torch
 
 __all__ = [
     "LanguageModel",
+    "TreeLanguageModel",
+    "check_commit_path_args",
     "check_extend_args",
+    "check_extend_tree_args",
     "check_prompts",
     "check_truncate_args",
 ]
@@ -61,6 +64,39 @@ class LanguageModel(Protocol):
 
         Requires `0 <= lengths[b] <= self.lengths[b]`; used to roll back rejected drafts.
         """
+        ...
+
+
+@runtime_checkable
+class TreeLanguageModel(LanguageModel, Protocol):
+    """A `LanguageModel` that can also score a token tree in one pass (multi-draft and tree
+    verification) and then keep one root-to-node path of it.
+
+    While a tree is open, `lengths` excludes its nodes and `extend`/`truncate` are refused:
+    `commit_path` closes it.
+    """
+
+    def extend_tree(
+        self, tokens: torch.Tensor, parents: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
+        """Add tree nodes after each row's tokens (opening a tree if none is open).
+
+        Node ids number the columns of every `extend_tree` call since the tree opened: the
+        first call's columns are ids 0..n-1, the next call's continue from there.
+        tokens  int64 `[batch, n]`: the node tokens.
+        parents int64 `[batch, n]`: `parents[b, j]` is -1 (the row's last token) or the id of a
+                valid node added before node j.
+        valid   bool `[batch, n]`: nodes that exist; invalid columns are ignored.
+
+        Returns float logits `[batch, n, vocab]`: `[b, j]` is the distribution after the path
+        from the row's last token to node j (arbitrary but finite for invalid nodes).
+        """
+        ...
+
+    def commit_path(self, path: torch.Tensor) -> None:
+        """Close the open tree keeping, per row, the nodes `path[b]` (int64 `[batch, d]`, node
+        ids padded with -1): a chain from a child of the root downwards, appended to the row.
+        Every other node is dropped."""
         ...
 
 
@@ -163,3 +199,90 @@ def check_truncate_args(lengths: object, current: torch.Tensor) -> torch.Tensor:
             f"got {lengths.tolist()} (bad rows {bad_rows})"
         )
     return lengths
+
+
+def check_extend_tree_args(
+    tokens: object,
+    parents: object,
+    valid: object,
+    batch: int,
+    vocab_limit: int,
+    open_valid: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate `extend_tree` arguments; returns `(tokens, parents, valid)` (int64, int64, bool).
+
+    open_valid: bool `[batch, N]`, the nodes the open tree already has (N = 0 when none is
+    open); a parent must be -1 or a valid node with a smaller id.
+    """
+    tokens = _check_int_tensor(tokens, "tokens")
+    parents = _check_int_tensor(parents, "parents")
+    if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool:
+        raise TypeError(f"valid: expected a bool tensor, got {_describe(valid)}")
+    if tokens.dim() != 2 or tokens.shape[0] != batch:
+        raise ValueError(f"tokens: expected shape (batch={batch}, n), got {tuple(tokens.shape)}")
+    for name, x in (("parents", parents), ("valid", valid)):
+        if tuple(x.shape) != tuple(tokens.shape):
+            raise ValueError(
+                f"{name}: expected the shape of tokens {tuple(tokens.shape)}, got {tuple(x.shape)}"
+            )
+    device = tokens.device
+    tokens, parents, valid = tokens.long(), parents.to(device).long(), valid.to(device)
+    n, before = tokens.shape[1], open_valid.shape[1]
+    ids = before + torch.arange(n, device=device)[None, :]
+    bad = valid & ((parents < -1) | (parents >= ids))
+    if bad.any():
+        got = parents[bad][:5].tolist()
+        nodes = ids.expand_as(bad)[bad][:5].tolist()
+        raise ValueError(
+            "parents: expected -1 or the id of an earlier node (node ids continue across the "
+            f"calls of one tree), got {got} for node ids {nodes}"
+        )
+    known = torch.cat([open_valid.to(device), valid], dim=1)  # [batch, before + n]
+    parent_valid = known.gather(1, parents.clamp(min=0)) | (parents == -1)
+    bad = valid & ~parent_valid
+    if bad.any():
+        raise ValueError(
+            f"parents: expected valid parent nodes, got invalid parents {parents[bad][:5].tolist()}"
+        )
+    out_of_range = valid & ((tokens < 0) | (tokens >= vocab_limit))
+    if out_of_range.any():
+        raise ValueError(
+            f"tokens: expected valid token ids in [0, {vocab_limit}), "
+            f"got {tokens[out_of_range][:5].tolist()}"
+        )
+    return tokens, parents, valid
+
+
+def check_commit_path_args(
+    path: object, tree_parents: torch.Tensor, tree_valid: torch.Tensor
+) -> torch.Tensor:
+    """Validate `commit_path`; returns `path` as int64. tree_parents/tree_valid `[batch, N]`
+    describe the open tree. Each row's path must be -1 padded at the end and form a chain from
+    a child of the root downwards through valid nodes."""
+    path = _check_int_tensor(path, "path")
+    batch, total = tree_valid.shape
+    if path.dim() != 2 or path.shape[0] != batch:
+        raise ValueError(f"path: expected shape (batch={batch}, d), got {tuple(path.shape)}")
+    path = path.to(tree_valid.device).long()
+    for b, row in enumerate(path.tolist()):
+        previous = -1
+        for i, node in enumerate(row):
+            if node == -1:
+                if any(x != -1 for x in row[i:]):
+                    raise ValueError(f"path[{b}]: expected -1 only as trailing padding, got {row}")
+                break
+            if not 0 <= node < total or not bool(tree_valid[b, node]):
+                raise ValueError(f"path[{b}]: expected ids of valid nodes, got {node} in {row}")
+            if int(tree_parents[b, node]) != previous:
+                raise ValueError(
+                    f"path[{b}]: expected a chain from a child of the root (each node the "
+                    f"child of the one before), got {row}"
+                )
+            previous = node
+    return path
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of dtype {x.dtype}"
+    return type(x).__name__

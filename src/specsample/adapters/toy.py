@@ -19,7 +19,13 @@ from collections.abc import Sequence
 
 import torch
 
-from specsample.adapters.protocol import check_extend_args, check_prompts, check_truncate_args
+from specsample.adapters.protocol import (
+    check_commit_path_args,
+    check_extend_args,
+    check_extend_tree_args,
+    check_prompts,
+    check_truncate_args,
+)
 
 __all__ = ["ToyLM"]
 
@@ -69,6 +75,9 @@ class ToyLM:
         self.noise = 1.0 if noise is None else float(noise)
         self.pad_value = float(pad_value)
         self._seqs: list[list[int]] = []
+        # The open token tree: per row and node id, its parent id, whether it exists and the
+        # path of tokens from the row's last token to it (None when no tree is open).
+        self._tree: tuple[torch.Tensor, torch.Tensor, list[list[list[int]]]] | None = None
         # Counters so tests can check how much work a decoding loop asked for.
         self.num_calls = 0  # prefill + extend calls
         self.num_positions = 0  # logit positions computed (valid ones only)
@@ -106,6 +115,7 @@ class ToyLM:
     def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Reset to `prompts`; returns float logits `[batch, vocab]` after each prompt."""
         self._seqs = check_prompts(prompts, self.vocab_size)
+        self._tree = None
         self.num_calls += 1
         self.num_positions += len(self._seqs)
         return torch.stack([self.logits_for(s) for s in self._seqs])
@@ -113,6 +123,7 @@ class ToyLM:
     def extend(self, tokens: torch.Tensor, num_valid: torch.Tensor) -> torch.Tensor:
         """Append `tokens[b, :num_valid[b]]`; returns float logits `[batch, n, vocab]`."""
         self._require_state()
+        self._require_no_tree("extend")
         tokens, num_valid = check_extend_args(tokens, num_valid, len(self._seqs), self.vocab_size)
         n = tokens.shape[1]
         out = torch.full((len(self._seqs), n, self.vocab_size), self.pad_value)
@@ -128,8 +139,59 @@ class ToyLM:
     def truncate(self, lengths: torch.Tensor) -> None:
         """Keep the first `lengths[b]` tokens of row b (int64 `[batch]`)."""
         self._require_state()
+        self._require_no_tree("truncate")
         lengths = check_truncate_args(lengths, self.lengths)
         self._seqs = [s[:k] for s, k in zip(self._seqs, lengths.tolist(), strict=True)]
+
+    def extend_tree(
+        self, tokens: torch.Tensor, parents: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
+        """Add tree nodes (see `TreeLanguageModel.extend_tree`); logits `[batch, n, vocab]`."""
+        self._require_state()
+        batch = len(self._seqs)
+        if self._tree is None:
+            empty = torch.zeros(batch, 0, dtype=torch.long)
+            self._tree = (empty, empty.bool(), [[] for _ in range(batch)])
+        tree_parents, tree_valid, paths = self._tree
+        tokens, parents, valid = check_extend_tree_args(
+            tokens, parents, valid, batch, self.vocab_size, tree_valid
+        )
+        n = tokens.shape[1]
+        out = torch.full((batch, n, self.vocab_size), self.pad_value)
+        self.num_calls += 1
+        for b in range(batch):
+            for j in range(n):
+                parent = int(parents[b, j])
+                if not bool(valid[b, j]):
+                    paths[b].append([])
+                    continue
+                path = ([] if parent < 0 else paths[b][parent]) + [int(tokens[b, j])]
+                paths[b].append(path)
+                out[b, j] = self.logits_for(self._seqs[b] + path)
+                self.num_positions += 1
+        self._tree = (
+            torch.cat([tree_parents, torch.where(valid, parents, -1)], dim=1),
+            torch.cat([tree_valid, valid], dim=1),
+            paths,
+        )
+        return out
+
+    def commit_path(self, path: torch.Tensor) -> None:
+        """Close the open tree, appending row b's nodes `path[b]` (ids, -1 padded)."""
+        self._require_state()
+        if self._tree is None:
+            raise RuntimeError("commit_path: no tree is open (call extend_tree() first)")
+        tree_parents, tree_valid, paths = self._tree
+        path = check_commit_path_args(path, tree_parents, tree_valid)
+        for b, row in enumerate(path.tolist()):
+            kept = [node for node in row if node >= 0]
+            if kept:
+                self._seqs[b].extend(paths[b][kept[-1]])
+        self._tree = None
+
+    def _require_no_tree(self, method: str) -> None:
+        if self._tree is not None:
+            raise RuntimeError(f"{method}: a token tree is open; call commit_path() first")
 
     def _require_state(self) -> None:
         if not self._seqs:
