@@ -31,6 +31,7 @@ from specsample.drafters.base import Draft
 from specsample.drafters.length import AdaptiveDraftLength
 from specsample.drafters.model import ModelDrafter
 from specsample.drafters.ngram import NgramDrafter
+from specsample.drafters.tree import TreeDrafter, TreeShape
 from specsample.warpers import SamplingConfig, logits_to_probs
 
 ALPHA = 1e-6
@@ -149,6 +150,10 @@ def model_drafter() -> ModelDrafter:
     return ModelDrafter(toy_pair()[1])
 
 
+def tree_drafter(branching: tuple[int, ...], children: str) -> TreeDrafter:
+    return TreeDrafter(toy_pair()[1], TreeShape(branching), children=children)
+
+
 VARIANTS = {
     "model-k2": lambda: exactness_p_value(model_drafter(), draft_length=2),
     # k = 3 needs 4 new tokens to be drafted uncut (the loop never drafts past the limit).
@@ -173,6 +178,21 @@ VARIANTS = {
     ),
     "block-rule-ngram": lambda: exactness_p_value(
         NgramDrafter(max_ngram=2), draft_length=3, rule="block"
+    ),
+    # Multi-draft and trees: scored in one target pass, verified by recursive rejection sampling.
+    "chains-2-without-replacement": lambda: exactness_p_value(
+        tree_drafter((2, 1), "without_replacement")
+    ),
+    "tree-2x2-iid": lambda: exactness_p_value(tree_drafter((2, 2), "iid")),
+    "tree-3,1-top": lambda: exactness_p_value(tree_drafter((3, 1), "top")),
+    "tree-ragged-prompts-eos": lambda: exactness_p_value(
+        tree_drafter((2, 2), "without_replacement"),
+        prompts=(PROMPT, SHORT_PROMPT),
+        max_new_tokens=4,
+        eos=(2,),
+    ),
+    "tree-temperature-0.7-top-k-2": lambda: exactness_p_value(
+        tree_drafter((2, 1), "iid"), sampling=SamplingConfig(temperature=0.7, top_k=2)
     ),
     "temperature-0.7": lambda: exactness_p_value(
         model_drafter(), sampling=SamplingConfig(temperature=0.7)
@@ -237,3 +257,19 @@ CONTROLS = {
 def test_negative_controls_fail_the_same_test(control):
     drafter = MisreportingDrafter(toy_pair()[1], **CONTROLS[control])
     assert exactness_p_value(drafter, draft_length=2) < ALPHA
+
+
+def test_tree_negative_control_top_children_reported_as_softmax_fails(monkeypatch):
+    """A tree drafter that picks each node's children deterministically (top-m) but reports the
+    softmax q they were 'drawn from' (the mistake ALGORITHMS.md section 3 warns about) must fail
+    the same test."""
+    import specsample.drafters.tree as tree_module
+
+    real_draw = tree_module.draw_children
+
+    def top_reported_as_softmax(q, m, mode, generator):
+        tokens, _, valid = real_draw(q, m, "top", generator)
+        return tokens, q[:, None, :].expand(-1, m, -1).clone(), valid
+
+    monkeypatch.setattr(tree_module, "draw_children", top_reported_as_softmax)
+    assert exactness_p_value(tree_drafter((2, 1), "iid")) < ALPHA

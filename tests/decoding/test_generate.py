@@ -366,3 +366,60 @@ def test_bad_arguments_raise_naming_the_argument(kwargs, error, argument):
     }
     with pytest.raises(error, match=f"^{re.escape(argument)}: "):
         generate(target, call.pop("prompts"), **call)
+
+
+# ---------------------------------------------------------------- trees
+
+
+@pytest.mark.parametrize("branching", [(2, 1, 1), (2, 2), (3, 1)])
+def test_greedy_tree_decoding_is_identical_to_target_only(branching):
+    from specsample.drafters.tree import TreeDrafter, TreeShape
+
+    target = ToyLM(16, seed=1, scale=2.0)
+    draft = ToyLM(16, seed=2, base=target, noise=0.7)
+    prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9]]
+    greedy = SamplingConfig(temperature=0)
+    plain = generate(
+        target, prompts, generator=torch.Generator(), sampling=greedy, max_new_tokens=12
+    )
+    tree = generate(
+        target,
+        prompts,
+        generator=torch.Generator(),
+        drafter=TreeDrafter(draft, TreeShape(branching)),
+        sampling=greedy,
+        max_new_tokens=12,
+    )
+    assert tree.tokens == plain.tokens
+    assert tree.stats.target_passes < plain.stats.target_passes
+    assert 0 < tree.stats.tree_steps <= tree.stats.target_passes
+
+
+def test_tree_drafter_rejects_block_rule():
+    from specsample.drafters.tree import TreeDrafter, TreeShape
+
+    target = ToyLM(8, seed=1)
+    with pytest.raises(ValueError, match="rule: a tree drafter is verified node by node"):
+        generate(
+            target,
+            [[1]],
+            generator=torch.Generator(),
+            drafter=TreeDrafter(ToyLM(8, seed=2), TreeShape((2,))),
+            rule="block",
+        )
+
+
+def test_tree_shape_parsing_and_errors():
+    from specsample.drafters.tree import TreeShape
+
+    assert TreeShape.parse("2x3").branching == (2, 2, 2)
+    assert TreeShape.parse("4,2,1").branching == (4, 2, 1)
+    assert TreeShape.chains(3, 4).branching == (3, 1, 1, 1)
+    assert TreeShape((2, 2)).parents().tolist() == [-1, -1, 0, 0, 1, 1]
+    assert TreeShape((2, 2)).num_nodes == 6
+    with pytest.raises(ValueError, match="tree: expected WIDTHxDEPTH"):
+        TreeShape.parse("wide")
+    with pytest.raises(ValueError, match="branching: expected one or more integers >= 1"):
+        TreeShape((2, 0))
+    with pytest.raises(ValueError, match="at most 256 nodes"):
+        TreeShape.parse("4x5")

@@ -4,19 +4,39 @@ Invariant between steps: the model holds every committed token of a row except t
 "pending" token, which is fed at the start of the next step together with any new tokens. Holding
 it back means one pass yields the distribution after the last committed token and after each new
 token, and a rollback is a truncate to the longest prefix the cache shares with the sequence.
+
+Token trees (multi-draft and tree drafting) stay open in the model until the next step: it then
+keeps the longest path of tree nodes whose tokens the committed sequence continues with. A node's
+keys and values depend only on the tokens before it and its own token, so keeping any matching
+path is exact, whichever node the verification accepted.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from specsample.adapters.protocol import LanguageModel
 
 
+@dataclass
+class _Tree:
+    """The open tree as the cursor's caller numbers it: per row, the model's node id, token and
+    caller parent of each caller node (valid nodes only); the model's ids of the chain of
+    committed-but-uncached tokens fed before the tree (the tail); and its tokens."""
+
+    nodes: list[dict[int, tuple[int, int, int]]]
+    tails: list[list[int]]
+    tail_tokens: list[list[int]]
+    columns: int  # model node ids used so far
+
+
 class ModelCursor:
     def __init__(self, model: LanguageModel):
         self.model = model
         self.cached: list[list[int]] = []  # per row: the tokens the model's cache holds
+        self._tree: _Tree | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -24,6 +44,7 @@ class ModelCursor:
 
     def start(self, prompts: list[list[int]]) -> None:
         """Prefills the prompts and holds back each prompt's last token as pending."""
+        self._tree = None
         self.model.prefill(prompts)
         self.model.truncate(torch.tensor([len(p) - 1 for p in prompts], dtype=torch.int64))
         self.cached = [list(p[:-1]) for p in prompts]
@@ -66,7 +87,104 @@ class ModelCursor:
         rows = [row[:n] for row, n in zip(tokens.tolist(), num_valid.tolist(), strict=True)]
         return self._extend(rows)
 
+    def feed_tree(
+        self,
+        sequences: list[list[int]],
+        active: list[bool],
+        tokens: torch.Tensor,
+        parents: torch.Tensor,
+        valid: torch.Tensor,
+    ) -> torch.Tensor:
+        """Like `feed`, but the new tokens form a tree scored in the same single pass: node j of
+        row b (tokens [batch, n], valid [batch, n]) hangs under node parents[j] ([n]; -1: the
+        last token of sequences[b]). The tree stays open until the next call.
+
+        Returns logits [batch, 1+n, vocab]: [b, 0] follows the last token of sequences[b],
+        [b, 1+j] follows node j (arbitrary for invalid nodes and rows that are not active)."""
+        self._roll_back(sequences, active)
+        batch, n = tokens.shape
+        tails = [
+            seq[len(cached) :] if on else []
+            for seq, cached, on in zip(sequences, self.cached, active, strict=True)
+        ]
+        width = max(len(t) for t in tails) + n
+        model_tokens = torch.zeros(batch, width, dtype=torch.int64)
+        model_parents = torch.full((batch, width), -1, dtype=torch.int64)
+        model_valid = torch.zeros(batch, width, dtype=torch.bool)
+        tree = _Tree([{} for _ in range(batch)], [], [], width)
+        for b, tail in enumerate(tails):
+            t = len(tail)
+            tree.tails.append(list(range(t)))
+            tree.tail_tokens.append(list(tail))
+            if t == 0:
+                continue
+            model_tokens[b, :t] = torch.tensor(tail)
+            model_parents[b, :t] = torch.arange(-1, t - 1)
+            model_valid[b, :t] = True
+            model_tokens[b, t : t + n] = tokens[b]
+            model_parents[b, t : t + n] = torch.where(parents < 0, t - 1, parents + t)
+            model_valid[b, t : t + n] = valid[b]
+            for j in torch.nonzero(valid[b])[:, 0].tolist():
+                tree.nodes[b][j] = (t + j, int(tokens[b, j]), int(parents[j]))
+        logits = self.model.extend_tree(model_tokens, model_parents, model_valid)
+        self._tree = tree
+        starts = torch.tensor([max(len(t) - 1, 0) for t in tails], dtype=torch.int64)
+        positions = (starts[:, None] + torch.arange(1 + n)[None, :]).to(logits.device)
+        return logits.gather(1, positions[:, :, None].expand(-1, -1, logits.shape[2]))
+
+    def grow_tree(
+        self, tokens: torch.Tensor, parents: torch.Tensor, valid: torch.Tensor, first: int
+    ) -> torch.Tensor:
+        """Adds tree nodes first..first+n-1 (caller numbering; tokens/valid [batch, n], parents
+        [n] in caller numbering, -1: the row's last cached token) after a `feed` that left no
+        pending token, or to the tree grown so far. Returns logits [batch, n, vocab]."""
+        batch, n = tokens.shape
+        if self._tree is None:
+            self._tree = _Tree([{} for _ in range(batch)], [[] for _ in range(batch)], [], 0)
+            self._tree.tail_tokens = [[] for _ in range(batch)]
+        tree = self._tree
+        model_parents = torch.full((batch, n), -1, dtype=torch.int64)
+        for b in range(batch):
+            for j in range(n):
+                parent = int(parents[j])
+                if parent >= 0 and bool(valid[b, j]):
+                    model_parents[b, j] = tree.nodes[b][parent][0]
+        logits = self.model.extend_tree(tokens, model_parents, valid)
+        for b in range(batch):
+            for j in torch.nonzero(valid[b])[:, 0].tolist():
+                tree.nodes[b][first + j] = (tree.columns + j, int(tokens[b, j]), int(parents[j]))
+        tree.columns += n
+        return logits
+
+    def _close_tree(self, sequences: list[list[int]]) -> None:
+        """Keeps, per row, the tail and then the longest chain of nodes the sequence continues
+        with (never its last token: that one stays pending)."""
+        tree, self._tree = self._tree, None
+        paths = []
+        for b, seq in enumerate(sequences):
+            path = list(tree.tails[b])
+            tokens = list(tree.tail_tokens[b])
+            at, node = len(self.cached[b]) + len(tokens), -1
+            children: dict[int, list[tuple[int, int, int]]] = {}
+            for j, (model_id, token, parent) in sorted(tree.nodes[b].items()):
+                children.setdefault(parent, []).append((j, model_id, token))
+            while at < len(seq) - 1:
+                match = next((c for c in children.get(node, []) if c[2] == seq[at]), None)
+                if match is None:
+                    break
+                node = match[0]
+                path.append(match[1])
+                tokens.append(match[2])
+                at += 1
+            paths.append(path)
+            self.cached[b].extend(tokens)
+        depth = max(1, max(len(p) for p in paths))
+        padded = [p + [-1] * (depth - len(p)) for p in paths]
+        self.model.commit_path(torch.tensor(padded, dtype=torch.int64))
+
     def _roll_back(self, sequences: list[list[int]], active: list[bool]) -> None:
+        if self._tree is not None:
+            self._close_tree(sequences)
         keep = []
         for seq, cached, on in zip(sequences, self.cached, active, strict=True):
             if not on:  # left alone: its cache may run past its sequence (drafts after an EOS)

@@ -14,10 +14,14 @@ from specsample.decoding.cursor import ModelCursor
 from specsample.decoding.stats import DecodeStats
 from specsample.drafters.base import Draft, Drafter
 from specsample.drafters.length import AdaptiveDraftLength, FixedDraftLength, StepCosts
+from specsample.drafters.tree import TreeDraft, TreeDrafter
 from specsample.verify import RULES, greedy_rule, verify
 from specsample.verify.result import VerifyResult
+from specsample.verify.tree import TreeResult, greedy_tree_rule, verify_tree
 from specsample.warpers import SamplingConfig, logits_to_probs
 
+# A tree is verified node by node (recursive rejection sampling, the token rule's generalisation).
+TREE_RULES = ("token",)
 ACCEPTED, RECOVERED, BONUS = "accepted", "recovered", "bonus"
 # on_tokens(row, tokens, kinds): called as each row's tokens are committed, for streaming.
 TokenCallback = Callable[[int, list[int], list[str]], None]
@@ -58,6 +62,11 @@ def generate(
     _check_generate_args(prompts, max_new_tokens, generator)
     if rule not in RULES:
         raise ValueError(f"rule: expected one of {sorted(RULES)}, got {rule!r}")
+    if isinstance(drafter, TreeDrafter) and rule not in TREE_RULES:
+        raise ValueError(
+            f"rule: a tree drafter is verified node by node (rule='token'); {rule!r} applies to "
+            "one draft chain only"
+        )
     policy = _draft_length_policy(draft_length, drafter)
     sequences = [list(p) for p in prompts]
     batch = len(sequences)
@@ -77,31 +86,38 @@ def generate(
         remaining = torch.tensor([max_new_tokens - len(t) for t in new_tokens])
         limits = torch.minimum(policy.next_lengths(batch), remaining - 1).clamp(min=0)
         limits = torch.where(torch.tensor(active), limits, 0)
-        # 1. draft
+        # 1. draft (a chain or a tree)
         clock = time.perf_counter()
         draft = _propose(drafter, sequences, limits, sampling, generator)
         draft_seconds = time.perf_counter() - clock
-        # 2. score
+        # 2. score the pending tokens and every draft in one target pass
         clock = time.perf_counter()
-        logits = target_cursor.feed(sequences, active, draft.tokens, draft.lengths)
+        if isinstance(draft, TreeDraft):
+            logits = target_cursor.feed_tree(
+                sequences, active, draft.tokens, draft.parents, draft.valid
+            )
+        else:
+            logits = target_cursor.feed(sequences, active, draft.tokens, draft.lengths)
         target_seconds = time.perf_counter() - clock
         # 3. verify
         clock = time.perf_counter()
         result = _verify(draft, logits, sampling, generator, rule)
         stats.verify_seconds += time.perf_counter() - clock
         # 4. commit
+        kinds = _step_kinds(result, draft)
         for b in range(batch):
             if not active[b]:
                 continue
-            emitted = _commit(b, result, draft, new_tokens, sequences, max_new_tokens, eos)
+            emitted = _commit(b, result, new_tokens, sequences, max_new_tokens, eos)
             if emitted and emitted[-1] in eos:
                 done[b] = by_eos[b] = True
             done[b] = done[b] or len(new_tokens[b]) >= max_new_tokens
             done[b] = done[b] or (stop_when is not None and stop_when(b, new_tokens[b]))
             if on_tokens is not None and emitted:
-                on_tokens(b, emitted, _kinds(len(emitted), result, draft, b))
+                on_tokens(b, emitted, kinds[b][: len(emitted)])
         _record(stats, costs, draft, result, active, draft_seconds, target_seconds, drafter)
-        policy.update(draft.lengths, result.num_accepted, costs)
+        if not isinstance(draft, TreeDraft):
+            policy.update(draft.lengths, result.num_accepted, costs)
     stats.new_tokens = sum(len(t) for t in new_tokens)
     stats.total_seconds = time.perf_counter() - started
     if costs.target(1) is not None and 1 in costs.target_pass:
@@ -109,21 +125,25 @@ def generate(
     return Generation(new_tokens, by_eos, stats)
 
 
-def _propose(drafter, sequences, limits, sampling, generator) -> Draft:
+def _propose(drafter, sequences, limits, sampling, generator) -> Draft | TreeDraft:
     if drafter is None or int(limits.max()) == 0:
         return Draft.empty(len(sequences))
+    if isinstance(drafter, TreeDrafter):
+        return drafter.propose_tree(sequences, limits, sampling, generator)
     return drafter.propose(sequences, limits, sampling, generator)
 
 
 def _verify(
-    draft: Draft,
+    draft: Draft | TreeDraft,
     logits: torch.Tensor,
     sampling: SamplingConfig,
     generator: torch.Generator,
     rule: str,
-) -> VerifyResult:
+) -> VerifyResult | TreeResult:
     """logits [batch, k+1, target vocab] -> the verified step. Probabilities of a drafter with a
     different vocabulary size are padded with zeros (ids a model lacks have probability 0)."""
+    if isinstance(draft, TreeDraft):
+        return _verify_tree(draft, logits, sampling, generator, rule)
     k = draft.tokens.shape[1]
     logits = logits[:, : k + 1].float()
     if sampling.greedy:
@@ -148,12 +168,44 @@ def _verify(
     return VerifyResult(result.tokens.cpu(), result.num_accepted.cpu(), result.rule_used)
 
 
+def _verify_tree(
+    draft: TreeDraft,
+    logits: torch.Tensor,
+    sampling: SamplingConfig,
+    generator: torch.Generator,
+    rule: str,
+) -> TreeResult:
+    """logits [batch, n+1, target vocab] (root, then each node) -> recursive rejection sampling
+    over the tree (or the greedy walk at temperature 0)."""
+    logits = logits.float()
+    if sampling.greedy:
+        target_tokens = logits.argmax(dim=-1).cpu()
+        return greedy_tree_rule(draft.tokens, draft.parents, target_tokens, draft.valid)
+    target_probs = logits_to_probs(logits, sampling)
+    draft_probs = draft.probs
+    if draft_probs is not None:
+        vocab = max(target_probs.shape[-1], draft_probs.shape[-1])
+        target_probs = _pad_vocab(target_probs, vocab)
+        draft_probs = _pad_vocab(draft_probs.to(target_probs.device), vocab)
+    device = target_probs.device
+    result = verify_tree(
+        draft.tokens.to(device),
+        draft.parents.to(device),
+        draft_probs,
+        target_probs,
+        generator=generator,
+        node_valid=draft.valid.to(device),
+        validate=False,
+    )
+    return TreeResult(result.tokens.cpu(), result.num_accepted.cpu(), result.path.cpu())
+
+
 def _pad_vocab(probs: torch.Tensor, vocab: int) -> torch.Tensor:
     missing = vocab - probs.shape[-1]
     return probs if missing == 0 else torch.nn.functional.pad(probs, (0, missing))
 
 
-def _commit(b, result, draft, new_tokens, sequences, max_new_tokens, eos) -> list[int]:
+def _commit(b, result, new_tokens, sequences, max_new_tokens, eos) -> list[int]:
     """Appends row b's emitted tokens, cut after an EOS and at max_new_tokens."""
     count = int(result.num_accepted[b]) + 1
     emitted = result.tokens[b, :count].tolist()
@@ -167,29 +219,56 @@ def _commit(b, result, draft, new_tokens, sequences, max_new_tokens, eos) -> lis
     return emitted
 
 
-def _kinds(count: int, result: VerifyResult, draft: Draft, b: int) -> list[str]:
-    accepted = int(result.num_accepted[b])
-    last = BONUS if accepted == int(draft.lengths[b]) else RECOVERED
-    return ([ACCEPTED] * accepted + [last])[:count]
+def _step_kinds(result: VerifyResult | TreeResult, draft: Draft | TreeDraft) -> list[list[str]]:
+    """Per row: accepted for each kept draft, then bonus (the drafts ran out: a whole chain, or
+    a tree node without children, was accepted) or recovered (drawn after a rejection)."""
+    accepted = result.num_accepted.tolist()
+    if isinstance(draft, TreeDraft):
+        has_children = draft.has_children()  # [batch, n+1]
+        last_node = torch.where(
+            result.num_accepted > 0,
+            result.path.gather(1, (result.num_accepted - 1).clamp(min=0)[:, None])[:, 0] + 1,
+            0,
+        )
+        ran_out = ~has_children.gather(1, last_node[:, None])[:, 0]
+    else:
+        ran_out = result.num_accepted == draft.lengths
+    return [
+        [ACCEPTED] * a + [BONUS if bool(out) else RECOVERED]
+        for a, out in zip(accepted, ran_out, strict=True)
+    ]
 
 
 def _record(stats, costs, draft, result, active, draft_seconds, target_seconds, drafter) -> None:
     rows = torch.tensor(active)
-    lengths, accepted = draft.lengths[rows], result.num_accepted[rows]
-    k = draft.tokens.shape[1]
+    accepted = result.num_accepted[rows]
+    if isinstance(draft, TreeDraft):
+        # A tree "drafts at depth i" for a row whose accepted path reached a node with children
+        # there; alpha is then the chance that one of those children is accepted.
+        stats.tree_steps += 1
+        drafted = int(draft.valid[rows].sum())
+        tested_depth = _tree_tested_depth(draft, result)[rows]  # [rows]: depths with children
+        k = draft.depth()
+        width = int(draft.valid.sum(dim=1).max()) if draft.valid.numel() else 0
+    else:
+        lengths = draft.lengths[rows]
+        drafted = int(lengths.sum())
+        tested_depth = lengths
+        k = draft.tokens.shape[1]
+        width = k
     stats.target_passes += 1
     stats.row_steps += int(rows.sum())
-    stats.drafted += int(lengths.sum())
+    stats.drafted += drafted
     stats.accepted += int(accepted.sum())
-    stats.keep_tests += int(accepted.sum() + (accepted < lengths).sum())
-    stats.drafted_row_steps += int((lengths > 0).sum())
-    stats.empty_steps += int(((lengths > 0) & (accepted == 0)).sum())
+    stats.keep_tests += int(accepted.sum() + (accepted < tested_depth).sum())
+    stats.drafted_row_steps += int((tested_depth > 0).sum())
+    stats.empty_steps += int(((tested_depth > 0) & (accepted == 0)).sum())
     while len(stats.drafted_by_position) < k:
         stats.drafted_by_position.append(0)
         stats.accepted_by_position.append(0)
     for i in range(k):
         # position i was tested when the row drafted past i and kept everything before it
-        tested = (lengths > i) & (accepted >= i)
+        tested = (tested_depth > i) & (accepted >= i)
         stats.drafted_by_position[i] += int(tested.sum())
         stats.accepted_by_position[i] += int((tested & (accepted > i)).sum())
     passes_before = stats.draft_passes
@@ -200,12 +279,27 @@ def _record(stats, costs, draft, result, active, draft_seconds, target_seconds, 
     if new_passes:
         for _ in range(new_passes):
             costs.draft_step.add(draft_seconds / new_passes)
-    costs.add_target_pass(k + 1, target_seconds)
+    costs.add_target_pass(width + 1, target_seconds)
+
+
+def _tree_tested_depth(draft: TreeDraft, result: TreeResult) -> torch.Tensor:
+    """int64 [batch]: how deep the tree was tested along the accepted path: the number of
+    accepted nodes, plus one when the last of them (or the root) still had valid children."""
+    has_children = draft.has_children()
+    last_node = torch.where(
+        result.num_accepted > 0,
+        result.path.gather(1, (result.num_accepted - 1).clamp(min=0)[:, None])[:, 0] + 1,
+        0,
+    )
+    more = has_children.gather(1, last_node[:, None])[:, 0]
+    return result.num_accepted + more.long()
 
 
 def _draft_length_policy(draft_length, drafter):
     if drafter is None:
         return FixedDraftLength(0)
+    if isinstance(drafter, TreeDrafter):
+        return FixedDraftLength(drafter.shape.depth)
     if isinstance(draft_length, int) and not isinstance(draft_length, bool):
         if draft_length < 0:
             raise ValueError(f"draft_length: expected an integer >= 0, got {draft_length!r}")

@@ -25,6 +25,7 @@ class DecodeStats:
     verify_seconds: float = 0.0
     total_seconds: float = 0.0
     target_single_pass_seconds: float | None = None  # measured 1-token target pass, if known
+    tree_steps: int = 0  # target passes that verified a token tree
 
     @property
     def alpha(self) -> float:
@@ -77,6 +78,11 @@ class DecodeStats:
         verify = 1.0
         if self.target_single_pass_seconds:
             verify = (self.target_seconds / self.target_passes) / self.target_single_pass_seconds
+        if self.tree_steps:
+            # Trees: the chain formula does not apply; use the measured tokens per pass over
+            # the measured cost of one step (its draft passes and one target pass).
+            draft_passes_per_step = self.draft_passes / self.target_passes
+            return self.tokens_per_pass / (draft_passes_per_step * c + verify)
         return expected_speedup(min(self.alpha, 1.0), k, c, lambda _: verify)
 
     def summary(self) -> dict[str, object]:
