@@ -130,7 +130,13 @@ def pooled(stats: Sequence[DecodeStats]) -> DecodeStats:
             out.target_single_pass_seconds = statistics.mean(known) if known else None
             continue
         values = [getattr(s, f.name) for s in stats]
-        if isinstance(values[0], list):
+        if isinstance(values[0], dict):
+            merged: dict = {}
+            for value in values:
+                for key, count in value.items():
+                    merged[key] = merged.get(key, 0) + count
+            setattr(out, f.name, merged)
+        elif isinstance(values[0], list):
             width = max(len(v) for v in values)
             setattr(out, f.name, [sum(v[i] for v in values if i < len(v)) for i in range(width)])
         else:

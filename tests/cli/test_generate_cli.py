@@ -75,13 +75,61 @@ def test_generate_json_reports_texts_and_statistics(tiny_pair, capsys):
     assert stats["target_passes"] >= 1
 
 
-@pytest.mark.parametrize("drafter", ["model", "ngram"])
-def test_greedy_output_is_the_same_with_and_without_a_drafter(tiny_pair, capsys, drafter):
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--drafter", "model", "--k", "4"],
+        ["--drafter", "ngram", "--k", "4"],
+        ["--drafter", "model", "--k", "4", "--rule", "block"],
+        ["--drafter", "model", "--k", "3", "--drafts", "3"],
+        ["--drafter", "model", "--tree", "2x2"],
+        ["--drafter", "model", "--tree", "3,1,1", "--tree-children", "iid"],
+    ],
+)
+def test_greedy_output_is_the_same_with_and_without_a_drafter(tiny_pair, capsys, options):
     target, draft = tiny_pair
     common = ["def reverse(head):", "--target", target, "--temperature", "0"]
     baseline = run_json(capsys, *common, "--drafter", "none")
-    speculative = run_json(capsys, *common, "--draft", draft, "--drafter", drafter, "--k", "4")
+    speculative = run_json(capsys, *common, "--draft", draft, *options)
     assert speculative["texts"] == baseline["texts"]
+
+
+@pytest.mark.parametrize(
+    ("options", "rule"),
+    [
+        (["--tree", "2,1"], "tree"),
+        (["--drafts", "2", "--tree-children", "top"], "tree"),
+        (["--rule", "block"], "block"),
+        (["--rule", "typical"], "typical"),
+    ],
+)
+def test_every_rule_is_selectable_and_reported(tiny_pair, capsys, options, rule):
+    target, draft = tiny_pair
+    result = run_json(capsys, "def f", "--target", target, "--draft", draft, "--k", "2", *options)
+    assert rule in result["stats"]["rules_used"]
+    assert result["stats"]["new_tokens"] >= 1
+
+
+def test_typical_rule_says_it_is_lossy(tiny_pair, capsys):
+    target, draft = tiny_pair
+    code = main(
+        [
+            "generate",
+            "hi",
+            "--target",
+            target,
+            "--draft",
+            draft,
+            "--rule",
+            "typical",
+            "--max-new-tokens",
+            "3",
+            "--dtype",
+            "float32",
+        ]
+    )
+    assert code == 0
+    assert "LOSSY" in capsys.readouterr().err
 
 
 def test_batch_file_generates_every_line(tiny_pair, capsys, tmp_path):
@@ -110,6 +158,11 @@ def test_tokenizer_mismatch_is_an_error_before_generation(tiny_pair, capsys, tmp
         (["--temperature", "-0.5"], "--temperature"),
         (["--top-p", "0"], "--top-p"),
         (["--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--tree", "wide"], "--tree: expected WIDTHxDEPTH"),
+        (["--tree", "2,0"], "--tree"),
+        (["--drafts", "0"], "--drafts: expected an integer >= 1"),
+        (["--drafts", "2", "--drafter", "ngram"], "--drafts: expected --drafter model"),
+        (["--tree", "2x2", "--rule", "block"], "--tree: trees are verified node by node"),
     ],
 )
 def test_bad_options_exit_2_naming_the_option(tiny_pair, capsys, args, named):

@@ -90,6 +90,13 @@ def _check_supported(model: Any) -> None:
         )
 
 
+def _output_rows(model: torch.nn.Module) -> int:
+    """Rows of the output head (a dynamically quantised head exposes weight() as a method)."""
+    head = model.get_output_embeddings()
+    weight = head.weight() if callable(head.weight) else head.weight
+    return int(weight.shape[0])
+
+
 def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -139,7 +146,7 @@ class HFCausalLM:
             model = model.to(device)
         self.model = model.eval()
         self.device = _model_device(model)
-        head_rows = int(model.get_output_embeddings().weight.shape[0])
+        head_rows = _output_rows(model)
         if vocab_size is None:
             vocab_size = head_rows
         if not 1 <= vocab_size <= head_rows:

@@ -12,6 +12,7 @@ compares with the target at every prefix.
 from __future__ import annotations
 
 import itertools
+import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -244,3 +245,266 @@ def _drafted_from(draft: PrefixModel, drafts: tuple[int, ...], i: int, point_mas
     if not point_mass:
         return q
     return torch.zeros_like(q).scatter_(0, torch.tensor([drafts[i]]), 1.0)
+
+
+# Trees (ALGORITHMS.md section 3).
+
+TREE_MODES = ("iid", "without_replacement", "top")
+# Uniforms given to the nodes a walk does not reach: one copy of every outcome with each. A rule
+# that reads them (0 would keep almost any node, this never does) emits differently between the
+# two copies, which `exact_tree_rule_distribution` reports as an error.
+_UNREACHED_UNIFORMS = (0.0, 1.0 - 2.0**-53)
+
+
+@dataclass
+class _TreeDraft:
+    """One assignment of tokens to the nodes of a tree, with its probability under the drafter."""
+
+    tokens: list[int]
+    valid: list[bool]
+    drawn_from: list[torch.Tensor]  # q_j given the earlier siblings, one-hot for "top" [vocab]
+    parent_draft: list[torch.Tensor]  # q at the parent's prefix [vocab]
+    weight: float
+
+
+def exact_tree_rule_distribution(
+    rule: Callable[..., object],
+    target: PrefixModel,
+    draft: PrefixModel,
+    *,
+    parents: torch.Tensor | list[int],
+    mode: str,
+    passed_probs: str = "drawn",
+) -> dict[tuple[int, ...], float]:
+    """The exact distribution of the tokens one step of a tree `rule` emits.
+
+    rule:    a function with the signature of `specsample.verify.tree.tree_rule`.
+    target, draft: prefix -> p(. | prefix) and q(. | prefix); the children of a node are drawn
+             from q at the node's prefix (the tokens on the path from the root to it).
+    parents: the tree (tree_parents / chain_parents); siblings are drawn in index order.
+    mode:    how the children of one node are drawn: "iid", "without_replacement" (children
+             the remaining mass cannot make are invalid) or "top" (the most probable tokens,
+             lowest id on ties; children with q = 0 are invalid).
+    passed_probs: what the rule is given as draft_probs: "drawn" (the rows the children were
+             drawn from; None for "top") or "parent_draft" (q at the parent's prefix for every
+             child: right for "iid" only; a negative control for the other modes).
+
+    Every token assignment is enumerated with its probability. The randomness is split into the
+    pieces on which the walk is constant, computed here independently in float64 from the rows
+    the rule is given: each tested node keeps (u < min(1, r(c)/q(c))) or not; the final uniform
+    is split at the cumulative sums of both the final distribution r and the target p at the
+    final node (so a rule drawing from either is constant on each piece). The rule runs once on
+    the whole batch, with the midpoint of every piece; nodes the walk does not reach get, in two
+    copies of every outcome, uniforms 0 and 1 - 2^-53, and the two copies must emit the same.
+    Returns {emitted token tuple: probability}.
+    """
+    if mode not in TREE_MODES:
+        raise ValueError(f"mode: expected one of {TREE_MODES}, got {mode!r}")
+    if passed_probs not in ("drawn", "parent_draft"):
+        raise ValueError(f"passed_probs: expected 'drawn' or 'parent_draft', got {passed_probs!r}")
+    parent_list = [int(p) for p in (parents.tolist() if torch.is_tensor(parents) else parents)]
+    vocab = int(target(()).shape[0])
+    drafts = list(_tree_drafts(draft, parent_list, vocab, mode))
+    outcomes = _tree_outcomes(target, parent_list, drafts, passed_probs, vocab)
+    one_hot = mode == "top" and passed_probs == "drawn"
+    low, high = _run_twice(rule, parent_list, outcomes, one_hot)
+    if not torch.equal(low, high):
+        raise AssertionError(
+            "rule: the emitted tokens depend on the uniform of a node the walk does not reach"
+        )
+    distribution: dict[tuple[int, ...], float] = defaultdict(float)
+    for row, weight in zip(low.tolist(), outcomes.weights, strict=True):
+        distribution[tuple(t for t in row if t != PAD)] += weight
+    return dict(distribution)
+
+
+@dataclass
+class _TreeOutcomes:
+    """Per token assignment: its rows; per outcome (assignment, piece of the randomness): the
+    assignment's index, the uniforms (NaN where the walk does not reach) and the weight."""
+
+    tokens: torch.Tensor  # int64 [assignments, n]
+    valid: torch.Tensor  # bool [assignments, n]
+    passed: torch.Tensor  # float64 [assignments, n, vocab]
+    target: torch.Tensor  # float64 [assignments, n+1, vocab]
+    which: torch.Tensor  # int64 [outcomes]
+    accept_uniforms: torch.Tensor  # float64 [outcomes, n]
+    sample_uniforms: torch.Tensor  # float64 [outcomes]
+    weights: list[float]
+
+
+def _tree_outcomes(target, parents, drafts, passed_probs, vocab) -> _TreeOutcomes:
+    n = len(parents)
+    passed_rows, target_rows = [], []
+    which, accept_rows, sample_uniforms, weights = [], [], [], []
+    for index, tree in enumerate(drafts):
+        passed = tree.drawn_from if passed_probs == "drawn" else tree.parent_draft
+        targets = _tree_target_rows(target, parents, tree)
+        passed_rows.append(torch.stack(passed) if n else torch.zeros(0, vocab))
+        target_rows.append(torch.stack(targets))
+        for uniforms, final_pieces, weight in _TreeWalk(parents, tree, passed, targets).outcomes():
+            row = [uniforms.get(j, float("nan")) for j in range(n)]
+            for sample_uniform, piece in final_pieces:
+                which.append(index)
+                accept_rows.append(row)
+                sample_uniforms.append(sample_uniform)
+                weights.append(tree.weight * weight * piece)
+    return _TreeOutcomes(
+        torch.tensor([tree.tokens for tree in drafts], dtype=torch.int64).reshape(len(drafts), n),
+        torch.tensor([tree.valid for tree in drafts], dtype=torch.bool).reshape(len(drafts), n),
+        torch.stack(passed_rows),
+        torch.stack(target_rows),
+        torch.tensor(which, dtype=torch.int64),
+        torch.tensor(accept_rows, dtype=torch.float64).reshape(len(which), n),
+        torch.tensor(sample_uniforms, dtype=torch.float64),
+        weights,
+    )
+
+
+def _run_twice(rule, parents, outcomes: _TreeOutcomes, one_hot: bool):
+    """The rule's tokens on every outcome, with the unreached nodes' uniforms at each of
+    _UNREACHED_UNIFORMS: (tokens of the first copy, tokens of the second)."""
+    which = outcomes.which
+    accept = outcomes.accept_uniforms
+    copies = [torch.where(accept.isnan(), value, accept) for value in _UNREACHED_UNIFORMS]
+    result = rule(
+        outcomes.tokens[which].repeat(2, 1),
+        torch.tensor(parents, dtype=torch.int64),
+        None if one_hot else outcomes.passed[which].repeat(2, 1, 1),
+        outcomes.target[which].repeat(2, 1, 1),
+        outcomes.valid[which].repeat(2, 1),
+        torch.cat(copies),
+        outcomes.sample_uniforms.repeat(2),
+    )
+    return result.tokens.chunk(2)
+
+
+def _node_prefix(parents: list[int], tokens: list[int], node: int) -> tuple[int, ...]:
+    """The tokens on the path from the root down to `node` (-1: the root, ())."""
+    path: list[int] = []
+    while node >= 0:
+        path.append(tokens[node])
+        node = parents[node]
+    return tuple(reversed(path))
+
+
+def _tree_drafts(draft: PrefixModel, parents: list[int], vocab: int, mode: str):
+    """Every token assignment of the tree with positive probability, node by node in index
+    order; a node's distribution depends on its prefix and its earlier siblings."""
+    n = len(parents)
+    nothing = torch.zeros(vocab, dtype=torch.float64)
+
+    def extend(tree: _TreeDraft):
+        j = len(tree.tokens)
+        if j == n:
+            yield tree
+            return
+        parent = parents[j]
+        if parent >= 0 and not tree.valid[parent]:
+            yield from extend(_with_node(tree, 0, False, nothing, nothing, 1.0))
+            return
+        q = draft(_node_prefix(parents, tree.tokens, parent)).to(torch.float64)
+        earlier = [i for i in range(j) if parents[i] == parent]
+        for token, drawn_from, probability in _child_choices(q, tree, earlier, mode):
+            valid = drawn_from is not None
+            row = drawn_from if valid else nothing
+            yield from extend(_with_node(tree, token, valid, row, q, probability))
+
+    yield from extend(_TreeDraft([], [], [], [], 1.0))
+
+
+def _child_choices(q: torch.Tensor, tree: _TreeDraft, earlier: list[int], mode: str):
+    """(token, the row it was drawn from or None when the child is invalid, probability) for
+    each possible next sibling."""
+    vocab = q.shape[0]
+    if mode == "iid":
+        for token in torch.nonzero(q > 0)[:, 0].tolist():
+            yield token, q, float(q[token])
+        return
+    if mode == "top":
+        rank = len(earlier)
+        order = sorted(range(vocab), key=lambda v: (-float(q[v]), v))
+        token = order[rank] if rank < vocab else 0
+        if rank < vocab and float(q[token]) > 0:
+            yield token, torch.zeros_like(q).index_fill_(0, torch.tensor([token]), 1.0), 1.0
+        else:
+            yield 0, None, 1.0
+        return
+    remaining = q.clone()
+    for i in earlier:
+        if tree.valid[i]:
+            remaining[tree.tokens[i]] = 0.0
+    mass = float(remaining.sum())
+    if mass <= 0:
+        yield 0, None, 1.0
+        return
+    drawn_from = remaining / mass
+    for token in torch.nonzero(drawn_from > 0)[:, 0].tolist():
+        yield token, drawn_from, float(drawn_from[token])
+
+
+def _with_node(tree, token, valid, drawn_from, parent_draft, probability) -> _TreeDraft:
+    return _TreeDraft(
+        tree.tokens + [token],
+        tree.valid + [valid],
+        tree.drawn_from + [drawn_from],
+        tree.parent_draft + [parent_draft],
+        tree.weight * probability,
+    )
+
+
+def _tree_target_rows(target: PrefixModel, parents: list[int], tree: _TreeDraft):
+    """[n+1] rows: p at the root, then p after each node (p at the root for invalid nodes,
+    which the rule never reads)."""
+    root = target(()).to(torch.float64)
+    rows = [root]
+    for j, valid in enumerate(tree.valid):
+        after = _node_prefix(parents, tree.tokens, j)
+        rows.append(target(after).to(torch.float64) if valid else root)
+    return rows
+
+
+class _TreeWalk:
+    """The walk of ALGORITHMS.md section 3 on one token assignment, split into its pieces."""
+
+    def __init__(self, parents, tree: _TreeDraft, passed, targets):
+        self.tree = tree
+        self.passed = passed
+        self.targets = targets
+        self.children = {node: [] for node in range(-1, len(parents))}
+        for j, parent in enumerate(parents):
+            if tree.valid[j]:
+                self.children[parent].append(j)
+
+    def outcomes(self):
+        """(uniforms of the tested nodes {node: u}, final pieces [(u, length)], probability)."""
+        yield from self._from(-1, self.targets[0], 0, {}, 1.0)
+
+    def _from(self, node, r, sibling, uniforms, weight):
+        children = self.children[node]
+        if sibling == len(children):
+            yield uniforms, _final_pieces(r, self.targets[node + 1]), weight
+            return
+        j = children[sibling]
+        token = self.tree.tokens[j]
+        q = self.passed[j]
+        if float(q[token]) > 0:
+            keep = min(1.0, float(r[token]) / float(q[token]))
+        else:  # u * 0 < r(c): kept whenever r(c) > 0
+            keep = 1.0 if float(r[token]) > 0 else 0.0
+        if keep > 0:
+            kept = {**uniforms, j: keep / 2}
+            yield from self._from(j, self.targets[j + 1], 0, kept, weight * keep)
+        if keep < 1:
+            rejected = {**uniforms, j: (1 + keep) / 2}
+            yield from self._from(node, residual(r, q), sibling + 1, rejected, weight * (1 - keep))
+
+
+def _final_pieces(r: torch.Tensor, p: torch.Tensor) -> list[tuple[float, float]]:
+    """(midpoint, length) of the pieces of [0, 1) cut at the cumulative sums of r and of p."""
+    cuts = {0.0, 1.0}
+    for weights in (r.tolist(), p.tolist()):
+        total = math.fsum(weights)
+        cuts.update(min(1.0, cut / total) for cut in itertools.accumulate(weights))
+    ordered = sorted(cuts)
+    return [((a + b) / 2, b - a) for a, b in itertools.pairwise(ordered) if b > a]

@@ -58,10 +58,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-k", type=int, default=8, help="largest draft length for --k auto")
     parser.add_argument(
         "--rule",
-        choices=["token", "block"],
+        choices=["token", "block", "typical"],
         default="token",
-        help="verification rule: token (token by token) or block (block verification: the "
-        "optimal rule for one draft chain, never fewer accepted tokens); both exact",
+        help="verification rule: token (token by token; with --drafts/--tree: node by node, "
+        "recursive rejection sampling) or block (block verification: the optimal rule for one "
+        "draft chain, never fewer accepted tokens); both exact. typical is LOSSY (Medusa's "
+        "typical acceptance: the output is NOT distributed as the target), for comparison only",
+    )
+    shape = parser.add_mutually_exclusive_group()
+    shape.add_argument(
+        "--drafts",
+        type=int,
+        metavar="M",
+        help="multi-draft: M candidate chains per step (each --k tokens long, 4 with --k "
+        "auto), scored in one target pass and verified exactly; needs --drafter model",
+    )
+    shape.add_argument(
+        "--tree",
+        metavar="SHAPE",
+        help="tree drafting: WIDTHxDEPTH (a full tree, e.g. 2x3) or children per depth (e.g. "
+        "4,2,1), scored in one target pass and verified exactly; needs --drafter model",
+    )
+    parser.add_argument(
+        "--tree-children",
+        choices=["without-replacement", "iid", "top"],
+        default="without-replacement",
+        help="how --drafts/--tree draw a node's children from the draft: without replacement "
+        "(default, distinct tokens), iid (independent draws) or top (the most probable tokens); "
+        "all exact",
     )
     parser.add_argument(
         "--draft-confidence",
@@ -126,10 +150,14 @@ def run(args: argparse.Namespace) -> int:
     from specsample.drafters.length import AdaptiveDraftLength
     from specsample.drafters.model import ModelDrafter
     from specsample.drafters.ngram import NgramDrafter
+    from specsample.drafters.tree import TreeDrafter
 
     prompts = _prompts(args)
     sampling = _sampling(args)
     draft_length = _draft_length(args, AdaptiveDraftLength)
+    tree_shape = _tree_shape(args)
+    if args.rule == "typical":
+        _note(args, "note: --rule typical is LOSSY: the output is NOT distributed as the target")
     if not 0 <= args.draft_confidence < 1:
         raise argparse.ArgumentTypeError(
             f"--draft-confidence: expected a number in [0, 1), got {args.draft_confidence}"
@@ -164,6 +192,9 @@ def run(args: argparse.Namespace) -> int:
         "ngram": NgramDrafter,
         "none": lambda: None,
     }[args.drafter]()
+    if tree_shape is not None:
+        children = args.tree_children.replace("-", "_")
+        drafter = TreeDrafter(pair.draft, tree_shape, children=children)
     token_prompts = [
         encode_prompt(pair.tokenizer, p, chat_template=not args.no_chat_template) for p in prompts
     ]
@@ -261,6 +292,36 @@ def _draft_length(args: argparse.Namespace, adaptive):
     return k
 
 
+def _tree_shape(args: argparse.Namespace):
+    """The TreeShape of --drafts / --tree, or None."""
+    from specsample.drafters.tree import TreeShape
+
+    if args.drafts is None and args.tree is None:
+        return None
+    option = "--drafts" if args.drafts is not None else "--tree"
+    if args.drafter != "model":
+        raise argparse.ArgumentTypeError(
+            f"{option}: expected --drafter model (trees are drafted by a model), got "
+            f"--drafter {args.drafter}"
+        )
+    if args.rule != "token":
+        raise argparse.ArgumentTypeError(
+            f"{option}: trees are verified node by node (--rule token), got --rule {args.rule}"
+        )
+    try:
+        if args.tree is not None:
+            return TreeShape.parse(args.tree)
+        if args.drafts < 1:
+            raise ValueError(f"expected an integer >= 1, got {args.drafts}")
+        depth = 4 if args.k == "auto" else int(args.k)
+        if depth < 1:
+            raise ValueError(f"needs --k >= 1 (the chain length), got --k {args.k}")
+        return TreeShape.chains(args.drafts, depth)
+    except ValueError as error:
+        message = str(error).removeprefix("tree: ")
+        raise argparse.ArgumentTypeError(f"{option}: {message}") from None
+
+
 def _note(args: argparse.Namespace, message: str) -> None:
     if not args.json:
         print(message, file=sys.stderr)
@@ -284,6 +345,8 @@ def _print_stats(summary: dict) -> None:
         f"  time split            prefill {seconds['prefill']:.2f} s, draft {seconds['draft']:.2f} "
         f"s, target {seconds['target']:.2f} "
         f"s, verify {seconds['verify']:.2f} s, rest {seconds['rest']:.2f} s",
-        f"  predicted speedup     {summary['predicted_speedup']}  (theory, from alpha, k and c)",
+        f"  predicted speedup     {summary['predicted_speedup']}  (theory, from alpha, k and c;"
+        " trees: from tokens per pass and c)",
+        f"  rules used            {summary['rules_used']}",
     ]
     print("\n".join(lines), file=sys.stderr)

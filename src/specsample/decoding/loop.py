@@ -15,13 +15,16 @@ from specsample.decoding.stats import DecodeStats
 from specsample.drafters.base import Draft, Drafter
 from specsample.drafters.length import AdaptiveDraftLength, FixedDraftLength, StepCosts
 from specsample.drafters.tree import TreeDraft, TreeDrafter
-from specsample.verify import RULES, greedy_rule, verify
+from specsample.lossy import typical_rule
+from specsample.verify import RULES, draw_uniforms, greedy_rule, verify
 from specsample.verify.result import VerifyResult
 from specsample.verify.tree import TreeResult, greedy_tree_rule, verify_tree
 from specsample.warpers import SamplingConfig, logits_to_probs
 
 # A tree is verified node by node (recursive rejection sampling, the token rule's generalisation).
 TREE_RULES = ("token",)
+# LOSSY: the output is NOT distributed as the target; selectable only by name, for comparison.
+LOSSY_RULES = {"typical": typical_rule}
 ACCEPTED, RECOVERED, BONUS = "accepted", "recovered", "bonus"
 # on_tokens(row, tokens, kinds): called as each row's tokens are committed, for streaming.
 TokenCallback = Callable[[int, list[int], list[str]], None]
@@ -53,6 +56,11 @@ def generate(
     """Samples up to max_new_tokens tokens after each prompt, exactly as the target would
     (speculatively when a drafter is given).
 
+    drafter: a chain drafter (ModelDrafter, NgramDrafter) or a TreeDrafter (multi-draft and
+    trees: the whole tree is scored in one target pass and verified node by node).
+    rule: "token" or "block" (exact, see specsample.verify); "typical" is LOSSY (Medusa's typical
+    acceptance; its output is not distributed as the target), for comparison only.
+
     1. draft up to k tokens per row (never past max_new_tokens),
     2. score the pending token and the drafts with the target in one pass,
     3. verify: keep a prefix of the drafts, add one recovered or bonus token,
@@ -60,8 +68,11 @@ def generate(
     """
     sampling = sampling or SamplingConfig()
     _check_generate_args(prompts, max_new_tokens, generator)
-    if rule not in RULES:
-        raise ValueError(f"rule: expected one of {sorted(RULES)}, got {rule!r}")
+    if rule not in RULES and rule not in LOSSY_RULES:
+        raise ValueError(
+            f"rule: expected one of {sorted(RULES)} (exact) or {sorted(LOSSY_RULES)} (lossy), "
+            f"got {rule!r}"
+        )
     if isinstance(drafter, TreeDrafter) and rule not in TREE_RULES:
         raise ValueError(
             f"rule: a tree drafter is verified node by node (rule='token'); {rule!r} applies to "
@@ -156,6 +167,18 @@ def _verify(
         target_probs = _pad_vocab(target_probs, vocab)
         draft_probs = _pad_vocab(draft_probs.to(target_probs.device), vocab)
     device = target_probs.device
+    if rule in LOSSY_RULES:
+        batch, k = draft.tokens.shape
+        accept, sample = draw_uniforms(batch, k, generator, device)
+        result = LOSSY_RULES[rule](
+            draft.tokens.to(device),
+            draft_probs,
+            target_probs,
+            draft.lengths.to(device),
+            accept,
+            sample,
+        )
+        return VerifyResult(result.tokens.cpu(), result.num_accepted.cpu(), result.rule_used)
     result = verify(
         draft.tokens.to(device),
         draft_probs,
@@ -257,6 +280,7 @@ def _record(stats, costs, draft, result, active, draft_seconds, target_seconds, 
         k = draft.tokens.shape[1]
         width = k
     stats.target_passes += 1
+    stats.rules_used[result.rule_used] = stats.rules_used.get(result.rule_used, 0) + 1
     stats.row_steps += int(rows.sum())
     stats.drafted += drafted
     stats.accepted += int(accepted.sum())

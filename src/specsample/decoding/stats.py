@@ -26,6 +26,7 @@ class DecodeStats:
     total_seconds: float = 0.0
     target_single_pass_seconds: float | None = None  # measured 1-token target pass, if known
     tree_steps: int = 0  # target passes that verified a token tree
+    rules_used: dict[str, int] = field(default_factory=dict)  # rule name -> target passes
 
     @property
     def alpha(self) -> float:
@@ -88,6 +89,7 @@ class DecodeStats:
     def summary(self) -> dict[str, object]:
         predicted = self.predicted_speedup()
         return {
+            "rules_used": dict(self.rules_used),
             "new_tokens": self.new_tokens,
             "target_passes": self.target_passes,
             "draft_passes": self.draft_passes,

@@ -19,6 +19,7 @@ import torch
 from specsample.adapters.protocol import LanguageModel, TreeLanguageModel
 from specsample.decoding.cursor import ModelCursor
 from specsample.drafters.children import draw_children
+from specsample.verify.tree import node_depths, tree_parents
 from specsample.warpers import SamplingConfig, logits_to_probs
 
 CHILD_MODES = ("iid", "without_replacement", "top")
@@ -85,24 +86,9 @@ class TreeShape:
         return sum(self.level_sizes)
 
     def parents(self) -> torch.Tensor:
-        """int64 [num_nodes]: each node's parent id (-1 for the root's children)."""
-        parents: list[int] = []
-        previous = [-1]
-        for b in self.branching:
-            level = [parent for parent in previous for _ in range(b)]
-            start = len(parents)
-            parents.extend(level)
-            previous = list(range(start, start + len(level)))
-        return torch.tensor(parents, dtype=torch.int64)
-
-    def depths(self) -> torch.Tensor:
-        """int64 [num_nodes]: depth of each node (1 for the root's children)."""
-        return torch.cat(
-            [
-                torch.full((size,), d + 1, dtype=torch.int64)
-                for d, size in enumerate(self.level_sizes)
-            ]
-        )
+        """int64 [num_nodes]: each node's parent id (-1 for the root's children); level by
+        level, children of one parent contiguous."""
+        return tree_parents(self.branching)
 
 
 @dataclass
@@ -121,10 +107,7 @@ class TreeDraft:
 
     def depth(self) -> int:
         """The deepest level of the tree (0 without nodes)."""
-        depths: list[int] = []
-        for parent in self.parents.tolist():
-            depths.append(1 if parent < 0 else depths[parent] + 1)
-        return max(depths, default=0)
+        return int(node_depths(self.parents).max()) if self.parents.numel() else 0
 
     def has_children(self) -> torch.Tensor:
         """bool [batch, n+1]: [b, 0] for the root, [b, 1+j] for node j."""
@@ -183,7 +166,6 @@ class TreeDrafter:
         batch = len(sequences)
         active = max_depths > 0
         parents = self.shape.parents()
-        depths = self.shape.depths()
         mode = "top" if sampling.greedy else self.children
         logits = self.cursor.feed(sequences, active.tolist())[:, 0]  # [batch, vocab]
         self.forward_passes += 1
@@ -218,7 +200,7 @@ class TreeDrafter:
                 frontier_valid = level_valid
                 frontier_q = frontier_q.new_zeros(batch, size, vocab)
             first += size
-        assert first == len(depths)
+        assert first == self.shape.num_nodes
         return TreeDraft(
             torch.cat(tokens, dim=1),
             parents,

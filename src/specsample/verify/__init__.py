@@ -16,21 +16,37 @@ from specsample.verify.greedy import greedy_rule
 from specsample.verify.result import PAD, VerifyResult
 from specsample.verify.sampling import acceptance_probability, residual, sample_from_weights
 from specsample.verify.token import token_rule
+from specsample.verify.tree import (
+    TreeResult,
+    chain_parents,
+    greedy_tree_rule,
+    node_depths,
+    tree_parents,
+    tree_rule,
+    verify_tree,
+)
 
 RULES = {"token": token_rule, "block": block_rule}
 
 __all__ = [
     "PAD",
     "RULES",
+    "TreeResult",
     "VerifyResult",
     "acceptance_probability",
     "block_rule",
+    "chain_parents",
     "draw_uniforms",
     "greedy_rule",
+    "greedy_tree_rule",
+    "node_depths",
     "residual",
     "sample_from_weights",
     "token_rule",
+    "tree_parents",
+    "tree_rule",
     "verify",
+    "verify_tree",
 ]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from specsample.verify.result import PAD, VerifyResult
+from specsample.verify.tree import TreeResult, node_depths
 
 
 def reference_sample(weights: torch.Tensor, uniform: float) -> int:
@@ -112,3 +113,47 @@ def reference_block_rule(
         num_accepted[b] = tau
         tokens[b, : tau + 1] = torch.tensor(x[:tau] + [final])
     return VerifyResult(tokens, num_accepted, "block")
+
+
+def reference_tree_rule(
+    draft_tokens: torch.Tensor,
+    parents: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    target_probs: torch.Tensor,
+    node_valid: torch.Tensor,
+    accept_uniforms: torch.Tensor,
+    sample_uniforms: torch.Tensor,
+) -> TreeResult:
+    """Same contract as `tree_rule`: recursive rejection sampling (ALGORITHMS.md section 3), one
+    row at a time, walking down from the root."""
+    batch, n = draft_tokens.shape
+    parent_list = [int(p) for p in parents.tolist()]
+    depth = int(node_depths(parent_list).max()) if n else 0
+    tokens = torch.full((batch, depth + 1), PAD, dtype=torch.int64)
+    paths = torch.full((batch, depth), PAD, dtype=torch.int64)
+    num_accepted = torch.zeros(batch, dtype=torch.int64)
+    for b in range(batch):
+        node = -1  # the root
+        r = target_probs[b, 0].to(torch.float64)
+        path: list[int] = []
+        while True:
+            children = [j for j in range(n) if parent_list[j] == node and bool(node_valid[b, j])]
+            for j in children:
+                x = int(draft_tokens[b, j])
+                q = _draft_distribution(draft_probs, b, j, x, r.shape[0])
+                if float(accept_uniforms[b, j]) * float(q[x]) < float(r[x]):
+                    path.append(j)
+                    node = j
+                    r = target_probs[b, j + 1].to(torch.float64)
+                    break
+                weights = torch.clamp(r - q, min=0.0)
+                if float(weights.sum()) > 0:  # otherwise keep r (see `residual`)
+                    r = weights / weights.sum()
+            else:  # no child kept: a recovered token (or a bonus token when there were none)
+                break
+        final = reference_sample(r, float(sample_uniforms[b]))
+        emitted = [int(draft_tokens[b, j]) for j in path] + [final]
+        tokens[b, : len(emitted)] = torch.tensor(emitted)
+        paths[b, : len(path)] = torch.tensor(path, dtype=torch.int64)
+        num_accepted[b] = len(path)
+    return TreeResult(tokens, num_accepted, paths)

@@ -1,0 +1,248 @@
+"""Bad input to `verify_tree`, `draw_children` and the tree shapes raises ValueError or TypeError
+whose message names the argument at fault."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specsample.drafters.children import draw_children
+from specsample.verify import chain_parents, tree_parents, verify_tree
+
+BATCH, VOCAB = 2, 5
+PARENTS = tree_parents((2, 1))  # [-1, -1, 0, 1]
+N = len(PARENTS)
+
+
+def valid_inputs(dtype=torch.float32):
+    """(draft_tokens, draft_probs, target_probs) that verify_tree accepts."""
+    g = torch.Generator().manual_seed(0)
+    target_probs = torch.softmax(torch.randn(BATCH, N + 1, VOCAB, generator=g), -1).to(dtype)
+    draft_probs = torch.softmax(torch.randn(BATCH, N, VOCAB, generator=g), -1).to(dtype)
+    draft_tokens = torch.tensor([[0, 1, 2, 3], [4, 3, 2, 1]])
+    return draft_tokens, draft_probs, target_probs
+
+
+def call(draft_tokens=None, parents=None, draft_probs="valid", target_probs=None, **options):
+    """verify_tree on valid inputs with the given ones replaced."""
+    valid_tokens, valid_draft, valid_target = valid_inputs()
+    options.setdefault("generator", torch.Generator().manual_seed(1))
+    return verify_tree(
+        valid_tokens if draft_tokens is None else draft_tokens,
+        PARENTS if parents is None else parents,
+        valid_draft if isinstance(draft_probs, str) else draft_probs,
+        valid_target if target_probs is None else target_probs,
+        **options,
+    )
+
+
+def test_valid_inputs_pass():
+    assert call().tokens.shape == (BATCH, 3)
+    assert call(draft_probs=None).path.shape == (BATCH, 2)
+
+
+@pytest.mark.parametrize(
+    ("draft_tokens", "error"),
+    [
+        ([[0, 1, 2, 3], [4, 3, 2, 1]], TypeError),
+        (torch.zeros(BATCH, N), TypeError),
+        (torch.zeros(BATCH, N, dtype=torch.bool), TypeError),
+        (torch.zeros(N, dtype=torch.int64), ValueError),
+    ],
+    ids=["list", "float", "bool", "rank-1"],
+)
+def test_draft_tokens_of_wrong_type_or_rank_are_rejected(draft_tokens, error):
+    with pytest.raises(error, match="draft_tokens"):
+        call(draft_tokens=draft_tokens)
+
+
+@pytest.mark.parametrize(
+    ("parents", "error", "message"),
+    [
+        ([-1, -1, 0, 1], TypeError, "parents"),
+        (torch.tensor([-1.0, -1.0, 0.0, 1.0]), TypeError, "parents"),
+        (torch.tensor([-1, -1, 0]), ValueError, r"parents.*\[n=4\]"),
+        (torch.tensor([[-1, -1, 0, 1]]), ValueError, r"parents.*\[n=4\]"),
+        (torch.tensor([-1, -1, 2, 1]), ValueError, r"parents\[2\] = 2"),
+        (torch.tensor([-1, -1, 3, 1]), ValueError, r"parents.*topological.*parents\[2\] = 3"),
+        (torch.tensor([0, -1, 0, 1]), ValueError, r"parents\[0\] = 0"),
+        (torch.tensor([-1, -2, 0, 1]), ValueError, r"parents\[1\] = -2"),
+    ],
+    ids=["list", "float", "short", "rank-2", "self", "later", "first-not-root", "below-root"],
+)
+def test_parents_that_are_not_a_forest_in_topological_order_are_rejected(parents, error, message):
+    with pytest.raises(error, match=message):
+        call(parents=parents)
+
+
+@pytest.mark.parametrize("name", ["draft_probs", "target_probs"])
+@pytest.mark.parametrize(
+    ("make", "error"),
+    [
+        (lambda p: p.tolist(), TypeError),
+        (lambda p: (p * 100).long(), TypeError),
+        (lambda p: p[0], ValueError),
+    ],
+    ids=["list", "int64", "rank-2"],
+)
+def test_probabilities_of_wrong_type_or_rank_are_rejected(name, make, error):
+    _, draft_probs, target_probs = valid_inputs()
+    bad = make(draft_probs if name == "draft_probs" else target_probs)
+    with pytest.raises(error, match=name):
+        call(**{name: bad})
+
+
+def test_shapes_that_do_not_fit_the_tree_are_rejected():
+    _, draft_probs, target_probs = valid_inputs()
+    with pytest.raises(ValueError, match=r"target_probs.*n\+1=5"):
+        call(target_probs=target_probs[:, :N])
+    with pytest.raises(ValueError, match="target_probs"):
+        call(target_probs=target_probs[:1])
+    with pytest.raises(ValueError, match="draft_probs"):
+        call(draft_probs=draft_probs[:, : N - 1])
+    with pytest.raises(ValueError, match="draft_probs.*vocab"):
+        call(draft_probs=torch.nn.functional.pad(draft_probs, (0, 1)))
+    with pytest.raises(ValueError, match="target_probs.*vocabulary"):
+        call(target_probs=torch.zeros(BATCH, N + 1, 0), draft_probs=None)
+
+
+@pytest.mark.parametrize(
+    ("node_valid", "error"),
+    [
+        (torch.ones(BATCH, N), TypeError),
+        ([[True] * N] * BATCH, TypeError),
+        (torch.ones(BATCH, N - 1, dtype=torch.bool), ValueError),
+        (torch.ones(N, dtype=torch.bool), ValueError),
+    ],
+    ids=["float", "list", "short", "rank-1"],
+)
+def test_node_valid_of_wrong_type_or_shape_is_rejected(node_valid, error):
+    with pytest.raises(error, match="node_valid"):
+        call(node_valid=node_valid)
+
+
+def test_a_valid_node_under_an_invalid_parent_is_rejected():
+    node_valid = torch.ones(BATCH, N, dtype=torch.bool)
+    node_valid[1, 0] = False  # node 2 is node 0's child
+    with pytest.raises(ValueError, match=r"node_valid: node 2 is valid in row 1.*parent node 0"):
+        call(node_valid=node_valid)
+    node_valid[1, 2] = False
+    call(node_valid=node_valid)
+
+
+def test_tensors_on_different_devices_are_rejected():
+    """Without a second real device the meta device stands in for one."""
+    with pytest.raises(ValueError, match="device"):
+        call(node_valid=torch.ones(BATCH, N, dtype=torch.bool, device="meta"))
+
+
+@pytest.mark.parametrize("bad_id", [-1, VOCAB])
+@pytest.mark.parametrize("point_mass", [False, True], ids=["stochastic", "point-mass"])
+def test_token_ids_out_of_range_are_rejected_even_without_validation(bad_id, point_mass):
+    draft_tokens = torch.tensor([[0, 1, 2, 3], [4, 3, bad_id, 1]])
+    for validate in [True, False]:
+        with pytest.raises(ValueError, match="draft_tokens.*vocab"):
+            call(
+                draft_tokens=draft_tokens,
+                draft_probs=None if point_mass else "valid",
+                validate=validate,
+            )
+
+
+def test_out_of_range_ids_at_invalid_nodes_are_ignored():
+    draft_tokens = torch.tensor([[0, 1, -1, 3], [4, 3, 2, VOCAB]])
+    node_valid = torch.tensor([[True, True, False, True], [True, True, True, False]])
+    call(draft_tokens=draft_tokens, node_valid=node_valid)
+
+
+def test_a_drafted_token_with_draft_probability_zero_is_rejected():
+    draft_tokens, draft_probs, _ = valid_inputs()
+    draft_probs = draft_probs.clone()
+    draft_probs[1, 2, 0] += draft_probs[1, 2, 2]
+    draft_probs[1, 2, 2] = 0  # draft_tokens[1, 2] = 2
+    with pytest.raises(ValueError, match=r"draft_probs.*draft_tokens\[1, 2\]"):
+        call(draft_probs=draft_probs, validate=False)
+
+
+@pytest.mark.parametrize("name", ["draft_probs", "target_probs"])
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda row: row.__setitem__(3, float("nan")), "finite"),
+        (lambda row: (row.__setitem__(1, row[1] + 1.0), row.__setitem__(4, row[4] - 1.0)), "non"),
+        (lambda row: row.mul_(2.0), "sum to 1"),
+    ],
+    ids=["nan", "negative", "logits"],
+)
+def test_bad_probability_values_are_rejected_and_validate_false_skips_them(name, corrupt, message):
+    _, draft_probs, target_probs = valid_inputs()
+    bad = (draft_probs if name == "draft_probs" else target_probs).clone()
+    corrupt(bad[1, 3])  # draft row of node 3, or target row after node 2
+    with pytest.raises(ValueError, match=f"{name}.*{message}"):
+        call(**{name: bad})
+    if message == "sum to 1":
+        call(**{name: bad}, validate=False)
+
+
+def test_rows_of_invalid_nodes_are_not_validated():
+    _, draft_probs, target_probs = valid_inputs()
+    draft_probs, target_probs = draft_probs.clone(), target_probs.clone()
+    draft_probs[0, 3] = float("nan")
+    target_probs[0, 4] = float("nan")  # after node 3
+    node_valid = torch.tensor([[True, True, True, False], [True] * N])
+    call(draft_probs=draft_probs, target_probs=target_probs, node_valid=node_valid)
+
+
+@pytest.mark.parametrize("generator", [None, 0, torch.Generator().manual_seed(0).get_state()])
+def test_a_generator_that_is_not_a_torch_generator_is_rejected(generator):
+    with pytest.raises(TypeError, match="generator"):
+        call(generator=generator)
+
+
+def test_the_generator_is_keyword_only_and_required():
+    draft_tokens, draft_probs, target_probs = valid_inputs()
+    with pytest.raises(TypeError):
+        verify_tree(draft_tokens, PARENTS, draft_probs, target_probs)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        verify_tree(draft_tokens, PARENTS, draft_probs, target_probs, torch.Generator())  # type: ignore[misc]
+
+
+# draw_children and the tree shapes.
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "name"),
+    [
+        ({"q": [[0.5, 0.5]]}, TypeError, "q"),
+        ({"q": torch.ones(2, 3, dtype=torch.int64)}, TypeError, "q"),
+        ({"q": torch.ones(3) / 3}, ValueError, "q"),
+        ({"m": 0}, ValueError, "m"),
+        ({"m": 2.0}, ValueError, "m"),
+        ({"mode": "beam"}, ValueError, "mode"),
+        ({"generator": None}, TypeError, "generator"),
+    ],
+    ids=["list", "int", "rank-1", "zero-children", "float-m", "mode", "generator"],
+)
+def test_draw_children_rejects_bad_arguments_naming_them(arguments, error, name):
+    options = {
+        "q": torch.full((2, 3), 1 / 3),
+        "m": 2,
+        "mode": "iid",
+        "generator": torch.Generator(),
+        **arguments,
+    }
+    with pytest.raises(error, match=name):
+        draw_children(options["q"], options["m"], options["mode"], options["generator"])
+
+
+@pytest.mark.parametrize("branching", [(0,), (2, -1), (2.0,), (True,)])
+def test_tree_parents_rejects_a_branching_that_is_not_positive_integers(branching):
+    with pytest.raises(ValueError, match="branching"):
+        tree_parents(branching)
+
+
+def test_chain_parents_rejects_bad_counts():
+    with pytest.raises(ValueError, match="m"):
+        chain_parents(0, 2)
+    with pytest.raises(ValueError, match="depth"):
+        chain_parents(2, -1)
