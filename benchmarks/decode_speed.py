@@ -32,6 +32,7 @@ import transformers
 
 from specsample.adapters.default_pair import load_default_pair_with_stats
 from specsample.adapters.hf import HFCausalLM
+from specsample.adapters.quantize import quantize_draft
 from specsample.analysis.theory import expected_speedup
 from specsample.decoding.loop import generate
 from specsample.decoding.stats import DecodeStats
@@ -53,13 +54,17 @@ KINDS = ("code-write", "code-edit", "prose")
 # contender names
 OURS_TO = "ours target-only"
 OURS_ADAPTIVE = f"ours model drafter, adaptive (max {ADAPTIVE_MAX_K})"
+HF_ASSISTED_INT8 = "transformers assisted (defaults, int8 draft)"
 HF_TO = "transformers target-only"
 HF_ASSISTED = "transformers assisted (defaults)"
 HF_LOOKUP = f"transformers prompt lookup ({PROMPT_LOOKUP_TOKENS})"
 
 
+DRAFT_TAG = ""  # " (int8 draft)" with --draft-quantize int8
+
+
 def ours_fixed(k: int) -> str:
-    return f"ours model drafter, fixed k={k}"
+    return f"ours model drafter{DRAFT_TAG}, fixed k={k}"
 
 
 def ours_ngram(k: int) -> str:
@@ -220,17 +225,20 @@ def theory_prediction(stats: DecodeStats, c: float, target_cost: dict[int, float
 
 
 class Counter:
-    """Counts forward calls of a module (a pre-hook: adds nothing measurable)."""
+    """Counts forward calls of modules (a pre-hook: adds nothing measurable)."""
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, *modules: torch.nn.Module):
         self.calls = 0
-        module.register_forward_pre_hook(self._hook)
+        for module in modules:
+            module.register_forward_pre_hook(self._hook)
 
     def _hook(self, module, args) -> None:
         self.calls += 1
 
 
-def make_contenders(pair, target_lm, draft_lm, args, counters) -> dict[str, Contender]:
+def make_contenders(
+    pair, target_lm, draft_lm, args, counters, int8_draft=None
+) -> dict[str, Contender]:
     target_model, draft_model = pair.target, pair.draft
     pad_id = pair.tokenizer.pad_token_id
     if pad_id is None:
@@ -319,6 +327,13 @@ def make_contenders(pair, target_lm, draft_lm, args, counters) -> dict[str, Cont
         Contender(HF_TO, "transformers", "target-only", None, hf({})),
         Contender(HF_ASSISTED, "transformers", "model", None, hf({"assistant_model": draft_model})),
     ]
+    if int8_draft is not None:  # the same cheaper draft for transformers, for a fair comparison
+        int8_draft.generation_config = copy.deepcopy(draft_config)
+        out.append(
+            Contender(
+                HF_ASSISTED_INT8, "transformers", "model", None, hf({"assistant_model": int8_draft})
+            )
+        )
     if args.hf_assist_k:
         out.append(
             Contender(
@@ -682,6 +697,13 @@ def parse_args() -> argparse.Namespace:
         help="smoke test: first prompt, 8 new tokens, 1 repeat, batches 1,4, probe repeats 2",
     )
     parser.add_argument("--no-write", action="store_true", help="do not write the md/json")
+    parser.add_argument(
+        "--draft-quantize",
+        choices=["none", "int8"],
+        default="none",
+        help="int8: our model drafter uses the int8-quantised draft (exact decoding still), and "
+        "transformers' assisted generation runs with it too, next to its float32 default",
+    )
     args = parser.parse_args()
     quick = args.quick
     args.new_tokens = args.new_tokens or (8 if quick else 128)
@@ -699,7 +721,11 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
+    global OURS_ADAPTIVE, DRAFT_TAG
     args = parse_args()
+    if args.draft_quantize == "int8":
+        DRAFT_TAG = " (int8 draft)"
+        OURS_ADAPTIVE = f"ours model drafter{DRAFT_TAG}, adaptive (max {ADAPTIVE_MAX_K})"
     all_prompts = json.loads(PROMPTS.read_text())
     if args.prompts:
         wanted = [p.strip() for p in args.prompts.split(",") if p.strip()]
@@ -732,6 +758,11 @@ def main() -> None:
         pair.target.to(torch.float32)  # exact upcast of the cached bf16 weights
         pair.draft.to(torch.float32)
         target_lm, draft_lm = HFCausalLM(pair.target), HFCausalLM(pair.draft)
+        int8_draft = None
+        if args.draft_quantize == "int8":
+            # ours drafts with the int8 draft; transformers gets it too (and its fp32 default)
+            int8_draft = quantize_draft(copy.deepcopy(pair.draft), "int8")
+            draft_lm = HFCausalLM(int8_draft)
         print("probing float32 costs ...", file=sys.stderr, flush=True)
         target_cost = probe_costs(
             target_lm, context, list(range(1, probe_k + 2)), args.probe_repeats
@@ -747,8 +778,9 @@ def main() -> None:
             flush=True,
         )
 
-        counters = {"target": Counter(pair.target), "draft": Counter(pair.draft)}
-        contenders = make_contenders(pair, target_lm, draft_lm, args, counters)
+        drafts = [pair.draft] + ([int8_draft] if int8_draft is not None else [])
+        counters = {"target": Counter(pair.target), "draft": Counter(*drafts)}
+        contenders = make_contenders(pair, target_lm, draft_lm, args, counters, int8_draft)
         names = {"fixed": ours_fixed(args.k), "ngram": ours_ngram(args.ngram_k)}
         batch_contenders = [contenders[OURS_TO], contenders[OURS_ADAPTIVE], contenders[HF_TO]]
         multi = [b for b in args.batches if b > 1]
@@ -888,6 +920,17 @@ def main() -> None:
         "rotated per prompt and repeat) so drift hits all alike; every contender ran once with "
         f"{min(4, n)} tokens as warm-up first. Wall time is the whole call, prefill included, "
         "under `torch.inference_mode()`.",
+        *(
+            [
+                "- int8 draft (`--draft-quantize int8`): our model drafter drafts with the 0.5B "
+                "draft whose linear layers are dynamically quantised to int8 "
+                "(`specsample.adapters.quantize`; per-channel weights). Exact: the drafts are "
+                "verified against that model's own probabilities. transformers' assisted "
+                f"generation runs with it as well ({HF_ASSISTED_INT8}) next to its float32 default."
+            ]
+            if args.draft_quantize == "int8"
+            else []
+        ),
         "- float32 compute: the cached bf16 weights are upcast with `model.to(torch.float32)` "
         "(exact). On this CPU without native bf16 instructions a multi-token bf16 pass is "
         f"slow: target bf16 1 token {bf16_cost[1] * 1e3:.0f} ms, {args.k + 1} tokens "

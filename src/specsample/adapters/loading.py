@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from specsample.adapters.hf import HFCausalLM
+from specsample.adapters.quantize import DRAFT_QUANTIZATIONS, quantize_draft
 
 
 @dataclass
@@ -41,12 +42,19 @@ def load_pair(
     dtype: torch.dtype | None = None,
     device: str = "cpu",
     use_draft: bool = True,
+    draft_quantize: str = "none",
 ) -> LoadedPair:
     """Loads the named models, or the embedded default pair when `target` is None. dtype: the
     compute dtype (None: auto_dtype(device)). The default pair's weights are cached once in
-    bfloat16 and upcast exactly when another dtype is asked for."""
+    bfloat16 and upcast exactly when another dtype is asked for. draft_quantize: "int8"
+    quantises the draft's linear layers (CPU, float32; see adapters/quantize.py): a cheaper
+    draft, still exact decoding."""
     started = time.perf_counter()
     dtype = dtype or auto_dtype(device)
+    if draft_quantize not in DRAFT_QUANTIZATIONS:
+        raise ValueError(
+            f"draft_quantize: expected one of {list(DRAFT_QUANTIZATIONS)}, got {draft_quantize!r}"
+        )
     if target is None:
         if draft is not None:
             raise ValueError(
@@ -64,7 +72,9 @@ def load_pair(
                 f"remove {default_pair.cache_dir()} and retry"
             )
         target_lm = HFCausalLM(pair.target)
-        draft_lm = HFCausalLM(pair.draft) if use_draft else None
+        draft_lm = None
+        if use_draft:
+            draft_lm = HFCausalLM(quantize_draft(pair.draft, draft_quantize))
         tokenizer, config = pair.tokenizer, pair.target.config
         description = "default pair: Qwen2.5-Coder-1.5B-Instruct (target), 0.5B-Instruct (draft)"
     else:
@@ -77,6 +87,10 @@ def load_pair(
         if draft is not None and use_draft:
             check_same_tokenizer(tokenizer, _load_tokenizer(draft), target, draft)
             draft_lm = _load_model(draft, dtype, device)
+            if draft_quantize != "none":
+                draft_lm = HFCausalLM(
+                    quantize_draft(draft_lm.model, draft_quantize), vocab_size=draft_lm.vocab_size
+                )
         config = target_lm.model.config
         description = f"target {target}" + (f", draft {draft}" if draft_lm else "")
     return LoadedPair(

@@ -160,12 +160,7 @@ def _verify(
     if sampling.greedy:
         target_tokens = logits.argmax(dim=-1).cpu()
         return greedy_rule(draft.tokens, target_tokens, draft.lengths)
-    target_probs = logits_to_probs(logits, sampling)
-    draft_probs = draft.probs
-    if draft_probs is not None:
-        vocab = max(target_probs.shape[-1], draft_probs.shape[-1])
-        target_probs = _pad_vocab(target_probs, vocab)
-        draft_probs = _pad_vocab(draft_probs.to(target_probs.device), vocab)
+    target_probs, draft_probs = _probabilities(logits, draft.probs, sampling)
     device = target_probs.device
     if rule in LOSSY_RULES:
         batch, k = draft.tokens.shape
@@ -204,12 +199,7 @@ def _verify_tree(
     if sampling.greedy:
         target_tokens = logits.argmax(dim=-1).cpu()
         return greedy_tree_rule(draft.tokens, draft.parents, target_tokens, draft.valid)
-    target_probs = logits_to_probs(logits, sampling)
-    draft_probs = draft.probs
-    if draft_probs is not None:
-        vocab = max(target_probs.shape[-1], draft_probs.shape[-1])
-        target_probs = _pad_vocab(target_probs, vocab)
-        draft_probs = _pad_vocab(draft_probs.to(target_probs.device), vocab)
+    target_probs, draft_probs = _probabilities(logits, draft.probs, sampling)
     device = target_probs.device
     result = verify_tree(
         draft.tokens.to(device),
@@ -221,6 +211,20 @@ def _verify_tree(
         validate=False,
     )
     return TreeResult(result.tokens.cpu(), result.num_accepted.cpu(), result.path.cpu())
+
+
+def _probabilities(
+    logits: torch.Tensor, draft_probs: torch.Tensor | None, sampling: SamplingConfig
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The warped target probabilities, and the draft's on the target's device; when the two
+    vocabularies differ in size both are padded with zeros (ids a model lacks have probability
+    0)."""
+    target_probs = logits_to_probs(logits, sampling)
+    if draft_probs is None:
+        return target_probs, None
+    vocab = max(target_probs.shape[-1], draft_probs.shape[-1])
+    draft_probs = _pad_vocab(draft_probs.to(target_probs.device), vocab)
+    return _pad_vocab(target_probs, vocab), draft_probs
 
 
 def _pad_vocab(probs: torch.Tensor, vocab: int) -> torch.Tensor:

@@ -64,23 +64,30 @@ def check_draft_tokens(draft_tokens: object) -> torch.Tensor:
 
 
 def check_shapes(
-    draft_tokens: torch.Tensor, draft_probs: torch.Tensor | None, target_probs: torch.Tensor
+    draft_tokens: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    target_probs: torch.Tensor,
+    *,
+    length: str = "k",
+    last_row: str = "row k is the bonus token's distribution",
 ) -> None:
-    batch, k = draft_tokens.shape
-    if target_probs.shape[0] != batch or target_probs.shape[1] != k + 1:
+    """Shapes [batch, L], [batch, L, vocab] or None, [batch, L+1, vocab]; L is named `length`
+    ("k" for a chain, "n" for a tree's nodes) and `last_row` explains target_probs' extra row."""
+    batch, size = draft_tokens.shape
+    if tuple(target_probs.shape[:2]) != (batch, size + 1) or target_probs.dim() != 3:
         raise ValueError(
-            f"target_probs: expected shape [batch={batch}, k+1={k + 1}, vocab] to match "
+            f"target_probs: expected shape [batch={batch}, {length}+1={size + 1}, vocab] to match "
             f"draft_tokens {tuple(draft_tokens.shape)}, got {tuple(target_probs.shape)} "
-            f"(row k is the bonus token's distribution)"
+            f"({last_row})"
         )
     if target_probs.shape[2] < 1:
         raise ValueError("target_probs: expected a vocabulary of at least 1 token, got 0")
     if draft_probs is None:
         return
-    if draft_probs.shape[:2] != (batch, k):
+    if tuple(draft_probs.shape[:2]) != (batch, size):
         raise ValueError(
-            f"draft_probs: expected shape [batch={batch}, k={k}, vocab] to match draft_tokens "
-            f"{tuple(draft_tokens.shape)}, got {tuple(draft_probs.shape)}"
+            f"draft_probs: expected shape [batch={batch}, {length}={size}, vocab] to match "
+            f"draft_tokens {tuple(draft_tokens.shape)}, got {tuple(draft_probs.shape)}"
         )
     if draft_probs.shape[2] != target_probs.shape[2]:
         raise ValueError(
@@ -90,15 +97,15 @@ def check_shapes(
         )
 
 
-def check_devices(*tensors: object) -> None:
+def check_devices(*tensors: object, names: str | None = None) -> None:
+    """All tensors on one device; `names` lists the arguments for the message (default: the
+    chain rules' four)."""
     # Not-a-tensor arguments (a list for draft_lengths) get their own TypeError later.
     devices = {t.device for t in tensors if isinstance(t, torch.Tensor)}
     if len(devices) > 1:
-        names = ", ".join(sorted(str(d) for d in devices))
-        raise ValueError(
-            f"draft_tokens, draft_probs, target_probs, draft_lengths: expected one "
-            f"device, got {names}"
-        )
+        found = ", ".join(sorted(str(d) for d in devices))
+        names = names or "draft_tokens, draft_probs, target_probs, draft_lengths"
+        raise ValueError(f"{names}: expected one device, got {found}")
 
 
 def check_draft_lengths(draft_lengths: object, batch: int, k: int, device) -> torch.Tensor:

@@ -275,8 +275,20 @@ def verify_tree(
     target_probs = checks.check_probs("target_probs", target_probs, "[batch, n+1, vocab]")
     if draft_probs is not None:
         draft_probs = checks.check_probs("draft_probs", draft_probs, "[batch, n, vocab]")
-    _check_shapes(draft_tokens, draft_probs, target_probs)
-    _check_devices(draft_tokens, draft_probs, target_probs, node_valid)
+    checks.check_shapes(
+        draft_tokens,
+        draft_probs,
+        target_probs,
+        length="n",
+        last_row="row 0 is the root's distribution, row j+1 the one after node j",
+    )
+    checks.check_devices(
+        draft_tokens,
+        draft_probs,
+        target_probs,
+        node_valid,
+        names="draft_tokens, draft_probs, target_probs, node_valid",
+    )
     device = target_probs.device
     checks.check_generator(generator, device)
     node_valid = _check_node_valid(node_valid, batch, n, device)
@@ -343,42 +355,6 @@ def _check_parents(parents: object, n: int) -> torch.Tensor:
                 f"topological order, every node after its parent), got parents[{j}] = {parent}"
             )
     return parents.long()
-
-
-def _check_shapes(
-    draft_tokens: torch.Tensor, draft_probs: torch.Tensor | None, target_probs: torch.Tensor
-) -> None:
-    batch, n = draft_tokens.shape
-    if tuple(target_probs.shape[:2]) != (batch, n + 1):
-        raise ValueError(
-            f"target_probs: expected shape [batch={batch}, n+1={n + 1}, vocab] to match "
-            f"draft_tokens {tuple(draft_tokens.shape)}, got {tuple(target_probs.shape)} "
-            f"(row 0 is the root's distribution, row j+1 the one after node j)"
-        )
-    if target_probs.shape[2] < 1:
-        raise ValueError("target_probs: expected a vocabulary of at least 1 token, got 0")
-    if draft_probs is None:
-        return
-    if tuple(draft_probs.shape[:2]) != (batch, n):
-        raise ValueError(
-            f"draft_probs: expected shape [batch={batch}, n={n}, vocab] to match draft_tokens "
-            f"{tuple(draft_tokens.shape)}, got {tuple(draft_probs.shape)}"
-        )
-    if draft_probs.shape[2] != target_probs.shape[2]:
-        raise ValueError(
-            f"draft_probs: expected the same vocab size as target_probs "
-            f"({target_probs.shape[2]}), got {draft_probs.shape[2]}; pad the smaller one with "
-            f"zero-probability columns"
-        )
-
-
-def _check_devices(*tensors: object) -> None:
-    devices = {t.device for t in tensors if isinstance(t, torch.Tensor)}
-    if len(devices) > 1:
-        names = ", ".join(sorted(str(d) for d in devices))
-        raise ValueError(
-            f"draft_tokens, draft_probs, target_probs, node_valid: expected one device, got {names}"
-        )
 
 
 def _check_node_valid(node_valid: object, batch: int, n: int, device: torch.device) -> torch.Tensor:
