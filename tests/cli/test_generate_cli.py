@@ -100,6 +100,8 @@ def test_greedy_output_is_the_same_with_and_without_a_drafter(tiny_pair, capsys,
         (["--tree", "2,1"], "tree"),
         (["--drafts", "2", "--tree-children", "top"], "tree"),
         (["--rule", "block"], "block"),
+        ([], "block"),  # --rule auto: block verification for one chain
+        (["--rule", "token"], "token"),
         (["--rule", "typical"], "typical"),
     ],
 )

@@ -58,12 +58,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-k", type=int, default=8, help="largest draft length for --k auto")
     parser.add_argument(
         "--rule",
-        choices=["token", "block", "typical"],
-        default="token",
+        choices=["auto", "token", "block", "typical"],
+        default="auto",
         help="verification rule: token (token by token; with --drafts/--tree: node by node, "
         "recursive rejection sampling) or block (block verification: the optimal rule for one "
-        "draft chain, never fewer accepted tokens); both exact. typical is LOSSY (Medusa's "
-        "typical acceptance: the output is NOT distributed as the target), for comparison only",
+        "draft chain, never fewer accepted tokens in expectation, same cost); both exact. auto "
+        "(default): block for one chain, node by node for --drafts/--tree. typical is LOSSY "
+        "(Medusa's typical acceptance: the output is NOT distributed as the target), for "
+        "comparison only",
     )
     shape = parser.add_mutually_exclusive_group()
     shape.add_argument(
@@ -229,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
         eos_token_ids=eos_token_ids(pair.tokenizer, pair.target_config),
         on_tokens=on_tokens,
         stop_when=stop_string_condition(pair.tokenizer, args.stop),
-        rule=args.rule,
+        rule=_rule(args, tree_shape),
     )
     texts = [
         trim_at_stop(pair.tokenizer.decode(t, skip_special_tokens=True), args.stop)
@@ -301,6 +303,14 @@ def _draft_length(args: argparse.Namespace, adaptive):
     return k
 
 
+def _rule(args: argparse.Namespace, tree_shape) -> str:
+    """--rule auto: block verification for one chain (never fewer accepted drafts than token by
+    token, at the same cost: see benchmarks/rules.md), node by node for trees."""
+    if args.rule != "auto":
+        return args.rule
+    return "token" if tree_shape is not None else "block"
+
+
 def _tree_shape(args: argparse.Namespace):
     """The TreeShape of --drafts / --tree, or None."""
     from specsample.drafters.tree import TreeShape
@@ -313,7 +323,7 @@ def _tree_shape(args: argparse.Namespace):
             f"{option}: expected --drafter model (trees are drafted by a model), got "
             f"--drafter {args.drafter}"
         )
-    if args.rule != "token":
+    if args.rule not in ("auto", "token"):
         raise argparse.ArgumentTypeError(
             f"{option}: trees are verified node by node (--rule token), got --rule {args.rule}"
         )
