@@ -140,8 +140,8 @@ class ModelCursor:
         pending token, or to the tree grown so far. Returns logits [batch, n, vocab]."""
         batch, n = tokens.shape
         if self._tree is None:
-            self._tree = _Tree([{} for _ in range(batch)], [[] for _ in range(batch)], [], 0)
-            self._tree.tail_tokens = [[] for _ in range(batch)]
+            no_tail: list[list[int]] = [[] for _ in range(batch)]
+            self._tree = _Tree([{} for _ in range(batch)], no_tail, [list(t) for t in no_tail], 0)
         tree = self._tree
         model_parents = torch.full((batch, n), -1, dtype=torch.int64)
         for b in range(batch):

@@ -251,13 +251,7 @@ def _step_kinds(result: VerifyResult | TreeResult, draft: Draft | TreeDraft) -> 
     a tree node without children, was accepted) or recovered (drawn after a rejection)."""
     accepted = result.num_accepted.tolist()
     if isinstance(draft, TreeDraft):
-        has_children = draft.has_children()  # [batch, n+1]
-        last_node = torch.where(
-            result.num_accepted > 0,
-            result.path.gather(1, (result.num_accepted - 1).clamp(min=0)[:, None])[:, 0] + 1,
-            0,
-        )
-        ran_out = ~has_children.gather(1, last_node[:, None])[:, 0]
+        ran_out = ~_last_node_has_children(draft, result)
     else:
         ran_out = result.num_accepted == draft.lengths
     return [
@@ -313,14 +307,15 @@ def _record(stats, costs, draft, result, active, draft_seconds, target_seconds, 
 def _tree_tested_depth(draft: TreeDraft, result: TreeResult) -> torch.Tensor:
     """int64 [batch]: how deep the tree was tested along the accepted path: the number of
     accepted nodes, plus one when the last of them (or the root) still had valid children."""
-    has_children = draft.has_children()
-    last_node = torch.where(
-        result.num_accepted > 0,
-        result.path.gather(1, (result.num_accepted - 1).clamp(min=0)[:, None])[:, 0] + 1,
-        0,
-    )
-    more = has_children.gather(1, last_node[:, None])[:, 0]
-    return result.num_accepted + more.long()
+    return result.num_accepted + _last_node_has_children(draft, result).long()
+
+
+def _last_node_has_children(draft: TreeDraft, result: TreeResult) -> torch.Tensor:
+    """bool [batch]: the last accepted node (the root when none was accepted) has valid
+    children, i.e. the emitted token after it was recovered, not a bonus token."""
+    last = result.path.gather(1, (result.num_accepted - 1).clamp(min=0)[:, None])[:, 0] + 1
+    last = torch.where(result.num_accepted > 0, last, 0)  # index into [root, node 0, ...]
+    return draft.has_children().gather(1, last[:, None])[:, 0]
 
 
 def _draft_length_policy(draft_length, drafter):

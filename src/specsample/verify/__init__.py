@@ -14,7 +14,12 @@ from specsample.verify import checks
 from specsample.verify.block import block_rule
 from specsample.verify.greedy import greedy_rule
 from specsample.verify.result import PAD, VerifyResult
-from specsample.verify.sampling import acceptance_probability, residual, sample_from_weights
+from specsample.verify.sampling import (
+    acceptance_probability,
+    draw_uniforms,
+    residual,
+    sample_from_weights,
+)
 from specsample.verify.token import token_rule
 from specsample.verify.tree import (
     TreeResult,
@@ -115,13 +120,3 @@ def verify(
     return RULES[rule](
         draft_tokens, draft_probs, target_probs, draft_lengths, accept_uniforms, sample_uniforms
     )
-
-
-def draw_uniforms(
-    batch: int, k: int, generator: torch.Generator, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The randomness of one verification step: float64 uniforms [batch, k] for the keep tests
-    and [batch] for the recovered or bonus token, both in [0, 1)."""
-    accept = torch.rand(batch, k, generator=generator, dtype=torch.float64, device=device)
-    sample = torch.rand(batch, generator=generator, dtype=torch.float64, device=device)
-    return accept, sample

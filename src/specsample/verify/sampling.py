@@ -146,3 +146,14 @@ def _first_above(cdf: torch.Tensor, goal: torch.Tensor, positive: torch.Tensor) 
     ids = torch.arange(width, device=cdf.device)
     last_positive = torch.where(positive, ids, -1).amax(dim=-1)
     return torch.where(index >= width, last_positive, index)
+
+
+def draw_uniforms(
+    batch: int, k: int, generator: torch.Generator, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The randomness of one verification step: float64 uniforms [batch, k] for the keep tests
+    (one per draft, or per node of a tree) and [batch] for the recovered or bonus token, all in
+    [0, 1)."""
+    accept = torch.rand(batch, k, generator=generator, dtype=torch.float64, device=device)
+    sample = torch.rand(batch, generator=generator, dtype=torch.float64, device=device)
+    return accept, sample

@@ -27,7 +27,7 @@ import torch
 
 from specsample.verify import checks
 from specsample.verify.result import PAD, assemble_tokens
-from specsample.verify.sampling import sample_from_weights
+from specsample.verify.sampling import draw_uniforms, sample_from_weights
 
 
 @dataclass(frozen=True)
@@ -304,8 +304,7 @@ def verify_tree(
         checks.check_distribution_values("target_probs", target_probs, used_target_rows)
         if draft_probs is not None:
             checks.check_distribution_values("draft_probs", draft_probs, node_valid)
-    accept_uniforms = torch.rand(batch, n, generator=generator, dtype=torch.float64, device=device)
-    sample_uniforms = torch.rand(batch, generator=generator, dtype=torch.float64, device=device)
+    accept_uniforms, sample_uniforms = draw_uniforms(batch, n, generator, device)
     return tree_rule(
         draft_tokens,
         parents,
