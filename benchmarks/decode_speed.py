@@ -38,7 +38,7 @@ from specsample.decoding.loop import generate
 from specsample.decoding.stats import DecodeStats
 from specsample.decoding.text import encode_prompt
 from specsample.drafters.length import AdaptiveDraftLength
-from specsample.drafters.model import ModelDrafter
+from specsample.drafters.model import DEFAULT_CONFIDENCE, ModelDrafter
 from specsample.drafters.ngram import NgramDrafter
 from specsample.warpers import SamplingConfig
 
@@ -46,14 +46,15 @@ HERE = Path(__file__).parent
 PROMPTS = HERE / "prompts.json"
 OUT_MD = HERE / "decode_speed.md"
 OUT_JSON = HERE / "decode_speed.json"
-ADAPTIVE_MAX_K = 8
+ADAPTIVE_MAX_K = 16
 PROMPT_LOOKUP_TOKENS = 10
 PROBE_CONTEXT = 100  # tokens in the cache when the cost probe times a pass
 KINDS = ("code-write", "code-edit", "prose")
 
 # contender names
 OURS_TO = "ours target-only"
-OURS_ADAPTIVE = f"ours model drafter, adaptive (max {ADAPTIVE_MAX_K})"
+ADAPTIVE_TAG = f"adaptive (max {ADAPTIVE_MAX_K}, confidence {DEFAULT_CONFIDENCE})"
+OURS_ADAPTIVE = f"ours model drafter, {ADAPTIVE_TAG}"
 HF_ASSISTED_INT8 = "transformers assisted (defaults, int8 draft)"
 HF_TO = "transformers target-only"
 HF_ASSISTED = "transformers assisted (defaults)"
@@ -310,13 +311,23 @@ def make_contenders(
     def adaptive():
         return AdaptiveDraftLength(ADAPTIVE_MAX_K)
 
-    def model_drafter():
+    def model_drafter():  # fixed k: drafts all k tokens
         return ModelDrafter(draft_lm)
+
+    def confident_drafter():  # adaptive: the command line's default draft-side stop
+        return ModelDrafter(draft_lm, confidence=DEFAULT_CONFIDENCE)
 
     out = [
         Contender(OURS_TO, "ours", "target-only", None, ours(lambda: None, lambda: 0)),
-        Contender(OURS_ADAPTIVE, "ours", "model", None, ours(model_drafter, adaptive)),
-        Contender(ours_fixed(args.k), "ours", "model", args.k, ours(model_drafter, lambda: args.k)),
+        Contender(OURS_ADAPTIVE, "ours", "model", None, ours(confident_drafter, adaptive)),
+    ]
+    if not args.no_fixed:
+        out.append(
+            Contender(
+                ours_fixed(args.k), "ours", "model", args.k, ours(model_drafter, lambda: args.k)
+            )
+        )
+    out += [
         Contender(
             ours_ngram(args.ngram_k),
             "ours",
@@ -680,6 +691,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=None, help="per row (default 128)")
     parser.add_argument("--temperatures", type=floats, default=[0.0, 0.7], help="e.g. 0,0.7")
     parser.add_argument("--k", type=int, default=4, help="fixed draft length, model drafter")
+    parser.add_argument(
+        "--no-fixed", action="store_true", help="leave out the fixed-k model drafter contender"
+    )
     parser.add_argument("--ngram-k", type=int, default=8, help="draft length, n-gram drafter")
     parser.add_argument(
         "--hf-assist-k",
@@ -725,7 +739,7 @@ def main() -> None:
     args = parse_args()
     if args.draft_quantize == "int8":
         DRAFT_TAG = " (int8 draft)"
-        OURS_ADAPTIVE = f"ours model drafter{DRAFT_TAG}, adaptive (max {ADAPTIVE_MAX_K})"
+        OURS_ADAPTIVE = f"ours model drafter{DRAFT_TAG}, {ADAPTIVE_TAG}"
     all_prompts = json.loads(PROMPTS.read_text())
     if args.prompts:
         wanted = [p.strip() for p in args.prompts.split(",") if p.strip()]
@@ -896,8 +910,10 @@ def main() -> None:
         "top_k is 50). Ours gets a fresh `torch.Generator` seeded per run; transformers "
         "`torch.manual_seed` with the same seed.",
         f"- batch 1 contenders: {'; '.join(contenders)}. Ours: `specsample.decoding.loop.generate` "
-        f"with `ModelDrafter(draft)` and `AdaptiveDraftLength({ADAPTIVE_MAX_K})` or fixed "
-        f"k={args.k}, or `NgramDrafter()` (max n-gram 3, latest match) with "
+        f"with `ModelDrafter(draft, confidence={DEFAULT_CONFIDENCE})` (the command line's "
+        f"default draft-side stop) and `AdaptiveDraftLength({ADAPTIVE_MAX_K})`, "
+        + ("" if args.no_fixed else f"or `ModelDrafter(draft)` with fixed k={args.k}, ")
+        + f"or `NgramDrafter()` (max n-gram 3, latest match) with "
         f"`AdaptiveDraftLength({args.ngram_k})`. "
         "Transformers: `target.generate(...)`; assisted generation with "
         "`assistant_model=draft` at its defaults in this version "

@@ -81,6 +81,8 @@ def test_generate_json_reports_texts_and_statistics(tiny_pair, capsys):
         ["--drafter", "model", "--k", "4"],
         ["--drafter", "ngram", "--k", "4"],
         ["--drafter", "model", "--k", "4", "--rule", "block"],
+        ["--drafter", "model", "--k", "4", "--draft-survival", "0.01"],
+        ["--drafter", "model", "--k", "4", "--draft-confidence", "0.001"],
         ["--drafter", "model", "--k", "3", "--drafts", "3"],
         ["--drafter", "model", "--tree", "2x2"],
         ["--drafter", "model", "--tree", "3,1,1", "--tree-children", "iid"],
@@ -90,8 +92,22 @@ def test_greedy_output_is_the_same_with_and_without_a_drafter(tiny_pair, capsys,
     target, draft = tiny_pair
     common = ["def reverse(head):", "--target", target, "--temperature", "0"]
     baseline = run_json(capsys, *common, "--drafter", "none")
-    speculative = run_json(capsys, *common, "--draft", draft, *options)
+    # --draft-confidence 0 (unless the case sets it): the tiny random draft would draft nothing.
+    speculative = run_json(capsys, *common, "--draft", draft, "--draft-confidence", "0", *options)
     assert speculative["texts"] == baseline["texts"]
+
+
+@pytest.mark.parametrize("option", ["--draft-confidence", "--draft-survival"])
+def test_draft_stops_reach_the_drafter(tiny_pair, capsys, option):
+    # The tiny random draft is never sure of anything (top probabilities near 1/vocab), so a
+    # threshold of 0.9 stops every draft before its first token (so does the default
+    # confidence 0.4); with both stops off, it drafts.
+    target, draft = tiny_pair
+    common = ["def f", "--target", target, "--draft", draft, "--k", "3", "--temperature", "0"]
+    off = ["--draft-confidence", "0", "--draft-survival", "0"]
+    assert run_json(capsys, *common, *off)["stats"]["mean_draft_length"] > 0
+    assert run_json(capsys, *common, *off, option, "0.9")["stats"]["mean_draft_length"] == 0
+    assert run_json(capsys, *common)["stats"]["mean_draft_length"] == 0
 
 
 @pytest.mark.parametrize(
@@ -107,7 +123,20 @@ def test_greedy_output_is_the_same_with_and_without_a_drafter(tiny_pair, capsys,
 )
 def test_every_rule_is_selectable_and_reported(tiny_pair, capsys, options, rule):
     target, draft = tiny_pair
-    result = run_json(capsys, "def f", "--target", target, "--draft", draft, "--k", "2", *options)
+    # --draft-confidence 0: the tiny random draft is never confident enough to draft otherwise.
+    result = run_json(
+        capsys,
+        "def f",
+        "--target",
+        target,
+        "--draft",
+        draft,
+        "--k",
+        "2",
+        "--draft-confidence",
+        "0",
+        *options,
+    )
     assert rule in result["stats"]["rules_used"]
     assert result["stats"]["new_tokens"] >= 1
 
@@ -160,6 +189,8 @@ def test_tokenizer_mismatch_is_an_error_before_generation(tiny_pair, capsys, tmp
         (["--temperature", "-0.5"], "--temperature"),
         (["--top-p", "0"], "--top-p"),
         (["--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--draft-confidence", "1"], "--draft-confidence"),
+        (["--draft-survival", "-0.1"], "--draft-survival"),
         (["--tree", "wide"], "--tree: expected WIDTHxDEPTH"),
         (["--tree", "2,0"], "--tree"),
         (["--drafts", "0"], "--drafts: expected an integer >= 1"),

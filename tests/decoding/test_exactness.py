@@ -159,6 +159,14 @@ VARIANTS = {
     # k = 3 needs 4 new tokens to be drafted uncut (the loop never drafts past the limit).
     "model-k3": lambda: exactness_p_value(model_drafter(), draft_length=3, max_new_tokens=4),
     "ngram": lambda: exactness_p_value(NgramDrafter(max_ngram=2), draft_length=3),
+    # Draft-side stops: rows of one batch end their drafts at different positions, chosen by
+    # the draft's own probabilities (tests/drafters/test_model_drafter.py checks they do stop).
+    "model-confidence-stop": lambda: exactness_p_value(
+        ModelDrafter(toy_pair()[1], confidence=0.6), draft_length=3, max_new_tokens=4
+    ),
+    "model-survival-stop": lambda: exactness_p_value(
+        ModelDrafter(toy_pair()[1], survival=0.3), draft_length=3, max_new_tokens=4
+    ),
     # EOS = 2 ends rows early, often inside a draft (later drafts and the cache past it dropped).
     "eos": lambda: exactness_p_value(model_drafter(), draft_length=3, max_new_tokens=4, eos=(2,)),
     "ragged-prompts": lambda: exactness_p_value(model_drafter(), prompts=(PROMPT, SHORT_PROMPT)),

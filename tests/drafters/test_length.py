@@ -185,7 +185,7 @@ def test_adaptive_pauses_a_model_free_drafter_when_verifying_more_tokens_costs_t
     assert not policy.paused
 
 
-def test_relative_pass_cost_follows_a_line_through_measured_passes():
+def test_relative_pass_cost_is_the_lower_envelope_optimistic_where_not_measured():
     measured = StepCosts()
     assert measured.relative_pass_cost(5) is None
     measured.add_target_pass(5, 3.0)
@@ -193,7 +193,18 @@ def test_relative_pass_cost_follows_a_line_through_measured_passes():
     measured.add_target_pass(1, 1.0)
     measured.add_target_pass(3, 2.0)
     assert measured.relative_pass_cost(1) == pytest.approx(1.0)
-    assert measured.relative_pass_cost(9) == pytest.approx(5.0)
+    assert measured.relative_pass_cost(3) == pytest.approx(2.0)
+    # Not measured: the cost of the longest measured length below (optimistic).
+    assert measured.relative_pass_cost(2) == pytest.approx(1.0)
+    assert measured.relative_pass_cost(4) == pytest.approx(2.0)
+    assert measured.relative_pass_cost(9) == pytest.approx(3.0)
+    # A longer pass measured cheaper (a faster kernel for more rows) lowers the shorter ones:
+    # a pass could always be padded to that length.
+    measured.add_target_pass(8, 1.6)
+    assert measured.relative_pass_cost(5) == pytest.approx(1.6)
+    assert measured.relative_pass_cost(3) == pytest.approx(1.6)
+    assert measured.relative_pass_cost(2) == pytest.approx(1.0)
+    assert measured.relative_pass_cost(20) == pytest.approx(1.6)
 
 
 def test_adaptive_caps_row_lengths_at_the_theory_best_k():

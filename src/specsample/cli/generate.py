@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from specsample.drafters.model import DEFAULT_CONFIDENCE
+
 DEFAULT_PROMPT = "Write a Python function that reverses a linked list."
 COLORS = {"accepted": "\033[32m", "recovered": "\033[33m", "bonus": "\033[36m"}
 RESET = "\033[0m"
@@ -55,7 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="auto",
         help="draft length: an integer, or 'auto' for the adaptive schedule (default)",
     )
-    parser.add_argument("--max-k", type=int, default=8, help="largest draft length for --k auto")
+    parser.add_argument(
+        "--max-k", type=int, default=16, help="largest draft length for --k auto (default 16)"
+    )
     parser.add_argument(
         "--rule",
         choices=["auto", "token", "block", "typical"],
@@ -92,8 +96,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--draft-confidence",
         type=float,
-        default=0.0,
+        default=DEFAULT_CONFIDENCE,
         help="model drafter: stop drafting a row where the draft's top probability falls below "
+        f"this (0 = off; default {DEFAULT_CONFIDENCE}, chosen by benchmarks/decode_speed.py); "
+        "exact either way",
+    )
+    parser.add_argument(
+        "--draft-survival",
+        type=float,
+        default=0.0,
+        help="model drafter: stop drafting a row where the product of the draft's top "
+        "probabilities so far (its estimate that every draft up to there is kept) falls below "
         "this (0 = off, the default); exact either way",
     )
     parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
@@ -172,6 +185,10 @@ def run(args: argparse.Namespace) -> int:
         raise argparse.ArgumentTypeError(
             f"--draft-confidence: expected a number in [0, 1), got {args.draft_confidence}"
         )
+    if not 0 <= args.draft_survival < 1:
+        raise argparse.ArgumentTypeError(
+            f"--draft-survival: expected a number in [0, 1), got {args.draft_survival}"
+        )
     if args.max_new_tokens < 1:
         raise argparse.ArgumentTypeError(
             f"--max-new-tokens: expected an integer >= 1, got {args.max_new_tokens}"
@@ -199,7 +216,9 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     drafter = {
-        "model": lambda: ModelDrafter(pair.draft),
+        "model": lambda: ModelDrafter(
+            pair.draft, confidence=args.draft_confidence, survival=args.draft_survival
+        ),
         "ngram": NgramDrafter,
         "none": lambda: None,
     }[args.drafter]()

@@ -4,11 +4,11 @@
 - AdaptiveDraftLength: a per-row schedule that grows by one after every draft of a row was kept
   and shrinks by one after a rejection (within [1, max_k]), capped by the batch-wide best k of
   the speedup theory (analysis.theory.best_draft_length) with the measured acceptance rate, the
-  measured cost ratio c and the measured cost of target passes by length (a line fitted through
-  them: on CPUs a pass over more tokens costs more). When the best k is 0, drafting does not pay:
-  rows draft nothing (target-only steps) and one step in `probe_every` drafts a single token to
-  keep measuring. The draft length never depends on the target's future, so every choice here
-  keeps verification exact.
+  measured cost ratio c and the measured cost of target passes by length (their lower envelope,
+  optimistic where a length was not measured yet: see StepCosts.relative_pass_cost). When the
+  best k is 0, drafting does not pay: rows draft nothing (target-only steps) and one step in
+  `probe_every` drafts a single token to keep measuring. The draft length never depends on the
+  target's future, so every choice here keeps verification exact.
 """
 
 from __future__ import annotations
@@ -52,25 +52,32 @@ class StepCosts:
         return self.target_pass[nearest].value
 
     def relative_pass_cost(self, tokens: int) -> float | None:
-        """Cost of a target pass over `tokens` tokens divided by a pass over 1, from a least-
-        squares line through the measured (tokens, seconds) means; flat while fewer than two
-        lengths are measured. None before any pass."""
+        """Cost of a target pass over `tokens` tokens divided by a pass over 1, from the measured
+        means; None before any pass.
+
+        Measured costs are not a line: on CPUs matrix kernels change with the number of rows
+        (here passes over 1-3 tokens cost the same, and 13 tokens cost more than 20). So the
+        estimate is the lower envelope of the measured means (a pass over fewer tokens never
+        costs more than one over more: it could be padded), and a length not measured costs
+        what the longest measured length below it does (the shortest measured one, below all).
+        That is optimistic on purpose: the schedule tries lengths it has not measured, and
+        from then on their real cost is used.
+        """
         if not self.target_pass:
             return None
         sizes = sorted(self.target_pass)
-        if len(sizes) == 1:
-            return 1.0
-        xs = [float(n) for n in sizes]
-        ys = [self.target_pass[n].value for n in sizes]
-        mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
-        slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sum(
-            (x - mean_x) ** 2 for x in xs
-        )
-        slope = max(slope, 0.0)
-        one = mean_y + slope * (1 - mean_x)
+        envelope = [self.target_pass[n].value for n in sizes]
+        for i in range(len(envelope) - 2, -1, -1):
+            envelope[i] = min(envelope[i], envelope[i + 1])
+
+        def cost(n: int) -> float:
+            below = [i for i, size in enumerate(sizes) if size <= n]
+            return envelope[below[-1]] if below else envelope[0]
+
+        one = cost(1)
         if one <= 0:
             return 1.0
-        return (one + slope * (tokens - 1)) / one
+        return cost(tokens) / one
 
 
 PRIOR_KEPT, PRIOR_TESTS = 2.0, 3.0
@@ -82,7 +89,7 @@ class AdaptiveDraftLength:
 
     def __init__(
         self,
-        max_k: int = 8,
+        max_k: int = 16,
         *,
         start_k: int | None = None,
         probe_every: int = 8,

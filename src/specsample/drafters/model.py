@@ -11,22 +11,35 @@ from specsample.drafters.base import Draft
 from specsample.verify.sampling import sample_from_weights
 from specsample.warpers import SamplingConfig, logits_to_probs
 
+# The command line's default `confidence`, chosen by benchmarks/decode_speed.py (the library's
+# default stays 0: a plain drafter drafts what it is asked to).
+DEFAULT_CONFIDENCE = 0.4
+
 
 class ModelDrafter:
     """Drafts with a small model through the LanguageModel protocol.
 
     confidence: stop drafting a row before position i when the draft's largest probability there
-    is below this (0 disables it). The decision depends only on the draft's own distribution, so
-    verification stays exact.
+    is below this (0 disables it).
+    survival: stop drafting a row before position i when the product of the draft's largest
+    probabilities at positions 1..i falls below this (0 disables it). That product estimates the
+    chance that every draft up to i is kept, which is what an extra draft position buys: long
+    drafts where the draft is sure, short ones where it is not.
+    Both use the warped draft distribution's top probability (for greedy decoding, where that is
+    a point mass, the plain softmax's). Both decisions depend only on the draft's own
+    distribution, so verification stays exact.
     """
 
     point_mass = False
 
-    def __init__(self, model: LanguageModel, *, confidence: float = 0.0):
+    def __init__(self, model: LanguageModel, *, confidence: float = 0.0, survival: float = 0.0):
         if not 0 <= confidence < 1:
             raise ValueError(f"confidence: expected a number in [0, 1), got {confidence!r}")
+        if not 0 <= survival < 1:
+            raise ValueError(f"survival: expected a number in [0, 1), got {survival!r}")
         self.cursor = ModelCursor(model)
         self.confidence = confidence
+        self.survival = survival
         self.forward_passes = 0
 
     @property
@@ -52,10 +65,18 @@ class ModelDrafter:
         self.forward_passes += 1
         tokens, probs = [], []
         lengths = torch.zeros(batch, dtype=torch.int64)
+        survival = torch.ones(batch, dtype=torch.float64)
         for i in range(k):
             q = logits_to_probs(logits.float(), sampling)  # [batch, vocab]
-            if self.confidence > 0:
-                drafting &= q.amax(dim=-1).cpu() >= self.confidence
+            if self.confidence > 0 or self.survival > 0:
+                # Greedy warping makes q a point mass; its confidence is the plain softmax's.
+                scores = torch.softmax(logits.float(), dim=-1) if sampling.greedy else q
+                top = scores.amax(dim=-1).double().cpu()
+                survival *= top
+                if self.confidence > 0:
+                    drafting &= top >= self.confidence
+                if self.survival > 0:
+                    drafting &= survival >= self.survival
             drafting &= max_lengths > i
             if not bool(drafting.any()):
                 break
