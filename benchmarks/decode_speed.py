@@ -33,7 +33,7 @@ import transformers
 from specsample.adapters.default_pair import load_default_pair_with_stats
 from specsample.adapters.hf import HFCausalLM
 from specsample.adapters.quantize import quantize_draft
-from specsample.analysis.theory import expected_speedup
+from specsample.analysis.theory import expected_tokens_per_pass
 from specsample.decoding.loop import generate
 from specsample.decoding.stats import DecodeStats
 from specsample.decoding.text import encode_prompt
@@ -212,14 +212,22 @@ def probe_costs(lm: HFCausalLM, context: list[int], sizes: Sequence[int], repeat
 
 
 def theory_prediction(stats: DecodeStats, c: float, target_cost: dict[int, float]) -> float | None:
-    """Leviathan et al.'s speedup from the run's alpha and mean draft length, with costs from the
-    probe: c = draft pass / target 1-token pass, v(k) = target (k+1)-token pass / 1-token pass."""
-    if stats.row_steps == 0:
+    """Leviathan et al.'s speedup from the run's alpha, averaged over the draft lengths the rows
+    used, with costs from the probe: c = draft pass / target 1-token pass, v(k) = target
+    (k+1)-token pass / 1-token pass (nearest probed length), draft passes per step as measured."""
+    steps = sum(stats.draft_lengths.values())
+    if steps == 0 or stats.target_passes == 0:
         return None
-    k = max(round(stats.mean_draft_length), 0)
     single = target_cost[1]
-    nearest = min(target_cost, key=lambda n: abs(n - (k + 1)))
-    return expected_speedup(min(stats.alpha, 1.0), k, c, lambda _: target_cost[nearest] / single)
+
+    def verify(k: int) -> float:
+        return target_cost[min(target_cost, key=lambda n: abs(n - (k + 1)))] / single
+
+    alpha = min(stats.alpha, 1.0)
+    tokens = sum(n * expected_tokens_per_pass(alpha, k) for k, n in stats.draft_lengths.items())
+    cost = sum(n * verify(k) for k, n in stats.draft_lengths.items()) / steps
+    cost += (stats.draft_passes / stats.target_passes) * c
+    return tokens / steps / cost
 
 
 # ---------------------------------------------------------------------------------- contenders
@@ -986,10 +994,12 @@ def main() -> None:
         "after the prefill (ours' DecodeStats); mean k: drafted tokens per row per pass; empty: "
         "share of drafting passes with nothing accepted; c: draft pass / target pass as ours "
         "measures it during the run (DecodeStats.cost_ratio); pred (stats): "
-        "`DecodeStats.predicted_speedup()` (run's own measured costs); pred (theory): "
-        "`expected_speedup(alpha, round(mean k), c, v)` with the probe's costs (c = "
-        f"{c_probe:.3f} for the model drafter, 0 for n-gram; v(k) = (k+1)-token / 1-token "
-        "pass); real/pred: x own TO over the prediction to its left; acceptance by position: "
+        "`DecodeStats.predicted_speedup()` (run's own measured costs; '-' when the run timed no "
+        "1-token target pass); pred (theory): (1 - alpha^(k+1)) / (1 - alpha) averaged over the "
+        "draft lengths k the rows used, over the step cost with the probe's costs (draft passes "
+        f"per step times c = {c_probe:.3f} for the model drafter, 0 for n-gram; plus v(k) = "
+        "(k+1)-token / 1-token pass, averaged alike); real/pred: x own TO over the prediction "
+        "to its left; acceptance by position: "
         "share of drafts kept at position 1, 2, ... among those tested; greedy = ours TO: the "
         "tokens equal ours target-only's (T = 0; float32 rounding in multi-token passes can "
         "flip a near tie).",

@@ -11,6 +11,7 @@ import torch
 
 from specsample.adapters.toy import ToyLM
 from specsample.decoding.loop import ACCEPTED, BONUS, RECOVERED, generate
+from specsample.decoding.stats import DecodeStats
 from specsample.drafters.model import ModelDrafter
 from specsample.drafters.ngram import NgramDrafter
 from specsample.warpers import SamplingConfig
@@ -323,6 +324,36 @@ def test_stats_are_consistent(name):
         assert stats.draft_passes > 0 and stats.cost_ratio is not None
     else:
         assert stats.draft_passes == 0
+
+
+@pytest.mark.parametrize("name", DRAFTERS)
+def test_draft_length_histogram_counts_every_chain_row_step(name):
+    stats = sampled_run(0, name).stats
+    assert sum(stats.draft_lengths.values()) == stats.row_steps
+    assert sum(k * n for k, n in stats.draft_lengths.items()) == stats.drafted
+
+
+def test_predicted_speedup_averages_the_theory_over_draft_lengths():
+    """Half the steps draft 0 tokens, half 4; alpha 0.5; c 0.25; every target pass (1 or 5
+    tokens) costs the same. Expected tokens: (1 + (1 - 0.5^5) / 0.5) / 2 = 1.46875 per step;
+    step cost: 2 draft passes per step times 0.25, plus 1: 1.5. Prediction 0.979; the theory at
+    the mean k = 2 would say 1.75 / 1.5 = 1.17."""
+    stats = DecodeStats(
+        target_passes=10,
+        row_steps=10,
+        draft_passes=20,
+        accepted=5,
+        keep_tests=10,
+        draft_seconds=5.0,
+        target_seconds=10.0,
+        target_single_pass_seconds=1.0,
+        draft_lengths={0: 5, 4: 5},
+    )
+    assert stats.cost_ratio == pytest.approx(0.25)
+    assert stats.predicted_speedup() == pytest.approx(1.46875 / 1.5)
+    # No 1-token target pass timed: no honest prediction (the mean pass is not the 1-token one).
+    stats.target_single_pass_seconds = None
+    assert stats.predicted_speedup() is None
 
 
 def test_target_only_stats_have_one_token_per_pass():

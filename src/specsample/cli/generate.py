@@ -383,8 +383,9 @@ def _print_stats(summary: dict) -> None:
         f"  time split            prefill {seconds['prefill']:.2f} s, draft {seconds['draft']:.2f} "
         f"s, target {seconds['target']:.2f} "
         f"s, verify {seconds['verify']:.2f} s, rest {seconds['rest']:.2f} s",
-        f"  predicted speedup     {summary['predicted_speedup']}  (theory, from alpha, k and c;"
-        " trees: from tokens per pass and c)",
+        f"  predicted speedup     {summary['predicted_speedup']}  (theory, from alpha, the draft "
+        "lengths and the measured costs; trees: from tokens per pass; None when no 1-token "
+        "target pass was timed)",
         f"  rules used            {summary['rules_used']}",
     ]
     print("\n".join(lines), file=sys.stderr)

@@ -274,6 +274,8 @@ def _record(stats, costs, draft, result, active, draft_seconds, target_seconds, 
     else:
         lengths = draft.lengths[rows]
         drafted = int(lengths.sum())
+        for length in lengths.tolist():
+            stats.draft_lengths[length] = stats.draft_lengths.get(length, 0) + 1
         tested_depth = lengths
         k = draft.tokens.shape[1]
         width = k

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from specsample.analysis.theory import expected_speedup
+from specsample.analysis.theory import expected_tokens_per_pass
 
 
 @dataclass
@@ -27,6 +27,7 @@ class DecodeStats:
     target_single_pass_seconds: float | None = None  # measured 1-token target pass, if known
     tree_steps: int = 0  # target passes that verified a token tree
     rules_used: dict[str, int] = field(default_factory=dict)  # rule name -> target passes
+    draft_lengths: dict[int, int] = field(default_factory=dict)  # chain drafts: length -> row steps
 
     @property
     def alpha(self) -> float:
@@ -70,21 +71,31 @@ class DecodeStats:
         return (self.draft_seconds / self.draft_passes) / target
 
     def predicted_speedup(self) -> float | None:
-        """Theory's speedup over target-only decoding from the measured alpha, mean draft length
-        and costs (the pass over k+1 tokens at its measured cost when the 1-token cost is known)."""
+        """Theory's speedup over target-only decoding from the measured acceptance rate, draft
+        lengths and costs; None until a 1-token target pass (the target-only step) was timed.
+
+        Chains: the expected tokens per pass, (1 - alpha^(k+1)) / (1 - alpha), averaged over the
+        draft lengths the rows actually used (adaptive lengths and draft-side stops make k vary,
+        and the mean of that curve is not its value at the mean k), over the measured cost of a
+        step in 1-token target passes: draft passes per step times c, plus the mean target pass.
+        Trees: the measured tokens per pass over the same step cost."""
         c = self.cost_ratio
-        if c is None:
+        if c is None or not self.target_single_pass_seconds or not self.target_passes:
             return None
-        k = max(round(self.mean_draft_length), 0)
-        verify = 1.0
-        if self.target_single_pass_seconds:
-            verify = (self.target_seconds / self.target_passes) / self.target_single_pass_seconds
+        step_cost = (self.draft_passes / self.target_passes) * c + (
+            self.target_seconds / self.target_passes
+        ) / self.target_single_pass_seconds
         if self.tree_steps:
-            # Trees: the chain formula does not apply; use the measured tokens per pass over
-            # the measured cost of one step (its draft passes and one target pass).
-            draft_passes_per_step = self.draft_passes / self.target_passes
-            return self.tokens_per_pass / (draft_passes_per_step * c + verify)
-        return expected_speedup(min(self.alpha, 1.0), k, c, lambda _: verify)
+            return self.tokens_per_pass / step_cost
+        steps = sum(self.draft_lengths.values())
+        if not steps:
+            return None
+        alpha = min(self.alpha, 1.0)
+        tokens = (
+            sum(n * expected_tokens_per_pass(alpha, k) for k, n in self.draft_lengths.items())
+            / steps
+        )
+        return tokens / step_cost
 
     def summary(self) -> dict[str, object]:
         predicted = self.predicted_speedup()
@@ -98,6 +109,7 @@ class DecodeStats:
             "tokens_per_pass": round(self.tokens_per_pass, 3),
             "empty_share": round(self.empty_share, 3),
             "mean_draft_length": round(self.mean_draft_length, 2),
+            "draft_lengths": {str(k): n for k, n in sorted(self.draft_lengths.items())},
             "cost_ratio_c": None if self.cost_ratio is None else round(self.cost_ratio, 3),
             "seconds": {
                 "prefill": round(self.prefill_seconds, 3),
