@@ -33,7 +33,6 @@ import transformers
 from specsample.adapters.default_pair import load_default_pair_with_stats
 from specsample.adapters.hf import HFCausalLM
 from specsample.adapters.quantize import quantize_draft
-from specsample.analysis.theory import expected_tokens_per_pass
 from specsample.decoding.loop import generate
 from specsample.decoding.stats import DecodeStats
 from specsample.decoding.text import encode_prompt
@@ -223,11 +222,9 @@ def theory_prediction(stats: DecodeStats, c: float, target_cost: dict[int, float
     def verify(k: int) -> float:
         return target_cost[min(target_cost, key=lambda n: abs(n - (k + 1)))] / single
 
-    alpha = min(stats.alpha, 1.0)
-    tokens = sum(n * expected_tokens_per_pass(alpha, k) for k, n in stats.draft_lengths.items())
     cost = sum(n * verify(k) for k, n in stats.draft_lengths.items()) / steps
     cost += (stats.draft_passes / stats.target_passes) * c
-    return tokens / steps / cost
+    return stats.theory_tokens_per_pass() / cost
 
 
 # ---------------------------------------------------------------------------------- contenders

@@ -87,15 +87,19 @@ class DecodeStats:
         ) / self.target_single_pass_seconds
         if self.tree_steps:
             return self.tokens_per_pass / step_cost
+        tokens = self.theory_tokens_per_pass()
+        return None if tokens is None else tokens / step_cost
+
+    def theory_tokens_per_pass(self) -> float | None:
+        """Chains: the theory's expected tokens per row step, (1 - alpha^(k+1)) / (1 - alpha)
+        with the measured alpha, averaged over the draft lengths k the rows used; None before
+        any chain step."""
         steps = sum(self.draft_lengths.values())
         if not steps:
             return None
         alpha = min(self.alpha, 1.0)
-        tokens = (
-            sum(n * expected_tokens_per_pass(alpha, k) for k, n in self.draft_lengths.items())
-            / steps
-        )
-        return tokens / step_cost
+        total = sum(n * expected_tokens_per_pass(alpha, k) for k, n in self.draft_lengths.items())
+        return total / steps
 
     def summary(self) -> dict[str, object]:
         predicted = self.predicted_speedup()
