@@ -33,10 +33,10 @@ import transformers
 from specsample.adapters.default_pair import load_default_pair_with_stats
 from specsample.adapters.hf import HFCausalLM
 from specsample.adapters.quantize import quantize_draft
-from specsample.decoding.loop import generate
-from specsample.decoding.stats import DecodeStats
-from specsample.decoding.text import encode_prompt
-from specsample.drafters.length import AdaptiveDraftLength
+from specsample.engine.loop import generate
+from specsample.engine.stats import DecodeStats
+from specsample.engine.text import encode_prompt
+from specsample.engine.length import AdaptiveDraftLength
 from specsample.drafters.model import DEFAULT_CONFIDENCE, ModelDrafter
 from specsample.drafters.ngram import NgramDrafter
 from specsample.warpers import SamplingConfig
@@ -914,7 +914,7 @@ def main() -> None:
         "transformers `do_sample=True, temperature=T, top_k=0, top_p=1.0`, since its default "
         "top_k is 50). Ours gets a fresh `torch.Generator` seeded per run; transformers "
         "`torch.manual_seed` with the same seed.",
-        f"- batch 1 contenders: {'; '.join(contenders)}. Ours: `specsample.decoding.loop.generate` "
+        f"- batch 1 contenders: {'; '.join(contenders)}. Ours: `specsample.engine.loop.generate` "
         f"with `ModelDrafter(draft, confidence={DEFAULT_CONFIDENCE})` (the command line's "
         f"default draft-side stop) and `AdaptiveDraftLength({ADAPTIVE_MAX_K})`, "
         + ("" if args.no_fixed else f"or `ModelDrafter(draft)` with fixed k={args.k}, ")

@@ -30,9 +30,9 @@ import torch
 
 from specsample.adapters.default_pair import load_default_pair_with_stats
 from specsample.adapters.hf import HFCausalLM
-from specsample.decoding.loop import generate
-from specsample.decoding.stats import DecodeStats
-from specsample.decoding.text import encode_prompt
+from specsample.engine.loop import generate
+from specsample.engine.stats import DecodeStats
+from specsample.engine.text import encode_prompt
 from specsample.drafters.model import ModelDrafter
 from specsample.drafters.tree import TreeDrafter, TreeShape
 from specsample.warpers import SamplingConfig

@@ -23,8 +23,8 @@ import transformers
 from transformers.generation.utils import _speculative_sampling
 
 import specsample
-from specsample.verify import draw_uniforms, token_rule
-from specsample.verify.reference import reference_token_rule
+from specsample.rules import draw_uniforms, token_rule
+from specsample.rules.reference import reference_token_rule
 
 K = 4
 VOCAB = 151936

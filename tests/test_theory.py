@@ -16,7 +16,7 @@ from specsample import (
     expected_tokens_per_pass,
 )
 from specsample.analysis.exact import exact_token_rule_distribution
-from specsample.verify.token import token_rule
+from specsample.rules.token import token_rule
 
 ALPHAS = [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0]
 

@@ -12,7 +12,7 @@ from specsample.analysis.theory import (
     expected_speedup,
     expected_tokens_per_pass,
 )
-from specsample.verify import VerifyResult, acceptance_probability, residual, verify
+from specsample.rules import VerifyResult, acceptance_probability, residual, verify
 from specsample.warpers import SamplingConfig, logits_to_probs
 
 __version__ = "0.1.0"

@@ -24,7 +24,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode  # noqa: E402
 from specsample.adapters.hf import HFCausalLM  # noqa: E402
 from specsample.adapters.loading import LoadedPair, load_pair  # noqa: E402
 from specsample.cli.main import main  # noqa: E402
-from specsample.decoding.loop import generate  # noqa: E402
+from specsample.engine.loop import generate  # noqa: E402
 from specsample.drafters.model import ModelDrafter  # noqa: E402
 from specsample.warpers import SamplingConfig  # noqa: E402
 

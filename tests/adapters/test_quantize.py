@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 
 from specsample.adapters.hf import HFCausalLM  # noqa: E402
 from specsample.adapters.quantize import quantize_draft  # noqa: E402
-from specsample.decoding.loop import generate  # noqa: E402
+from specsample.engine.loop import generate  # noqa: E402
 from specsample.drafters.model import ModelDrafter  # noqa: E402
 from specsample.warpers import SamplingConfig  # noqa: E402
 

@@ -12,8 +12,8 @@ import torch
 
 from specsample.adapters import default_pair
 from specsample.adapters.hf import HFCausalLM
-from specsample.decoding.loop import generate
-from specsample.decoding.text import encode_prompt, eos_token_ids
+from specsample.engine.loop import generate
+from specsample.engine.text import encode_prompt, eos_token_ids
 from specsample.drafters.model import ModelDrafter
 from specsample.drafters.ngram import NgramDrafter
 from specsample.warpers import SamplingConfig

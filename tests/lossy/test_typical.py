@@ -23,8 +23,8 @@ from specsample.lossy import (
     typical_keep_mask,
     typical_rule,
 )
-from specsample.verify.result import PAD
-from specsample.verify.token import token_rule
+from specsample.rules.result import PAD
+from specsample.rules.token import token_rule
 
 EXACT = 1e-12
 

@@ -39,6 +39,7 @@ from specsample.adapters.protocol import (
     check_extend_args,
     check_extend_tree_args,
     check_prompts,
+    check_remove_rows_args,
     check_truncate_args,
 )
 
@@ -118,6 +119,21 @@ def _map_kv(cache: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         cache.value_cache = [fn(v) if v.dim() == 4 else v for v in cache.value_cache]
     else:
         raise NotImplementedError(f"cannot reindex cache of type {type(cache).__name__}")
+
+
+def _zip_kv(cache: Any, other: Any, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+    """Set every cached key/value tensor of `cache` to fn(it, the same tensor of `other`)."""
+    if hasattr(cache, "layers"):  # transformers >= 4.56
+        for layer, other_layer in zip(cache.layers, other.layers, strict=True):
+            layer.keys = fn(layer.keys, other_layer.keys)
+            layer.values = fn(layer.values, other_layer.values)
+    elif hasattr(cache, "key_cache"):  # older DynamicCache
+        cache.key_cache = [fn(a, b) for a, b in zip(cache.key_cache, other.key_cache, strict=True)]
+        cache.value_cache = [
+            fn(a, b) for a, b in zip(cache.value_cache, other.value_cache, strict=True)
+        ]
+    else:
+        raise NotImplementedError(f"cannot merge caches of type {type(cache).__name__}")
 
 
 class HFCausalLM:
@@ -260,6 +276,54 @@ class HFCausalLM:
         self._real &= rank <= lengths[:, None]
         self._lengths = lengths.clone()
         self._trim()
+
+    @torch.inference_mode()
+    def add_rows(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Append one row per prompt after the existing rows; returns float logits
+        `[len(prompts), vocab]` after each new prompt.
+
+        The new rows are prefilled on their own (a fresh cache), then their cache is joined to
+        the running one along the batch; the shorter timeline is padded with holes, which the
+        mask never lets anyone attend to. Existing rows are untouched.
+        """
+        self._require_no_tree("add_rows")
+        rows = check_prompts(prompts, self._input_vocab)
+        if self._cache is None or self.batch_size == 0:
+            return self.prefill(rows)
+        running = (self._cache, self._real, self._lengths)
+        logits = self.prefill(rows)
+        joined_cache, joined_real, joined_lengths = running
+        total = max(joined_real.shape[1], self._real.shape[1])
+
+        def pad_slots(x: torch.Tensor, slots: int) -> torch.Tensor:
+            return torch.nn.functional.pad(x, (0, 0, 0, slots - x.shape[2]))
+
+        def join(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            return torch.cat([pad_slots(old, total), pad_slots(new, total)], dim=0)
+
+        _zip_kv(joined_cache, self._cache, join)
+        self._cache = joined_cache
+        self._real = torch.cat(
+            [
+                torch.nn.functional.pad(joined_real, (0, total - joined_real.shape[1])),
+                torch.nn.functional.pad(self._real, (0, total - self._real.shape[1])),
+            ],
+            dim=0,
+        )
+        self._lengths = torch.cat([joined_lengths, self._lengths])
+        return logits
+
+    @torch.inference_mode()
+    def remove_rows(self, keep: torch.Tensor) -> None:
+        """Keep only the rows `keep` (int64 `[m]`, increasing), renumbered 0..m-1."""
+        self._require_state()
+        self._require_no_tree("remove_rows")
+        keep = check_remove_rows_args(keep, self.batch_size).to(self.device)
+        _map_kv(self._cache, lambda x: x.index_select(0, keep))
+        self._real = self._real.index_select(0, keep)
+        self._lengths = self._lengths.index_select(0, keep)
+        if self.batch_size:
+            self._trim()
 
     # ------------------------------------------------------------------ token trees
 

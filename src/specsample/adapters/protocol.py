@@ -23,6 +23,7 @@ __all__ = [
     "check_extend_args",
     "check_extend_tree_args",
     "check_prompts",
+    "check_remove_rows_args",
     "check_truncate_args",
 ]
 
@@ -64,6 +65,21 @@ class LanguageModel(Protocol):
 
         Requires `0 <= lengths[b] <= self.lengths[b]`; used to roll back rejected drafts.
         """
+        ...
+
+    def add_rows(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Append one new row per prompt after the existing rows (continuous batching: requests
+        join between steps). Works with no rows yet; `prefill` is a reset followed by this.
+
+        Returns float logits `[len(prompts), vocab]` for the token after each new prompt. The
+        existing rows are unchanged, and a row's logits never depend on the other rows.
+        """
+        ...
+
+    def remove_rows(self, keep: torch.Tensor) -> None:
+        """Keep only the rows `keep` (int64 `[m]`, increasing indices into the current batch; may
+        be empty): they become rows 0..m-1, in order, and the others are freed. Refused while a
+        token tree is open."""
         ...
 
 
@@ -286,3 +302,17 @@ def _describe(x: object) -> str:
     if isinstance(x, torch.Tensor):
         return f"a tensor of dtype {x.dtype}"
     return type(x).__name__
+
+
+def check_remove_rows_args(keep: object, batch: int) -> torch.Tensor:
+    """Validate `remove_rows`; returns `keep` as int64 on the CPU: `[m]`, strictly increasing
+    indices in `[0, batch)`."""
+    keep = _check_int_tensor(keep, "keep")
+    if keep.dim() != 1:
+        raise ValueError(f"keep: expected a 1-D tensor of row indices, got shape {tuple(keep.shape)}")
+    keep = keep.cpu().long()
+    if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= batch):
+        raise ValueError(f"keep: expected row indices in [0, {batch}), got {keep.tolist()}")
+    if keep.numel() > 1 and not bool((keep[1:] > keep[:-1]).all()):
+        raise ValueError(f"keep: expected strictly increasing row indices, got {keep.tolist()}")
+    return keep

@@ -24,6 +24,7 @@ from specsample.adapters.protocol import (
     check_extend_args,
     check_extend_tree_args,
     check_prompts,
+    check_remove_rows_args,
     check_truncate_args,
 )
 
@@ -75,6 +76,7 @@ class ToyLM:
         self.noise = 1.0 if noise is None else float(noise)
         self.pad_value = float(pad_value)
         self._seqs: list[list[int]] = []
+        self._started = False
         # The open token tree: per row and node id, its parent id, whether it exists and the
         # path of tokens from the row's last token to it (None when no tree is open).
         self._tree: tuple[torch.Tensor, torch.Tensor, list[list[list[int]]]] | None = None
@@ -114,11 +116,27 @@ class ToyLM:
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Reset to `prompts`; returns float logits `[batch, vocab]` after each prompt."""
-        self._seqs = check_prompts(prompts, self.vocab_size)
+        rows = check_prompts(prompts, self.vocab_size)
+        self._seqs = []
         self._tree = None
+        return self.add_rows(rows)
+
+    def add_rows(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Append one row per prompt; returns float logits `[len(prompts), vocab]`."""
+        self._require_no_tree("add_rows")
+        rows = check_prompts(prompts, self.vocab_size)
+        self._seqs.extend(rows)
+        self._started = True
         self.num_calls += 1
-        self.num_positions += len(self._seqs)
-        return torch.stack([self.logits_for(s) for s in self._seqs])
+        self.num_positions += len(rows)
+        return torch.stack([self.logits_for(s) for s in rows])
+
+    def remove_rows(self, keep: torch.Tensor) -> None:
+        """Keep only the rows `keep` (increasing indices), renumbered 0..m-1."""
+        self._require_state()
+        self._require_no_tree("remove_rows")
+        keep = check_remove_rows_args(keep, len(self._seqs))
+        self._seqs = [self._seqs[i] for i in keep.tolist()]
 
     def extend(self, tokens: torch.Tensor, num_valid: torch.Tensor) -> torch.Tensor:
         """Append `tokens[b, :num_valid[b]]`; returns float logits `[batch, n, vocab]`."""
@@ -194,5 +212,5 @@ class ToyLM:
             raise RuntimeError(f"{method}: a token tree is open; call commit_path() first")
 
     def _require_state(self) -> None:
-        if not self._seqs:
+        if not self._started:
             raise RuntimeError("call prefill() before extend() or truncate()")

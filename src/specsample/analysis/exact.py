@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from specsample.verify.result import PAD, VerifyResult
-from specsample.verify.sampling import acceptance_probability, residual
+from specsample.rules.result import PAD, VerifyResult
+from specsample.rules.sampling import acceptance_probability, residual
 
 # A "model" for enumeration: the next-token distribution (float64 [vocab]) after a prefix of ids.
 PrefixModel = Callable[[tuple[int, ...]], torch.Tensor]
@@ -49,7 +49,7 @@ def exact_token_rule_distribution(
 ) -> dict[tuple[int, ...], float]:
     """The exact distribution of the tokens one step of `rule` emits.
 
-    rule:       a function with the signature of `specsample.verify.token.token_rule`.
+    rule:       a function with the signature of `specsample.rules.token.token_rule`.
     target:     prefix -> p(. | prefix); draft: prefix -> q(. | prefix).
     point_mass: draft deterministically (the argmax of q, lowest id on ties) and pass
                 draft_probs=None, as an n-gram drafter does.
@@ -278,7 +278,7 @@ def exact_tree_rule_distribution(
 ) -> dict[tuple[int, ...], float]:
     """The exact distribution of the tokens one step of a tree `rule` emits.
 
-    rule:    a function with the signature of `specsample.verify.tree.tree_rule`.
+    rule:    a function with the signature of `specsample.rules.tree.tree_rule`.
     target, draft: prefix -> p(. | prefix) and q(. | prefix); the children of a node are drawn
              from q at the node's prefix (the tokens on the path from the root to it).
     parents: the tree (tree_parents / chain_parents); siblings are drawn in index order.

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import specsample
-from specsample.verify import acceptance_probability, residual
+from specsample.rules import acceptance_probability, residual
 
 DEFAULT_TARGET = "0.25,0.75"
 DEFAULT_DRAFT = "0.5,0.5"

@@ -162,15 +162,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from specsample.adapters.loading import load_pair
-    from specsample.decoding.loop import generate
-    from specsample.decoding.text import (
+    from specsample.engine.loop import generate
+    from specsample.engine.text import (
         TextStream,
         encode_prompt,
         eos_token_ids,
         stop_string_condition,
         trim_at_stop,
     )
-    from specsample.drafters.length import AdaptiveDraftLength
+    from specsample.engine.length import AdaptiveDraftLength
     from specsample.drafters.model import ModelDrafter
     from specsample.drafters.ngram import NgramDrafter
     from specsample.drafters.tree import TreeDrafter

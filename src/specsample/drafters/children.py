@@ -1,6 +1,6 @@
 """Drawing the children of one tree node from the drafter's distribution q.
 
-The tree rule (`specsample.verify.tree`) needs, for every child, the distribution it was actually
+The tree rule (`specsample.rules.tree`) needs, for every child, the distribution it was actually
 drawn from given its earlier siblings; `draw_children` returns exactly that:
 
 - "iid": m independent draws from q; every child's distribution is q (duplicates possible).
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from specsample.verify.sampling import sample_from_weights
+from specsample.rules.sampling import sample_from_weights
 
 MODES = ("iid", "without_replacement", "top")
 

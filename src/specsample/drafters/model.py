@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 from specsample.adapters.protocol import LanguageModel
-from specsample.decoding.cursor import ModelCursor
+from specsample.adapters.cursor import ModelCursor
 from specsample.drafters.base import Draft
-from specsample.verify.sampling import sample_from_weights
+from specsample.rules.sampling import sample_from_weights
 from specsample.warpers import SamplingConfig, logits_to_probs
 
 # The command line's default `confidence`, chosen by benchmarks/decode_speed.py (the library's

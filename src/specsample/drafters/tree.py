@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from specsample.adapters.protocol import LanguageModel, TreeLanguageModel
-from specsample.decoding.cursor import ModelCursor
+from specsample.adapters.cursor import ModelCursor
 from specsample.drafters.children import draw_children
-from specsample.verify.tree import node_depths, tree_parents
+from specsample.rules.tree import node_depths, tree_parents
 from specsample.warpers import SamplingConfig, logits_to_probs
 
 CHILD_MODES = ("iid", "without_replacement", "top")

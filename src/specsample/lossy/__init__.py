@@ -2,7 +2,7 @@
 
 Every rule in `specsample.verify` is exact: the emitted tokens follow the (warped) target
 distribution. The rules here trade that for more accepted drafts; they are never the default, never
-reachable through `specsample.verify.verify`, and each is measured against the target exactly, by
+reachable through `specsample.rules.verify`, and each is measured against the target exactly, by
 enumeration (see `typical_distance`).
 
 - `typical_rule`: typical acceptance (Medusa, Cai et al. 2024, arXiv 2401.10774): keep a drafted x

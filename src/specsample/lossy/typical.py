@@ -28,9 +28,9 @@ from specsample.analysis.exact import (
     expected_accepted,
     prefix_errors,
 )
-from specsample.verify.result import PAD, VerifyResult, assemble_tokens
-from specsample.verify.sampling import sample_from_weights
-from specsample.verify.token import count_leading_kept, token_rule
+from specsample.rules.result import PAD, VerifyResult, assemble_tokens
+from specsample.rules.sampling import sample_from_weights
+from specsample.rules.token import count_leading_kept, token_rule
 
 EPSILON = 0.09  # Medusa's posterior_threshold: the hard cap on the threshold
 DELTA = 0.3  # Medusa's posterior_alpha: the scale of the entropy-dependent threshold
@@ -48,7 +48,7 @@ def typical_rule(
     delta: float = DELTA,
 ) -> VerifyResult:
     """Typical acceptance on checked inputs, with the positional signature of
-    `specsample.verify.token.token_rule`. LOSSY: the output is not distributed as the target.
+    `specsample.rules.token.token_rule`. LOSSY: the output is not distributed as the target.
 
     draft_tokens    int64 [batch, k]; entries at i >= draft_lengths[b] are ignored (any valid id)
     draft_probs     ignored (float [batch, k, vocab] or None): the keep test reads only the target

@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import torch
 
-from specsample.verify import checks
-from specsample.verify.block import block_rule
-from specsample.verify.greedy import greedy_rule
-from specsample.verify.result import PAD, VerifyResult
-from specsample.verify.sampling import (
+from specsample.rules import checks
+from specsample.rules.block import block_rule
+from specsample.rules.greedy import greedy_rule
+from specsample.rules.result import PAD, VerifyResult
+from specsample.rules.sampling import (
     acceptance_probability,
     draw_uniforms,
     residual,
     sample_from_weights,
 )
-from specsample.verify.token import token_rule
-from specsample.verify.tree import (
+from specsample.rules.token import token_rule
+from specsample.rules.tree import (
     TreeResult,
     chain_parents,
     greedy_tree_rule,

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from specsample import SamplingConfig, logits_to_probs, verify
-from specsample.verify import draw_uniforms, greedy_rule, sample_from_weights, token_rule
-from specsample.verify.reference import reference_sample, reference_token_rule
-from specsample.verify.sampling import BLOCK
+from specsample.rules import draw_uniforms, greedy_rule, sample_from_weights, token_rule
+from specsample.rules.reference import reference_sample, reference_token_rule
+from specsample.rules.sampling import BLOCK
 
 CPU = torch.device("cpu")
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]

@@ -24,11 +24,11 @@ from specsample.analysis.exact import (
     expected_accepted,
     prefix_errors,
 )
-from specsample.verify import draw_uniforms
-from specsample.verify.block import block_rule, cumulative_log_acceptance, pass_thresholds
-from specsample.verify.reference import reference_block_rule
-from specsample.verify.result import VerifyResult, assemble_tokens
-from specsample.verify.token import sample_final_tokens, token_rule
+from specsample.rules import draw_uniforms
+from specsample.rules.block import block_rule, cumulative_log_acceptance, pass_thresholds
+from specsample.rules.reference import reference_block_rule
+from specsample.rules.result import VerifyResult, assemble_tokens
+from specsample.rules.token import sample_final_tokens, token_rule
 from specsample.warpers import SamplingConfig, logits_to_probs
 
 EXACT = 1e-12
@@ -42,7 +42,7 @@ def first_failure_block_rule(
     """Negative control: tau = the number of leading passes (stops at the first failure)."""
     log_kept = cumulative_log_acceptance(draft_tokens, draft_probs, target_probs)
     thresholds = pass_thresholds(log_kept, draft_probs, target_probs, draft_lengths)
-    passed = accept_uniforms <= thresholds
+    passed = accept_uniforms < thresholds
     tau = passed.long().cumprod(dim=1).sum(dim=1)
     scale = torch.nn.functional.pad(log_kept, (1, 0)).gather(1, tau[:, None])[:, 0].exp()
     final = sample_final_tokens(

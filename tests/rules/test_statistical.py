@@ -24,7 +24,7 @@ from helpers import (
     target_joint,
 )
 from specsample import verify
-from specsample.verify import PAD
+from specsample.rules import PAD
 
 ALPHA = 1e-6
 ROWS = 200_000

@@ -7,7 +7,7 @@ draft position i (1-based) and x_i the drafted tokens:
     P_0 = 1;  P_i = min(1, P_{i-1} p_i(x_i) / q_i(x_i))
     R_i = sum_v max(0, P_i p_{i+1}(v) - q_{i+1}(v))            for i < k
     h_i = R_i / (R_i + 1 - P_i)  (1 where that is 0 / 0);      h_k = P_k
-    tau = the LARGEST i with u_i <= h_i (0 if none): a later pass overrides an earlier failure
+    tau = the LARGEST i with u_i < h_i (0 if none): a later pass overrides an earlier failure
     emit x_1..x_tau, then a bonus token from p_{k+1} (tau = k) or one token from
     normalize(max(0, P_tau p_{tau+1} - q_{tau+1})).
 
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from specsample.verify.result import VerifyResult, assemble_tokens
-from specsample.verify.token import sample_final_tokens, token_rule
+from specsample.rules.result import VerifyResult, assemble_tokens
+from specsample.rules.token import sample_final_tokens, token_rule
 
 # Rows of p and q are read this many elements at a time when the R_i are summed.
 CHUNK_ELEMENTS = 1 << 20
@@ -115,9 +115,12 @@ def residual_masses(
 def last_pass(
     accept_uniforms: torch.Tensor, thresholds: torch.Tensor, draft_lengths: torch.Tensor
 ) -> torch.Tensor:
-    """int64 [batch]: tau, the largest i (1-based) with u_i <= h_i, or 0."""
+    """int64 [batch]: tau, the largest i (1-based) with u_i < h_i, or 0.
+
+    Strict, like the token rule's keep test: for u uniform on [0, 1), P(u < h) = h, and h = 0 (a
+    drafted token the target rules out, P_i = 0) is never passed, not even by u = 0."""
     k = thresholds.shape[1]
-    passed = (accept_uniforms <= thresholds) & (
+    passed = (accept_uniforms < thresholds) & (
         torch.arange(k, device=thresholds.device)[None, :] < draft_lengths[:, None]
     )
     index = torch.arange(1, k + 1, device=thresholds.device)[None, :]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from specsample.analysis.theory import expected_speedup
-from specsample.drafters.length import AdaptiveDraftLength, FixedDraftLength, StepCosts
+from specsample.engine.length import AdaptiveDraftLength, FixedDraftLength, StepCosts
 
 
 def costs(draft_step: float, target_pass: float = 1.0) -> StepCosts:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from specsample.adapters.toy import ToyLM
-from specsample.decoding.loop import ACCEPTED, BONUS, RECOVERED, generate
-from specsample.decoding.stats import DecodeStats
+from specsample.engine.loop import ACCEPTED, BONUS, RECOVERED, generate
+from specsample.engine.stats import DecodeStats
 from specsample.drafters.model import ModelDrafter
 from specsample.drafters.ngram import NgramDrafter
 from specsample.warpers import SamplingConfig

@@ -18,7 +18,7 @@ import torch
 
 from helpers import TablePrefixModel, Tables, g_test_p_value, joint_counts, target_joint
 from specsample.drafters.children import draw_children
-from specsample.verify import PAD, tree_parents, verify_tree
+from specsample.rules import PAD, tree_parents, verify_tree
 
 ALPHA = 1e-6
 ROWS = 200_000

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from specsample import SamplingConfig, acceptance_rate, logits_to_probs, verify
-from specsample.verify import PAD, acceptance_probability, draw_uniforms, residual, token_rule
+from specsample.rules import PAD, acceptance_probability, draw_uniforms, residual, token_rule
 
 ROWS = 100_000
 SIGMAS = 6

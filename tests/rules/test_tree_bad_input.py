@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from specsample.drafters.children import draw_children
-from specsample.verify import chain_parents, tree_parents, verify_tree
+from specsample.rules import chain_parents, tree_parents, verify_tree
 
 BATCH, VOCAB = 2, 5
 PARENTS = tree_parents((2, 1))  # [-1, -1, 0, 1]

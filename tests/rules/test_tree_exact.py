@@ -17,11 +17,11 @@ from specsample.analysis.exact import (
     expected_accepted,
     prefix_errors,
 )
-from specsample.verify import chain_parents, tree_parents, tree_rule
-from specsample.verify.reference import reference_tree_rule
-from specsample.verify.result import assemble_tokens
-from specsample.verify.sampling import sample_from_weights
-from specsample.verify.tree import TreeResult
+from specsample.rules import chain_parents, tree_parents, tree_rule
+from specsample.rules.reference import reference_tree_rule
+from specsample.rules.result import assemble_tokens
+from specsample.rules.sampling import sample_from_weights
+from specsample.rules.tree import TreeResult
 
 EXACT = 1e-12
 MODES = ["iid", "without_replacement", "top"]

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from specsample.verify.result import VerifyResult, assemble_tokens
-from specsample.verify.sampling import block_sums_of, sample_blocked
+from specsample.rules.result import VerifyResult, assemble_tokens
+from specsample.rules.sampling import block_sums_of, sample_blocked
 
 # Rows of the residual are formed this many elements at a time (4 MB of float32).
 CHUNK_ELEMENTS = 1 << 20

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from specsample.verify import checks
-from specsample.verify.result import PAD, assemble_tokens
-from specsample.verify.sampling import draw_uniforms, sample_from_weights
+from specsample.rules import checks
+from specsample.rules.result import PAD, assemble_tokens
+from specsample.rules.sampling import draw_uniforms, sample_from_weights
 
 
 @dataclass(frozen=True)

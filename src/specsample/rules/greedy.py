@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from specsample.verify.result import VerifyResult, assemble_tokens
-from specsample.verify.token import count_leading_kept
+from specsample.rules.result import VerifyResult, assemble_tokens
+from specsample.rules.token import count_leading_kept
 
 
 def greedy_rule(

@@ -26,9 +26,9 @@ import torch
 from scipy.stats import chi2
 
 from specsample.adapters.toy import ToyLM
-from specsample.decoding.loop import generate
+from specsample.engine.loop import generate
 from specsample.drafters.base import Draft
-from specsample.drafters.length import AdaptiveDraftLength
+from specsample.engine.length import AdaptiveDraftLength
 from specsample.drafters.model import ModelDrafter
 from specsample.drafters.ngram import NgramDrafter
 from specsample.drafters.tree import TreeDrafter, TreeShape

@@ -10,15 +10,15 @@ from dataclasses import dataclass
 import torch
 
 from specsample.adapters.protocol import LanguageModel
-from specsample.decoding.cursor import ModelCursor
-from specsample.decoding.stats import DecodeStats
+from specsample.adapters.cursor import ModelCursor
+from specsample.engine.stats import DecodeStats
 from specsample.drafters.base import Draft, Drafter
-from specsample.drafters.length import AdaptiveDraftLength, FixedDraftLength, StepCosts
+from specsample.engine.length import AdaptiveDraftLength, FixedDraftLength, StepCosts
 from specsample.drafters.tree import TreeDraft, TreeDrafter
 from specsample.lossy import typical_rule
-from specsample.verify import RULES, draw_uniforms, greedy_rule, verify
-from specsample.verify.result import VerifyResult
-from specsample.verify.tree import TreeResult, greedy_tree_rule, verify_tree
+from specsample.rules import RULES, draw_uniforms, greedy_rule, verify
+from specsample.rules.result import VerifyResult
+from specsample.rules.tree import TreeResult, greedy_tree_rule, verify_tree
 from specsample.warpers import SamplingConfig, logits_to_probs
 
 # A tree is verified node by node (recursive rejection sampling, the token rule's generalisation).

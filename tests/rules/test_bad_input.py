@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from specsample import SamplingConfig, verify
-from specsample.verify.checks import SUM_TOLERANCE
+from specsample.rules.checks import SUM_TOLERANCE
 
 BATCH, K, VOCAB = 2, 3, 5
 

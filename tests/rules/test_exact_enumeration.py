@@ -9,10 +9,10 @@ import torch
 
 from helpers import ConstantModel, TablePrefixModel
 from specsample.analysis.exact import exact_token_rule_distribution, prefix_errors
-from specsample.verify.reference import reference_token_rule
-from specsample.verify.result import VerifyResult, assemble_tokens
-from specsample.verify.sampling import sample_from_weights
-from specsample.verify.token import token_rule
+from specsample.rules.reference import reference_token_rule
+from specsample.rules.result import VerifyResult, assemble_tokens
+from specsample.rules.sampling import sample_from_weights
+from specsample.rules.token import token_rule
 
 EXACT = 1e-12
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from specsample.verify.result import PAD, VerifyResult
-from specsample.verify.tree import TreeResult, node_depths
+from specsample.rules.result import PAD, VerifyResult
+from specsample.rules.tree import TreeResult, node_depths
 
 
 def reference_sample(weights: torch.Tensor, uniform: float) -> int:
@@ -101,7 +101,7 @@ def reference_block_rule(
                 mass = float(torch.clamp(kept[i] * p[i] - q[i], min=0.0).sum())
                 denominator = mass + 1.0 - kept[i]
                 threshold = mass / denominator if denominator > 0 else 1.0
-            if float(accept_uniforms[b, i - 1]) <= threshold:
+            if float(accept_uniforms[b, i - 1]) < threshold:  # h = 0 never passes
                 tau = i
         if tau == length:
             weights = p[length]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from specsample.drafters.children import draw_children
-from specsample.verify import (
+from specsample.rules import (
     chain_parents,
     greedy_tree_rule,
     node_depths,
@@ -24,8 +24,8 @@ from specsample.verify import (
     tree_rule,
     verify_tree,
 )
-from specsample.verify.reference import reference_tree_rule
-from specsample.verify.sampling import sample_from_weights
+from specsample.rules.reference import reference_tree_rule
+from specsample.rules.sampling import sample_from_weights
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 
