@@ -1,4 +1,4 @@
-"""The theory of ALGORITHMS.md §5 against brute force and against the exact enumeration of the
+"""The theory of docs/theory.md against brute force and against the exact enumeration of the
 token rule."""
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ measured wall-clock costs. Power: with N = ROWS = 4000 rows over 27 cells (df 26
 G > 75.5) a bias of KL divergence 0.006 nats from the target joint raises the expected G by
 2 N KL = 50 and is caught about half the time; a bias of 0.0125 nats (+100) 99.6 % of the time.
 The negative controls below (a drafter that picks its drafts by argmax but reports the softmax q,
-the bug ALGORITHMS.md §1 names; and one that samples from q but reports the uniform distribution)
+the bug docs/algorithms.md names; and one that samples from q but reports the uniform distribution)
 reach G of about 3200 and 2000 with the same N.
 """
 
@@ -269,7 +269,7 @@ def test_negative_controls_fail_the_same_test(control):
 
 def test_tree_negative_control_top_children_reported_as_softmax_fails(monkeypatch):
     """A tree drafter that picks each node's children deterministically (top-m) but reports the
-    softmax q they were 'drawn from' (the mistake ALGORITHMS.md section 3 warns about) must fail
+    softmax q they were 'drawn from' (the mistake docs/algorithms.md warns of) must fail
     the same test."""
     import specsample.drafters.tree as tree_module
 

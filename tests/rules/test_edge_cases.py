@@ -1,4 +1,4 @@
-"""Edge cases of `specsample.verify` (ALGORITHMS.md §6) and of its two primitives,
+"""Edge cases of `specsample.verify` (docs/exactness.md) and of its two primitives,
 `acceptance_probability` and `residual`.
 
 Frequency checks draw ROWS rows of one batch with a fixed seed and allow 6 standard deviations per

@@ -67,9 +67,10 @@ def exact_block_rule_distribution(
 ) -> dict[tuple[int, ...], float]:
     """The exact distribution of the tokens one step of a block-verification `rule` emits.
 
-    The pieces of the randomness follow ALGORITHMS.md section 2, computed here independently in
-    float64: each u_i passes (u_i <= h_i) or fails, tau is the last pass, and the final token's
-    uniform has one piece per token of the block residual normalize(max(0, P_tau p - q)).
+    The pieces of the randomness follow the block rule (docs/algorithms.md), computed here
+    independently in float64: each u_i passes (u_i <= h_i) or fails, tau is the last pass, and the
+    final token's uniform has one piece per token of the block residual
+    normalize(max(0, P_tau p - q)).
     """
     outcomes = _Outcomes([], [], [], [], [], [])
     vocab = int(target(()).shape[0])
@@ -247,7 +248,7 @@ def _drafted_from(draft: PrefixModel, drafts: tuple[int, ...], i: int, point_mas
     return torch.zeros_like(q).scatter_(0, torch.tensor([drafts[i]]), 1.0)
 
 
-# Trees (ALGORITHMS.md section 3).
+# Trees (docs/algorithms.md, tree rule).
 
 TREE_MODES = ("iid", "without_replacement", "top")
 # Uniforms given to the nodes a walk does not reach: one copy of every outcome with each. A rule
@@ -465,7 +466,7 @@ def _tree_target_rows(target: PrefixModel, parents: list[int], tree: _TreeDraft)
 
 
 class _TreeWalk:
-    """The walk of ALGORITHMS.md section 3 on one token assignment, split into its pieces."""
+    """The tree rule's walk (docs/algorithms.md) on one token assignment, split into its pieces."""
 
     def __init__(self, parents, tree: _TreeDraft, passed, targets):
         self.tree = tree

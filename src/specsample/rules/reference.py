@@ -124,7 +124,7 @@ def reference_tree_rule(
     accept_uniforms: torch.Tensor,
     sample_uniforms: torch.Tensor,
 ) -> TreeResult:
-    """Same contract as `tree_rule`: recursive rejection sampling (ALGORITHMS.md section 3), one
+    """Same contract as `tree_rule`: recursive rejection sampling (docs/algorithms.md), one
     row at a time, walking down from the root."""
     batch, n = draft_tokens.shape
     parent_list = [int(p) for p in parents.tolist()]

@@ -1,5 +1,5 @@
 """Tree verification: recursive rejection sampling over a tree of drafted tokens (SpecInfer,
-arXiv 2305.09781; recursive rejection sampling, arXiv 2402.14160; ALGORITHMS.md section 3).
+arXiv 2305.09781; recursive rejection sampling, arXiv 2402.14160; docs/algorithms.md).
 
 The drafts form a forest under the context (the root). Node j holds one drafted token; its parent
 is parents[j] (-1: a child of the root). Nodes are in topological order and siblings are ordered by
