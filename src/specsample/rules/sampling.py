@@ -63,23 +63,15 @@ def residual(target_probs: torch.Tensor, draft_probs: torch.Tensor) -> torch.Ten
     return weights / total
 
 
-def sample_from_weights(
-    weights: torch.Tensor, uniforms: torch.Tensor, *, fallback: torch.Tensor | None = None
-) -> torch.Tensor:
+def sample_from_weights(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Draws one index per row of `weights` [batch, vocab] (>= 0, unnormalised) with `uniforms`
     [batch] in [0, 1).
 
     Returns int64 [batch]: the first index i with cumsum(weights)[i] > u * sum(weights); a zero
-    weight is never chosen. A row whose weights are all zero is drawn from the same row of
-    `fallback` [batch, vocab] instead (the rules pass the target distribution: an empty residual
-    means a rejection that has probability 0 in exact arithmetic, see `residual`).
+    weight is never chosen. Every row must have a positive total; the rules see to it (a residual
+    without mass is replaced by the target distribution, as `residual` defines).
     """
     block_sums = block_sums_of(weights)  # [batch, num_blocks]
-    if fallback is not None:
-        empty = block_sums.sum(dim=-1) <= 0
-        if bool(empty.any()):
-            weights = torch.where(empty[:, None], fallback.to(weights.dtype), weights)
-            block_sums = block_sums_of(weights)
     vocab = weights.shape[1]
 
     def block_weights(ids: torch.Tensor) -> torch.Tensor:
