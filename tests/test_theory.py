@@ -16,6 +16,7 @@ from specsample import (
     expected_tokens_per_pass,
 )
 from specsample.analysis.exact import exact_token_rule_distribution
+from specsample.analysis.theory import step_speedup
 from specsample.rules.token import token_rule
 
 ALPHAS = [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0]
@@ -107,6 +108,15 @@ def test_expected_speedup_without_a_verify_cost_curve(alpha, k, cost_ratio):
 def test_expected_speedup_of_no_drafting_is_one():
     for alpha in ALPHAS:
         assert expected_speedup(alpha, 0, 0.3) == 1.0
+
+
+def test_step_speedup_divides_tokens_by_the_step_cost_in_target_passes():
+    """3 tokens from 2 draft passes at c = 0.25 and a target pass costing 1.5 one-token passes:
+    3 / (2 * 0.25 + 1.5) = 1.5; one token per 1-token pass and no drafting is 1."""
+    assert step_speedup(3.0, 2, 0.25, 1.5) == 1.5
+    assert step_speedup(1.0, 0, 0.4) == 1.0
+    with pytest.raises(ValueError, match="cost_ratio"):
+        step_speedup(3.0, 2, -0.1)
 
 
 def verify_cost_curves():

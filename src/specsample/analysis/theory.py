@@ -44,11 +44,27 @@ def expected_speedup(
     over more tokens costs more, so pass the measured curve: a callable, mapping or sequence
     indexed by k (v(0) = 1 where a mapping or sequence leaves it out).
     """
+    tokens = expected_tokens_per_pass(alpha, k)
+    return step_speedup(tokens, k, cost_ratio, _verify_cost(verify_cost, k))
+
+
+def step_speedup(
+    tokens_per_step: float,
+    draft_passes_per_step: float,
+    cost_ratio: float,
+    verify_cost: float = 1.0,
+) -> float:
+    """Tokens per unit time relative to target-only decoding, for a step that emits
+    `tokens_per_step` tokens and costs `draft_passes_per_step` draft passes of relative cost c
+    (`cost_ratio`) plus one target pass of relative cost `verify_cost` (1 = a 1-token pass):
+    tokens_per_step / (draft_passes_per_step c + verify_cost). Target-only decoding emits 1
+    token per 1-token pass, so this ratio is the speedup. Every speedup prediction in the project
+    (theory, DecodeStats, benchmarks) ends in this division."""
     if not cost_ratio >= 0:
         raise ValueError(
             f"cost_ratio: expected a number >= 0 (draft step / target pass), got {cost_ratio!r}"
         )
-    return expected_tokens_per_pass(alpha, k) / (k * cost_ratio + _verify_cost(verify_cost, k))
+    return tokens_per_step / (draft_passes_per_step * cost_ratio + verify_cost)
 
 
 def best_draft_length(
