@@ -452,11 +452,3 @@ def load_default_pair_with_stats(
     sizes = weight_bytes(target.model, draft.model)
     stats = LoadStats(time.perf_counter() - start, rss_bytes(), sizes, from_cache)
     return DefaultPair(target.model, draft.model, target.tokenizer, draft.tokenizer, stats, vocab)
-
-
-def load_default_pair(
-    dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
-) -> tuple[PreTrainedModel, PreTrainedModel, PreTrainedTokenizerBase]:
-    """(target_model, draft_model, tokenizer); see load_default_pair_with_stats for the stats."""
-    pair = load_default_pair_with_stats(dtype, device)
-    return pair.target, pair.draft, pair.tokenizer
