@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import random_case
 from specsample import SamplingConfig, logits_to_probs, verify
 from specsample.rules import draw_uniforms, greedy_rule, sample_from_weights, token_rule
 from specsample.rules.reference import reference_sample, reference_token_rule
@@ -20,71 +21,6 @@ from specsample.rules.sampling import BLOCK
 
 CPU = torch.device("cpu")
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-
-
-def random_logits(shape, vocab, generator, *, sharpness, zero_fraction):
-    """float64 [*shape, vocab] logits; about zero_fraction of the ids are -inf (probability
-    exactly 0), never a whole row."""
-    logits = torch.randn(*shape, vocab, generator=generator, dtype=torch.float64) * sharpness
-    off = torch.rand(*shape, vocab, generator=generator) < zero_fraction
-    keep = torch.randint(0, vocab, (*shape, 1), generator=generator)
-    off.scatter_(-1, keep, False)
-    return logits.masked_fill(off, float("-inf"))
-
-
-def random_case(seed, *, batch=None, k=None, vocab=None, dtype=None, point_mass=None):
-    """A random verification input for the rule functions (draft ids valid everywhere, padding
-    included) and its uniforms. Drafts are drawn from the rounded draft distributions, so every
-    drafted token has positive draft probability."""
-    g = torch.Generator().manual_seed(seed)
-
-    def pick(options):
-        return options[int(torch.randint(0, len(options), (1,), generator=g))]
-
-    batch = batch or int(torch.randint(1, 65, (1,), generator=g))
-    k = int(torch.randint(0, 6, (1,), generator=g)) if k is None else k
-    vocab = vocab or pick(
-        [2, 3, 5, 17, 100, 1023, 1024, 1025, 3000, int(torch.randint(2, 3001, (1,), generator=g))]
-    )
-    dtype = dtype or pick(DTYPES)
-    point_mass = bool(torch.rand(1, generator=g) < 0.3) if point_mass is None else point_mass
-    zero_fraction = pick([0.0, 0.3, 0.7])
-    sharpness = pick([0.5, 2.0, 6.0])
-
-    target_logits = random_logits((batch, k + 1), vocab, g, sharpness=sharpness, zero_fraction=0)
-    # Drafts close to the target (so drafts are often kept), with their own exact zeros.
-    noise = random_logits((batch, k), vocab, g, sharpness=1.0, zero_fraction=zero_fraction)
-    draft_logits = target_logits[:, :k] + pick([0.1, 1.0]) * noise
-    target_zeros = torch.rand(batch, k + 1, vocab, generator=g) < zero_fraction / 2
-    target_zeros[..., 0] = False  # never a whole row
-    target_logits = target_logits.masked_fill(target_zeros, float("-inf"))
-    target_probs = torch.softmax(target_logits, dim=-1).to(dtype)
-    draft_probs = torch.softmax(draft_logits, dim=-1).to(dtype)
-
-    if point_mass:
-        # Argmax drafting (often kept) mixed with arbitrary ids (often p(x) = 0).
-        greedy = target_logits[:, :k].argmax(dim=-1)
-        arbitrary = torch.randint(0, vocab, (batch, k), generator=g)
-        draft_tokens = torch.where(torch.rand(batch, k, generator=g) < 0.7, greedy, arbitrary)
-        draft_probs = None
-    elif k:
-        rows = draft_probs.to(torch.float64).reshape(-1, vocab)
-        draft_tokens = torch.multinomial(rows, 1, generator=g).reshape(batch, k)
-    else:
-        draft_tokens = torch.zeros(batch, 0, dtype=torch.int64)
-
-    draft_lengths = torch.randint(0, k + 1, (batch,), generator=g)
-    draft_lengths[0] = 0
-    draft_lengths[-1] = k
-    accept_uniforms, sample_uniforms = draw_uniforms(batch, k, g, CPU)
-    return (
-        draft_tokens,
-        draft_probs,
-        target_probs,
-        draft_lengths,
-        accept_uniforms,
-        sample_uniforms,
-    )
 
 
 def assert_same_result(case):

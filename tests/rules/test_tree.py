@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import drop_subtrees, random_forest, random_tree_case
 from specsample.drafters.children import draw_children
 from specsample.rules import (
     chain_parents,
@@ -28,61 +29,6 @@ from specsample.rules.reference import reference_tree_rule
 from specsample.rules.sampling import sample_from_weights
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
-
-
-def random_forest(n, generator):
-    """int64 [n]: parents[j] uniform in [-1, j)."""
-    return torch.tensor(
-        [int(torch.randint(-1, j, (1,), generator=generator)) for j in range(n)], dtype=torch.int64
-    )
-
-
-def drop_subtrees(valid, parents, generator, rate):
-    """valid with each node dropped with probability `rate`, together with its descendants."""
-    valid = valid & (torch.rand(valid.shape, generator=generator) >= rate)
-    for j, parent in enumerate(parents.tolist()):
-        if parent >= 0:
-            valid[:, j] &= valid[:, parent]
-    return valid
-
-
-def random_tree_case(seed, *, batch, n, vocab, dtype, point_mass=False, parents=None):
-    """Inputs for tree_rule: node j's draft row is close to the target at its parent (so nodes
-    are often kept) and its token is drawn from that row (rounded to dtype), or, for point-mass
-    drafts, is the parent's target argmax or an arbitrary id (often p(x) = 0). Row 0 has no
-    valid node; about 1 node in 5 is dropped with its subtree."""
-    g = torch.Generator().manual_seed(seed)
-    parents = random_forest(n, g) if parents is None else parents
-    logits = torch.randn(batch, n + 1, vocab, generator=g, dtype=torch.float64) * 2
-    zeros = torch.rand(batch, n + 1, vocab, generator=g) < 0.2
-    zeros[..., 0] = False  # never a whole row
-    target_probs = torch.softmax(logits.masked_fill(zeros, float("-inf")), dim=-1).to(dtype)
-    at_parent = logits[:, parents + 1]  # [batch, n, vocab]
-    noise = torch.randn(batch, n, vocab, generator=g, dtype=torch.float64)
-    draft_probs = torch.softmax(at_parent + noise, dim=-1).to(dtype)
-    if point_mass:
-        greedy = at_parent.argmax(dim=-1)
-        arbitrary = torch.randint(0, vocab, (batch, n), generator=g)
-        draft_tokens = torch.where(torch.rand(batch, n, generator=g) < 0.7, greedy, arbitrary)
-        draft_probs = None
-    elif n:
-        rows = draft_probs.to(torch.float64).reshape(-1, vocab)
-        draft_tokens = torch.multinomial(rows, 1, generator=g).reshape(batch, n)
-    else:
-        draft_tokens = torch.zeros(batch, 0, dtype=torch.int64)
-    node_valid = drop_subtrees(torch.ones(batch, n, dtype=torch.bool), parents, g, 0.2)
-    node_valid[0] = False
-    accept_uniforms = torch.rand(batch, n, generator=g, dtype=torch.float64)
-    sample_uniforms = torch.rand(batch, generator=g, dtype=torch.float64)
-    return (
-        draft_tokens,
-        parents,
-        draft_probs,
-        target_probs,
-        node_valid,
-        accept_uniforms,
-        sample_uniforms,
-    )
 
 
 def assert_same_result(case):

@@ -23,6 +23,7 @@ from specsample.rules.result import VerifyResult, assemble_tokens
 from specsample.rules.token import sample_final_tokens, token_rule
 
 # Rows of p and q are read this many elements at a time when the R_i are summed.
+# Read at every call: tests make it small to cross chunk boundaries.
 CHUNK_ELEMENTS = 1 << 20
 
 

@@ -14,6 +14,7 @@ from specsample.rules.result import VerifyResult, assemble_tokens
 from specsample.rules.sampling import block_sums_of, sample_blocked
 
 # Rows of the residual are formed this many elements at a time (4 MB of float32).
+# Read at every call: tests make it small to cross chunk boundaries.
 CHUNK_ELEMENTS = 1 << 20
 
 
