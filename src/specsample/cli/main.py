@@ -16,9 +16,9 @@ import sys
 from collections.abc import Sequence
 
 import specsample
-from specsample.cli import explain, generate
+from specsample.cli import audit, explain, generate
 
-COMMANDS = (generate.register, explain.register)
+COMMANDS = (generate.register, explain.register, audit.register)
 
 
 def build_parser() -> argparse.ArgumentParser:
