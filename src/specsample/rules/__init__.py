@@ -117,6 +117,18 @@ def verify(
         if draft_probs is not None:
             checks.check_distribution_values("draft_probs", draft_probs, in_draft)
     accept_uniforms, sample_uniforms = draw_uniforms(batch, k, generator, device)
-    return RULES[rule](
+    return chain_rule_for(rule, device)(
         draft_tokens, draft_probs, target_probs, draft_lengths, accept_uniforms, sample_uniforms
     )
+
+
+def chain_rule_for(rule: str, device: torch.device):
+    """The function that runs chain rule `rule` on `device`: the one-launch Triton kernel
+    (specsample.kernels) for CUDA tensors when triton is installed, else the torch rule. Both
+    make the same decisions on the same uniforms."""
+    if device.type == "cuda":
+        from specsample import kernels  # imported on first CUDA use: triton is optional
+
+        if kernels.available():
+            return kernels.RULES[rule]
+    return RULES[rule]
