@@ -17,6 +17,8 @@ import triton.language as tl
 from specsample.kernels.rows import row_search, row_sum
 from specsample.rules.result import PAD, VerifyResult
 
+PAD_ID = tl.constexpr(PAD)  # a module constant a kernel can read
+
 # Ids per block of a row; one program per batch row walks its rows block by block.
 BLOCK_CUDA = 2048
 BLOCK_INTERPRETER = 8192  # the interpreter runs each block as numpy: fewer, larger ones
@@ -81,7 +83,7 @@ def _store_tokens(
 ):
     """tokens[b] = the first `accepted` drafts, the final token, then PAD."""
     slots = tl.arange(0, SLOTS)
-    drafts = tl.load(tokens_ptr + b * k + slots, mask=slots < accepted, other=PAD)
+    drafts = tl.load(tokens_ptr + b * k + slots, mask=slots < accepted, other=PAD_ID)
     row = tl.where(slots == accepted, final, drafts)
     tl.store(out_tokens_ptr + b * (k + 1) + slots, row, mask=slots < k + 1)
     tl.store(out_accepted_ptr + b, accepted)

@@ -22,6 +22,8 @@ from specsample.kernels.rows import row_search, row_sum, row_weights
 from specsample.rules.result import PAD
 from specsample.rules.tree import TreeResult, node_depths
 
+PAD_ID = tl.constexpr(PAD)  # a module constant a kernel can read
+
 
 @triton.jit
 def _weight_at(
@@ -74,7 +76,7 @@ def _tree_kernel(
     accepted = tl.zeros((), dtype=tl.int64)
     slots = tl.arange(0, SLOTS)
     path = tl.full([SLOTS], -1, dtype=tl.int64)
-    emitted = tl.full([SLOTS], PAD, dtype=tl.int64)
+    emitted = tl.full([SLOTS], PAD_ID, dtype=tl.int64)
     for j in range(0, n):
         parent = tl.load(parents_ptr + j)
         valid = tl.load(valid_ptr + b * n + j) != 0
