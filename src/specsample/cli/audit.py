@@ -127,11 +127,16 @@ def _register_server(kinds: argparse._SubParsersAction) -> None:
         help="more prompts, one per line (added to the built-in ones)",
     )
     parser.add_argument(
+        "--no-built-in-prompts",
+        action="store_true",
+        help="use only the prompts of --prompt-file",
+    )
+    parser.add_argument(
         "--samples",
         metavar="N",
         type=int,
-        default=400,
-        help="completions per prompt and server (default: 400)",
+        default=1000,
+        help="completions per prompt and server (default: 1000)",
     )
     parser.add_argument(
         "--max-tokens",
@@ -220,13 +225,17 @@ def run_server(args: argparse.Namespace) -> int:
     except ImportError as error:
         print(f"audit: needs scipy (pip install 'specsample[audit]'): {error}", file=sys.stderr)
         return 2
-    prompts = list(server.BUILT_IN_PROMPTS)
+    prompts = [] if args.no_built_in_prompts else list(server.BUILT_IN_PROMPTS)
     if args.prompt_file is not None:
         try:
             text = args.prompt_file.read_text()
         except OSError as error:
             raise argparse.ArgumentTypeError(f"--prompt-file: cannot read it ({error})") from error
         prompts += [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise argparse.ArgumentTypeError(
+            "--no-built-in-prompts: expected prompts from --prompt-file, got none"
+        )
     config = server.ServerAuditConfig(
         url=args.url,
         model=args.model,
