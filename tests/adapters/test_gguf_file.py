@@ -21,11 +21,12 @@ pytest.importorskip(
 
 from transformers.convert_slow_tokenizer import bytes_to_unicode  # noqa: E402
 
+from helpers import tiny_config  # noqa: E402
 from specsample.adapters.hf import HFCausalLM  # noqa: E402
 from specsample.adapters.loading import LoadedPair, load_pair  # noqa: E402
 from specsample.cli.main import main  # noqa: E402
-from specsample.engine.loop import generate  # noqa: E402
 from specsample.drafters.model import ModelDrafter  # noqa: E402
+from specsample.engine.loop import generate  # noqa: E402
 from specsample.warpers import SamplingConfig  # noqa: E402
 
 LAYERS, HIDDEN, FFN, HEADS, KV_HEADS = 2, 64, 128, 4, 2
@@ -79,7 +80,8 @@ def _gguf_name(hf_name: str) -> str:
 
 
 def _config() -> transformers.Qwen2Config:
-    return transformers.Qwen2Config(
+    return tiny_config(
+        "qwen2",
         vocab_size=VOCAB,
         hidden_size=HIDDEN,
         intermediate_size=FFN,

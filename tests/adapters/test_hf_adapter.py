@@ -11,38 +11,18 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from helpers import TINY_CONFIG, tiny_causal_lm  # noqa: E402
 from specsample.adapters.hf import HFCausalLM  # noqa: E402
 from specsample.adapters.protocol import LanguageModel  # noqa: E402
 
-VOCAB = 64
+VOCAB = TINY_CONFIG["vocab_size"]
 ATOL = 1e-4
-SMALL = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-)
-
-
-def _build(arch: str, attn: str, **overrides: object) -> torch.nn.Module:
-    torch.manual_seed(0)
-    if arch == "qwen2":
-        config_cls, model_cls = transformers.Qwen2Config, transformers.Qwen2ForCausalLM
-    else:
-        config_cls, model_cls = transformers.LlamaConfig, transformers.LlamaForCausalLM
-    config = config_cls(**{**SMALL, **overrides})
-    model = model_cls._from_config(config, attn_implementation=attn, dtype=torch.float32)
-    return model.eval()
-
 
 MODELS = {
-    "qwen2-sdpa": lambda: _build("qwen2", "sdpa"),
-    "qwen2-eager": lambda: _build("qwen2", "eager"),
-    "llama-sdpa": lambda: _build("llama", "sdpa"),
-    "llama-eager": lambda: _build("llama", "eager"),
+    "qwen2-sdpa": lambda: tiny_causal_lm("qwen2", attn="sdpa"),
+    "qwen2-eager": lambda: tiny_causal_lm("qwen2", attn="eager"),
+    "llama-sdpa": lambda: tiny_causal_lm("llama", attn="sdpa"),
+    "llama-eager": lambda: tiny_causal_lm("llama", attn="eager"),
 }
 
 
@@ -186,12 +166,12 @@ def test_errors_name_argument_expected_and_got(qwen: torch.nn.Module) -> None:
 
 
 def test_sliding_window_and_flash_rejected() -> None:
-    windowed = _build(
-        "qwen2", "sdpa", use_sliding_window=True, sliding_window=4, max_window_layers=0
+    windowed = tiny_causal_lm(
+        "qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=0
     )
     with pytest.raises(ValueError, match="full attention"):
         HFCausalLM(windowed)
-    model = _build("llama", "sdpa")
+    model = tiny_causal_lm("llama")
     model.config._attn_implementation = "flash_attention_2"  # pretend; we only inspect it
     with pytest.raises(ValueError, match="attn_implementation"):
         HFCausalLM(model)

@@ -8,27 +8,18 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from helpers import TINY_CONFIG, tiny_causal_lm  # noqa: E402
 from specsample.adapters.hf import HFCausalLM  # noqa: E402
 from specsample.adapters.quantize import quantize_draft  # noqa: E402
-from specsample.engine.loop import generate  # noqa: E402
 from specsample.drafters.model import ModelDrafter  # noqa: E402
+from specsample.engine.loop import generate  # noqa: E402
 from specsample.warpers import SamplingConfig  # noqa: E402
 
-VOCAB = 64
+VOCAB = TINY_CONFIG["vocab_size"]
 
 
-def tiny(seed: int, layers: int = 2) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    return transformers.Qwen2ForCausalLM(config).float().eval()
+def tiny(seed: int) -> torch.nn.Module:
+    return tiny_causal_lm(seed=seed)
 
 
 def test_int8_draft_replaces_linear_layers_and_stays_close():

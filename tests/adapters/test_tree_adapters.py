@@ -13,31 +13,17 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from helpers import TINY_CONFIG, tiny_causal_lm  # noqa: E402
 from specsample.adapters.hf import HFCausalLM  # noqa: E402
 from specsample.adapters.protocol import TreeLanguageModel  # noqa: E402
 from specsample.adapters.toy import ToyLM  # noqa: E402
 
-VOCAB = 64
+VOCAB = TINY_CONFIG["vocab_size"]
 ATOL = 1e-4
-SMALL = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-)
 
 
 def _hf(arch: str, attn: str) -> tuple[TreeLanguageModel, Callable[[list[int]], torch.Tensor]]:
-    torch.manual_seed(0)
-    if arch == "qwen2":
-        config_cls, model_cls = transformers.Qwen2Config, transformers.Qwen2ForCausalLM
-    else:
-        config_cls, model_cls = transformers.LlamaConfig, transformers.LlamaForCausalLM
-    model = model_cls._from_config(config_cls(**SMALL), attn_implementation=attn)
-    model = model.float().eval()
+    model = tiny_causal_lm(arch, attn=attn)
 
     @torch.inference_mode()
     def last_logits(seq: list[int]) -> torch.Tensor:

@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import PreTrainedTokenizerFast
 
+from helpers import tiny_causal_lm
 from specsample.cli.main import main
 
 CORPUS = [
@@ -35,18 +35,13 @@ def save_tiny_model(folder, seed: int, vocab_size: int = 300, corpus=CORPUS, lay
     tokenizer.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", unk_token="<unk>")
     fast.save_pretrained(folder)
-    torch.manual_seed(seed)
-    config = Qwen2Config(
+    model = tiny_causal_lm(
+        seed=seed,
         vocab_size=len(fast),
-        hidden_size=32,
-        intermediate_size=64,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
         eos_token_id=fast.eos_token_id,
     )
-    Qwen2ForCausalLM(config).save_pretrained(folder)
+    model.save_pretrained(folder)
     return str(folder)
 
 
