@@ -87,6 +87,23 @@ def test_top_p_keeps_the_smallest_set_of_most_likely_tokens_reaching_top_p(top_p
     assert torch.allclose(probs[expected_kept], original / original.sum(), rtol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    ("top_p", "expected_kept"),
+    [(0.5, [0]), (0.75, [0, 1])],
+    ids=["reached-by-the-first", "reached-by-the-first-two"],
+)
+def test_top_p_stops_at_the_token_whose_mass_reaches_top_p_exactly(dtype, top_p, expected_kept):
+    """(1/2, 1/4, 1/4) are exact in binary: the running mass reaches top_p exactly, and the
+    tokens after that point are dropped (keeping one more would not be the smallest set)."""
+    logits = logits_of([0.5, 0.25, 0.25]).to(dtype)
+    sorted_probs = torch.softmax(logits, dim=-1)
+    assert sorted_probs.tolist() == [0.5, 0.25, 0.25]  # the boundary is exact, not rounded
+    probs = logits_to_probs(logits, SamplingConfig(top_p=top_p))
+    assert kept(probs) == expected_kept
+    assert kept(apply_top_p(logits, top_p).exp()) == expected_kept
+
+
 def test_top_p_works_on_unsorted_ids_and_keeps_one_token_per_row():
     logits = logits_of([[0.05, 0.3, 0.5, 0.15], [0.97, 0.01, 0.01, 0.01]])
     probs = logits_to_probs(logits, SamplingConfig(top_p=0.75))

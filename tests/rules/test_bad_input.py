@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from specsample import SamplingConfig, verify
+from specsample.rules import PAD, draw_uniforms
 from specsample.rules.checks import SUM_TOLERANCE
+from specsample.rules.reference import reference_token_rule
 
 BATCH, K, VOCAB = 2, 3, 5
 
@@ -35,9 +37,22 @@ def call(draft_tokens=None, draft_probs="valid", target_probs=None, **options):
     )
 
 
-def test_valid_inputs_pass():
-    assert call().tokens.shape == (BATCH, K + 1)
-    assert call(draft_probs=None).tokens.shape == (BATCH, K + 1)
+@pytest.mark.parametrize("point_mass", [False, True], ids=["stochastic", "point-mass"])
+def test_valid_inputs_pass_and_give_the_reference_rule_result(point_mass):
+    result = call(draft_probs=None if point_mass else "valid")
+    draft_tokens, draft_probs, target_probs = valid_inputs()
+    accept, sample = draw_uniforms(BATCH, K, torch.Generator().manual_seed(1), torch.device("cpu"))
+    expected = reference_token_rule(
+        draft_tokens,
+        None if point_mass else draft_probs,
+        target_probs,
+        torch.full((BATCH,), K),
+        accept,
+        sample,
+    )
+    assert torch.equal(result.tokens, expected.tokens)
+    assert torch.equal(result.num_accepted, expected.num_accepted)
+    assert result.rule_used == "token"
 
 
 # Wrong types and ranks.
@@ -213,9 +228,24 @@ def test_token_ids_out_of_range_are_rejected_even_without_validation(bad_id, poi
             )
 
 
-def test_out_of_range_ids_past_the_draft_length_are_ignored():
-    draft_tokens = torch.tensor([[0, -1, VOCAB], [4, 3, 2]])
-    call(draft_tokens=draft_tokens, draft_lengths=torch.tensor([1, 3]))
+@pytest.mark.parametrize("point_mass", [False, True], ids=["stochastic", "point-mass"])
+def test_out_of_range_ids_past_the_draft_length_are_ignored(point_mass):
+    """The same result as with valid ids there: nothing past a row's draft length is read."""
+    lengths = torch.tensor([1, 3])
+    draft_probs = None if point_mass else "valid"
+    padded = call(
+        draft_tokens=torch.tensor([[0, -1, VOCAB], [4, 3, 2]]),
+        draft_probs=draft_probs,
+        draft_lengths=lengths,
+    )
+    valid = call(
+        draft_tokens=torch.tensor([[0, 1, 2], [4, 3, 2]]),
+        draft_probs=draft_probs,
+        draft_lengths=lengths,
+    )
+    assert torch.equal(padded.tokens, valid.tokens)
+    assert torch.equal(padded.num_accepted, valid.num_accepted)
+    assert padded.tokens[0, 2] == PAD  # row 0 emits at most 2 tokens
 
 
 def test_a_drafted_token_with_draft_probability_zero_is_rejected():

@@ -14,6 +14,7 @@ import torch
 
 from specsample import SamplingConfig, acceptance_rate, logits_to_probs, verify
 from specsample.rules import PAD, acceptance_probability, draw_uniforms, residual, token_rule
+from specsample.rules.reference import reference_token_rule
 
 ROWS = 100_000
 SIGMAS = 6
@@ -254,25 +255,34 @@ def test_worked_example_with_two_tokens():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("point_mass", [False, True], ids=["stochastic", "point-mass"])
-def test_full_size_vocabulary_runs_and_emits_valid_ids(dtype, point_mass):
-    vocab, batch, k = 151936, 2, 3
+def test_full_size_vocabulary_gives_the_reference_result_on_the_same_draws(dtype, point_mass):
+    """V = 151936 with the ids from 100000 on ruled out, a batch of 8 rows (more than one chunk
+    of residual rows: 6), ragged: the result of `verify` is the loop reference's on the uniforms
+    its generator draws, and no ruled-out id is emitted."""
+    vocab, batch, k = 151936, 8, 3
     g = generator(11)
     target_logits = torch.randn(batch, k + 1, vocab, generator=g) * 3
     target_logits[..., 100_000:] = float("-inf")
-    target_probs = torch.softmax(target_logits, dim=-1)
+    target_probs = torch.softmax(target_logits, dim=-1).to(dtype)
     draft_probs = torch.softmax(
         target_logits[:, :k] + torch.randn(batch, k, vocab, generator=g), -1
-    )
-    draft_tokens = torch.multinomial(draft_probs.reshape(-1, vocab), 1, generator=g)
+    ).to(dtype)
+    draft_tokens = torch.multinomial(draft_probs.float().reshape(-1, vocab), 1, generator=g)
     draft_tokens = draft_tokens.reshape(batch, k)
+    if point_mass:
+        draft_probs = None
+    lengths = torch.tensor([k, 1, 0, 2, k, k, 1, k])
     result = verify(
-        draft_tokens,
-        None if point_mass else draft_probs.to(dtype),
-        target_probs.to(dtype),
-        generator=g,
-        draft_lengths=torch.tensor([k, 1]),
+        draft_tokens, draft_probs, target_probs, generator=generator(12), draft_lengths=lengths
     )
-    assert_valid_layout(result, draft_tokens, vocab, torch.tensor([k, 1]))
+    accept, sample = draw_uniforms(batch, k, generator(12), torch.device("cpu"))
+    in_draft = torch.arange(k)[None, :] < lengths[:, None]
+    expected = reference_token_rule(
+        torch.where(in_draft, draft_tokens, 0), draft_probs, target_probs, lengths, accept, sample
+    )
+    assert torch.equal(result.tokens, expected.tokens)
+    assert torch.equal(result.num_accepted, expected.num_accepted)
+    assert_valid_layout(result, draft_tokens, vocab, lengths)
     emitted = result.tokens[result.tokens != PAD]
     assert bool((emitted < 100_000).all())
 

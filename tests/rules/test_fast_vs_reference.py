@@ -159,6 +159,7 @@ def test_greedy_rule_equals_token_rule_on_temperature_zero_distributions(point_m
         actual = token_rule(draft_tokens, probs, target_probs, draft_lengths, *uniforms)
         assert torch.equal(actual.tokens, expected.tokens)
         assert torch.equal(actual.num_accepted, expected.num_accepted)
+        assert expected.rule_used == "greedy"
         # Deterministic: any generator gives the same result through `verify`.
         through_verify = verify(
             draft_tokens,

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from specsample.drafters.children import draw_children
-from specsample.rules import chain_parents, tree_parents, verify_tree
+from specsample.rules import chain_parents, draw_uniforms, tree_parents, verify_tree
+from specsample.rules.reference import reference_tree_rule
 
 BATCH, VOCAB = 2, 5
 PARENTS = tree_parents((2, 1))  # [-1, -1, 0, 1]
@@ -36,9 +37,23 @@ def call(draft_tokens=None, parents=None, draft_probs="valid", target_probs=None
     )
 
 
-def test_valid_inputs_pass():
-    assert call().tokens.shape == (BATCH, 3)
-    assert call(draft_probs=None).path.shape == (BATCH, 2)
+@pytest.mark.parametrize("point_mass", [False, True], ids=["stochastic", "point-mass"])
+def test_valid_inputs_pass_and_give_the_reference_rule_result(point_mass):
+    result = call(draft_probs=None if point_mass else "valid")
+    draft_tokens, draft_probs, target_probs = valid_inputs()
+    accept, sample = draw_uniforms(BATCH, N, torch.Generator().manual_seed(1), torch.device("cpu"))
+    expected = reference_tree_rule(
+        draft_tokens,
+        PARENTS,
+        None if point_mass else draft_probs,
+        target_probs,
+        torch.ones(BATCH, N, dtype=torch.bool),
+        accept,
+        sample,
+    )
+    assert torch.equal(result.tokens, expected.tokens)
+    assert torch.equal(result.num_accepted, expected.num_accepted)
+    assert torch.equal(result.path, expected.path)
 
 
 @pytest.mark.parametrize(
@@ -150,9 +165,15 @@ def test_token_ids_out_of_range_are_rejected_even_without_validation(bad_id, poi
 
 
 def test_out_of_range_ids_at_invalid_nodes_are_ignored():
-    draft_tokens = torch.tensor([[0, 1, -1, 3], [4, 3, 2, VOCAB]])
+    """The same result as with valid ids there: an invalid node is never read."""
     node_valid = torch.tensor([[True, True, False, True], [True, True, True, False]])
-    call(draft_tokens=draft_tokens, node_valid=node_valid)
+    padded_ids = torch.tensor([[0, 1, -1, 3], [4, 3, 2, VOCAB]])
+    padded = call(draft_tokens=padded_ids, node_valid=node_valid)
+    valid = call(draft_tokens=torch.tensor([[0, 1, 2, 3], [4, 3, 2, 1]]), node_valid=node_valid)
+    assert torch.equal(padded.tokens, valid.tokens)
+    assert torch.equal(padded.num_accepted, valid.num_accepted)
+    assert torch.equal(padded.path, valid.path)
+    assert 2 not in padded.path[0].tolist() and 3 not in padded.path[1].tolist()
 
 
 def test_a_drafted_token_with_draft_probability_zero_is_rejected():
