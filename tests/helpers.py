@@ -6,6 +6,10 @@ from __future__ import annotations
 import torch
 from scipy.stats import chi2
 
+from specsample.rules import draw_uniforms
+
+CASE_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
 
 def random_distribution(
     vocab: int, generator: torch.Generator, *, sharpness: float = 1.0, zeros: int = 0
@@ -58,6 +62,20 @@ def g_test_p_value(observed: torch.Tensor, expected_probs: torch.Tensor) -> floa
     o, e = observed[cells], expected[cells]
     g = 2 * float(torch.where(o > 0, o * torch.log(o / e), torch.zeros_like(o)).sum())
     return float(chi2.sf(g, df=int(cells.sum()) - 1))
+
+
+def g_statistic(observed: torch.Tensor, expected_probs: torch.Tensor) -> tuple[float, int]:
+    """(G statistic, degrees of freedom) of observed counts against expected probabilities; G is
+    infinite when a cell of expected probability 0 is not empty. Several independent G statistics
+    add up, and so do their degrees of freedom (a test over groups of fixed sizes)."""
+    observed = observed.flatten().to(torch.float64)
+    expected = expected_probs.flatten().to(torch.float64) * observed.sum()
+    cells = expected > 0
+    if bool((observed[~cells] > 0).any()):
+        return float("inf"), int(cells.sum()) - 1
+    o, e = observed[cells], expected[cells]
+    g = 2 * float(torch.where(o > 0, o * torch.log(o / e), torch.zeros_like(o)).sum())
+    return g, int(cells.sum()) - 1
 
 
 class Tables:
@@ -128,3 +146,126 @@ def tiny_causal_lm(arch: str = "qwen2", *, seed: int = 0, attn: str = "sdpa", **
     model_cls = getattr(transformers, model_name)
     model = model_cls._from_config(config, attn_implementation=attn, dtype=torch.float32)
     return model.eval()
+
+
+# Random inputs for the rule functions (fast rule against its reference).
+
+
+def random_logits(shape, vocab, generator, *, sharpness, zero_fraction):
+    """float64 [*shape, vocab] logits; about zero_fraction of the ids are -inf (probability
+    exactly 0), never a whole row."""
+    logits = torch.randn(*shape, vocab, generator=generator, dtype=torch.float64) * sharpness
+    off = torch.rand(*shape, vocab, generator=generator) < zero_fraction
+    keep = torch.randint(0, vocab, (*shape, 1), generator=generator)
+    off.scatter_(-1, keep, False)
+    return logits.masked_fill(off, float("-inf"))
+
+
+def random_case(seed, *, batch=None, k=None, vocab=None, dtype=None, point_mass=None):
+    """A random verification input for the rule functions (draft ids valid everywhere, padding
+    included) and its uniforms. Drafts are drawn from the rounded draft distributions, so every
+    drafted token has positive draft probability."""
+    g = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[int(torch.randint(0, len(options), (1,), generator=g))]
+
+    batch = batch or int(torch.randint(1, 65, (1,), generator=g))
+    k = int(torch.randint(0, 6, (1,), generator=g)) if k is None else k
+    vocab = vocab or pick(
+        [2, 3, 5, 17, 100, 1023, 1024, 1025, 3000, int(torch.randint(2, 3001, (1,), generator=g))]
+    )
+    dtype = dtype or pick(CASE_DTYPES)
+    point_mass = bool(torch.rand(1, generator=g) < 0.3) if point_mass is None else point_mass
+    zero_fraction = pick([0.0, 0.3, 0.7])
+    sharpness = pick([0.5, 2.0, 6.0])
+
+    target_logits = random_logits((batch, k + 1), vocab, g, sharpness=sharpness, zero_fraction=0)
+    # Drafts close to the target (so drafts are often kept), with their own exact zeros.
+    noise = random_logits((batch, k), vocab, g, sharpness=1.0, zero_fraction=zero_fraction)
+    draft_logits = target_logits[:, :k] + pick([0.1, 1.0]) * noise
+    target_zeros = torch.rand(batch, k + 1, vocab, generator=g) < zero_fraction / 2
+    target_zeros[..., 0] = False  # never a whole row
+    target_logits = target_logits.masked_fill(target_zeros, float("-inf"))
+    target_probs = torch.softmax(target_logits, dim=-1).to(dtype)
+    draft_probs = torch.softmax(draft_logits, dim=-1).to(dtype)
+
+    if point_mass:
+        # Argmax drafting (often kept) mixed with arbitrary ids (often p(x) = 0).
+        greedy = target_logits[:, :k].argmax(dim=-1)
+        arbitrary = torch.randint(0, vocab, (batch, k), generator=g)
+        draft_tokens = torch.where(torch.rand(batch, k, generator=g) < 0.7, greedy, arbitrary)
+        draft_probs = None
+    elif k:
+        rows = draft_probs.to(torch.float64).reshape(-1, vocab)
+        draft_tokens = torch.multinomial(rows, 1, generator=g).reshape(batch, k)
+    else:
+        draft_tokens = torch.zeros(batch, 0, dtype=torch.int64)
+
+    draft_lengths = torch.randint(0, k + 1, (batch,), generator=g)
+    draft_lengths[0] = 0
+    draft_lengths[-1] = k
+    accept_uniforms, sample_uniforms = draw_uniforms(batch, k, g, torch.device("cpu"))
+    return (
+        draft_tokens,
+        draft_probs,
+        target_probs,
+        draft_lengths,
+        accept_uniforms,
+        sample_uniforms,
+    )
+
+
+def random_forest(n, generator):
+    """int64 [n]: parents[j] uniform in [-1, j)."""
+    return torch.tensor(
+        [int(torch.randint(-1, j, (1,), generator=generator)) for j in range(n)], dtype=torch.int64
+    )
+
+
+def drop_subtrees(valid, parents, generator, rate):
+    """valid with each node dropped with probability `rate`, together with its descendants."""
+    valid = valid & (torch.rand(valid.shape, generator=generator) >= rate)
+    for j, parent in enumerate(parents.tolist()):
+        if parent >= 0:
+            valid[:, j] &= valid[:, parent]
+    return valid
+
+
+def random_tree_case(seed, *, batch, n, vocab, dtype, point_mass=False, parents=None):
+    """Inputs for tree_rule: node j's draft row is close to the target at its parent (so nodes
+    are often kept) and its token is drawn from that row (rounded to dtype), or, for point-mass
+    drafts, is the parent's target argmax or an arbitrary id (often p(x) = 0). Row 0 has no
+    valid node; about 1 node in 5 is dropped with its subtree."""
+    g = torch.Generator().manual_seed(seed)
+    parents = random_forest(n, g) if parents is None else parents
+    logits = torch.randn(batch, n + 1, vocab, generator=g, dtype=torch.float64) * 2
+    zeros = torch.rand(batch, n + 1, vocab, generator=g) < 0.2
+    zeros[..., 0] = False  # never a whole row
+    target_probs = torch.softmax(logits.masked_fill(zeros, float("-inf")), dim=-1).to(dtype)
+    at_parent = logits[:, parents + 1]  # [batch, n, vocab]
+    noise = torch.randn(batch, n, vocab, generator=g, dtype=torch.float64)
+    draft_probs = torch.softmax(at_parent + noise, dim=-1).to(dtype)
+    if point_mass:
+        greedy = at_parent.argmax(dim=-1)
+        arbitrary = torch.randint(0, vocab, (batch, n), generator=g)
+        draft_tokens = torch.where(torch.rand(batch, n, generator=g) < 0.7, greedy, arbitrary)
+        draft_probs = None
+    elif n:
+        rows = draft_probs.to(torch.float64).reshape(-1, vocab)
+        draft_tokens = torch.multinomial(rows, 1, generator=g).reshape(batch, n)
+    else:
+        draft_tokens = torch.zeros(batch, 0, dtype=torch.int64)
+    node_valid = drop_subtrees(torch.ones(batch, n, dtype=torch.bool), parents, g, 0.2)
+    node_valid[0] = False
+    accept_uniforms = torch.rand(batch, n, generator=g, dtype=torch.float64)
+    sample_uniforms = torch.rand(batch, generator=g, dtype=torch.float64)
+    return (
+        draft_tokens,
+        parents,
+        draft_probs,
+        target_probs,
+        node_valid,
+        accept_uniforms,
+        sample_uniforms,
+    )
