@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Mutation testing of the exact rules and the warpers with mutmut: small bugs are put into the
+# code one at a time and the fast tests that reach the mutated function are run against each; a
+# mutant no test fails "survived". Prints the kill rate per module and lists the survivors.
+#
+#   tools/mutation.sh                 every scoped module (about 25 minutes on 2 cores)
+#   tools/mutation.sh token block     only these (token block tree greedy sampling warpers)
+#
+# Runs in build/mutation/ (a copy of src/ and of the tests it needs), so the working tree is
+# never touched. After a run, `cd build/mutation && ../../.venv/bin/mutmut show NAME` prints a
+# mutant's diff. Before resolving an issue that touches these modules, run it and compare with
+# docs/mutation.md, which lists the survivors known to be equivalent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PYTHON="$ROOT/.venv/bin/python"
+MUTMUT="$ROOT/.venv/bin/mutmut"
+WORK="${MUTATION_DIR:-$ROOT/build/mutation}"  # where the run happens; wiped first
+
+declare -A SOURCE=(
+    [token]=src/specsample/rules/token.py
+    [block]=src/specsample/rules/block.py
+    [tree]=src/specsample/rules/tree.py
+    [greedy]=src/specsample/rules/greedy.py
+    [sampling]=src/specsample/rules/sampling.py
+    [warpers]=src/specsample/warpers/__init__.py
+)
+MODULES=("$@")
+if [ ${#MODULES[@]} -eq 0 ]; then
+    MODULES=(token block tree greedy sampling warpers)
+fi
+ONLY=""
+for module in "${MODULES[@]}"; do
+    if [ -z "${SOURCE[$module]:-}" ]; then
+        echo "tools/mutation.sh: unknown module '$module'; expected one of: ${!SOURCE[*]}" >&2
+        exit 2
+    fi
+    ONLY+="\"${SOURCE[$module]}\", "
+done
+
+# The tool is not a dependency of the package or of its tests: installed here on first use.
+if ! "$PYTHON" -c "import mutmut" 2>/dev/null; then
+    "$PYTHON" -m pip install -q "mutmut>=3.8,<4"
+fi
+
+rm -rf "$WORK"
+mkdir -p "$WORK/tests"
+cp -r src "$WORK/src"
+cp -r tests/rules tests/test_warpers.py tests/helpers.py "$WORK/tests/"
+cp pyproject.toml "$WORK/"
+# Each mutant runs only the tests that reached its function when every test ran once unmutated,
+# on one CPU thread, and is stopped after 4 x (their CPU time + 5 s) seconds of CPU.
+cat >> "$WORK/pyproject.toml" <<EOF
+
+[tool.mutmut]
+source_paths = ["src"]
+only_mutate = [${ONLY%, }]
+pytest_add_cli_args = ["-p", "no:cacheprovider"]
+pytest_add_cli_args_test_selection = ["tests/rules", "tests/test_warpers.py"]
+timeout_multiplier = 2.0
+timeout_constant = 5.0
+process_isolation = "forkserver"
+use_git_change_detection = false
+EOF
+
+cd "$WORK"
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+started=$(date +%s)
+nice -n 10 "$MUTMUT" run --max-children 2 > run.log 2>&1 || {
+    echo "mutmut run failed; the end of build/mutation/run.log:" >&2
+    tail -n 30 run.log >&2
+    exit 1
+}
+"$MUTMUT" results --all true > results.txt
+minutes=$((($(date +%s) - started) / 60))
+
+# results.txt: "    specsample.rules.token.x_keep_mask__mutmut_3: killed", one line per mutant.
+"$PYTHON" - "${MODULES[@]}" <<'EOF'
+import collections
+import sys
+
+modules = sys.argv[1:]
+counts = collections.defaultdict(collections.Counter)
+survivors = []
+for line in open("results.txt"):
+    name, _, status = line.strip().rpartition(": ")
+    if not name:
+        continue
+    module = name.split(".x")[0].split(".")[-1].replace("__init__", "warpers")
+    module = "warpers" if module == "specsample" or name.startswith("specsample.warpers") else module
+    counts[module][status] += 1
+    if status not in ("killed", "timeout"):
+        survivors.append(f"{name}: {status}")
+print(f"{'module':<10} {'mutants':>8} {'killed':>8} {'timeout':>8} {'other':>8} {'kill rate':>10}")
+total = collections.Counter()
+for module in modules:
+    c = counts[module]
+    n = sum(c.values())
+    caught = c["killed"] + c["timeout"]
+    total.update(c)
+    rate = f"{100 * caught / n:.1f}%" if n else "-"
+    other = n - caught
+    print(f"{module:<10} {n:>8} {c['killed']:>8} {c['timeout']:>8} {other:>8} {rate:>10}")
+n = sum(total.values())
+caught = total["killed"] + total["timeout"]
+print(f"{'all':<10} {n:>8} {total['killed']:>8} {total['timeout']:>8} {n - caught:>8} "
+      f"{100 * caught / max(n, 1):>9.1f}%")
+print(f"\n{len(survivors)} not killed (show one: cd build/mutation && mutmut show NAME):")
+for line in survivors:
+    print("  " + line)
+EOF
+echo "($minutes minutes)"
