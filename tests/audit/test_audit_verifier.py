@@ -186,3 +186,12 @@ def test_uninstalled_engines_cannot_be_judged(target):
         pass
     report = audit_verifier(target, samples=1_000)
     assert report.verdict == "could not judge" and "could not judge" in report.message
+
+
+def test_more_tokens_than_the_draft_length_allows_is_rejected():
+    def ignores_lengths(draft_tokens, draft_probs, target_probs, generator, *, draft_lengths=None):
+        return wrong.always_accept(draft_tokens, draft_probs, target_probs, generator)
+
+    report = audit_verifier(ignores_lengths, samples=1_000, cases=["ragged"])
+    assert report.verdict == "rejected"
+    assert "at most draft_lengths + 1" in report.cases[0].message

@@ -223,7 +223,10 @@ def run_case(
                 **kwargs,
             )
         except Exception as error:  # the target failed: nothing can be judged from this case
-            result.message = f"the function raised {type(error).__name__}: {error}"
+            result.message = (
+                f"the function raised {type(error).__name__}: {error} (leave the case out with "
+                "cases= / --cases if the function does not support it)"
+            )
             result.seconds = time.perf_counter() - start
             return result
         try:
@@ -232,7 +235,7 @@ def run_case(
             result.message = str(error)
             result.seconds = time.perf_counter() - start
             return result
-        violation = drafts_not_kept(tokens, emitted, trials.draft_tokens)
+        violation = drafts_not_kept(tokens, emitted, trials.draft_tokens, trials.draft_lengths)
         if violation:
             result.status, result.message = REJECTED, violation
             result.seconds = time.perf_counter() - start
@@ -313,10 +316,21 @@ def check_output(tokens: object, trials, vocab: int) -> tuple[torch.Tensor, torc
     return tokens, emitted
 
 
-def drafts_not_kept(tokens: torch.Tensor, emitted: torch.Tensor, drafts: torch.Tensor) -> str:
+def drafts_not_kept(
+    tokens: torch.Tensor,
+    emitted: torch.Tensor,
+    drafts: torch.Tensor,
+    draft_lengths: torch.Tensor | None = None,
+) -> str:
     """A message when some row emitted a token that is not its draft before its last token (every
-    token but the last must be a kept draft), else ''."""
+    token but the last must be a kept draft) or more tokens than its drafts + 1, else ''."""
     k = drafts.shape[1]
+    if draft_lengths is not None and bool((emitted > draft_lengths + 1).any()):
+        row = int(torch.nonzero(emitted > draft_lengths + 1)[0])
+        return (
+            f"row {row} emitted {int(emitted[row])} tokens with draft_lengths "
+            f"{int(draft_lengths[row])}: at most draft_lengths + 1 may come out"
+        )
     before_last = torch.arange(k)[None, :] < (emitted[:, None] - 1)  # [batch, k]
     wrong = before_last & (tokens[:, :k] != drafts)
     if bool(wrong.any()):
