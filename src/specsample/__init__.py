@@ -12,12 +12,15 @@ from specsample.analysis.theory import (
     expected_speedup,
     expected_tokens_per_pass,
 )
+from specsample.engine import Engine, RequestOutput
 from specsample.rules import VerifyResult, acceptance_probability, residual, verify
 from specsample.warpers import SamplingConfig, logits_to_probs
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Engine",
+    "RequestOutput",
     "SamplingConfig",
     "VerifyResult",
     "acceptance_probability",

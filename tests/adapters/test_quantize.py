@@ -12,8 +12,8 @@ from helpers import TINY_CONFIG, tiny_causal_lm  # noqa: E402
 from specsample.adapters.hf import HFCausalLM  # noqa: E402
 from specsample.adapters.quantize import quantize_draft  # noqa: E402
 from specsample.drafters.model import ModelDrafter  # noqa: E402
-from specsample.engine.loop import generate  # noqa: E402
-from specsample.warpers import SamplingConfig  # noqa: E402
+from specsample.engine import generate  # noqa: E402
+from specsample.warpers import RowSampling, SamplingConfig  # noqa: E402
 
 VOCAB = TINY_CONFIG["vocab_size"]
 
@@ -66,7 +66,8 @@ def test_drafter_reports_the_int8_models_own_probabilities():
     drafter = ModelDrafter(draft)
     drafter.start([[1, 2, 3]])
     sampling = SamplingConfig(temperature=1.0)
-    proposal = drafter.propose([[1, 2, 3]], torch.tensor([1]), sampling, torch.Generator())
+    rows = RowSampling.shared(sampling, torch.Generator(), 1)
+    proposal = drafter.propose([[1, 2, 3]], torch.tensor([1]), rows)
     with torch.inference_mode():
         logits = draft.model(input_ids=torch.tensor([[1, 2, 3]])).logits[0, -1]
     torch.testing.assert_close(proposal.probs[0, 0], torch.softmax(logits, -1), atol=1e-3, rtol=0)

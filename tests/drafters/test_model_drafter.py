@@ -9,7 +9,7 @@ import torch
 
 from specsample.adapters.toy import ToyLM
 from specsample.drafters.model import ModelDrafter
-from specsample.warpers import SamplingConfig
+from specsample.warpers import RowSampling, SamplingConfig
 
 VOCAB = 5
 PROMPTS = [[0, 1, 2], [3, 1], [4, 4, 4, 0], [2]]
@@ -23,7 +23,8 @@ def propose(drafter: ModelDrafter, k: int, sampling: SamplingConfig, seed: int =
     drafter.start(PROMPTS)
     generator = torch.Generator().manual_seed(seed)
     max_lengths = torch.full((len(PROMPTS),), k, dtype=torch.int64)
-    return drafter.propose([list(p) for p in PROMPTS], max_lengths, sampling, generator)
+    rows = RowSampling.shared(sampling, generator, len(PROMPTS))
+    return drafter.propose([list(p) for p in PROMPTS], max_lengths, rows)
 
 
 def top_probs_along(draft, model: ToyLM, sampling: SamplingConfig, k: int) -> torch.Tensor:

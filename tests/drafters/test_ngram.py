@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from specsample.drafters.ngram import NgramDrafter
-from specsample.warpers import SamplingConfig
+from specsample.warpers import RowSampling, SamplingConfig
 
 
 def test_lookup_uses_the_longest_matching_suffix():
@@ -61,9 +61,8 @@ def test_lookup_does_not_fall_below_min_ngram():
 def test_propose_returns_point_mass_drafts_with_per_row_lengths():
     drafter = NgramDrafter(max_ngram=2)
     sequences = [[1, 2, 3, 1, 2], [4, 5, 6], [7, 8, 7, 8, 7]]
-    draft = drafter.propose(
-        sequences, torch.tensor([3, 2, 1]), SamplingConfig(), torch.Generator().manual_seed(0)
-    )
+    sampling = RowSampling.shared(SamplingConfig(), torch.Generator().manual_seed(0), 3)
+    draft = drafter.propose(sequences, torch.tensor([3, 2, 1]), sampling)
     assert draft.probs is None
     assert draft.lengths.tolist() == [3, 0, 1]
     assert draft.tokens.tolist() == [[3, 1, 2], [0, 0, 0], [8, 0, 0]]
@@ -72,9 +71,9 @@ def test_propose_returns_point_mass_drafts_with_per_row_lengths():
 
 def test_propose_with_no_match_or_zero_limits_is_empty():
     drafter = NgramDrafter()
-    generator = torch.Generator().manual_seed(0)
-    nothing = drafter.propose([[1, 2, 3]], torch.tensor([4]), SamplingConfig(), generator)
-    limited = drafter.propose([[1, 2, 1, 2]], torch.tensor([0]), SamplingConfig(), generator)
+    sampling = RowSampling.shared(SamplingConfig(), torch.Generator().manual_seed(0), 1)
+    nothing = drafter.propose([[1, 2, 3]], torch.tensor([4]), sampling)
+    limited = drafter.propose([[1, 2, 1, 2]], torch.tensor([0]), sampling)
     for draft in (nothing, limited):
         assert draft.tokens.shape == (1, 0) and draft.lengths.tolist() == [0]
 

@@ -26,12 +26,12 @@ import torch
 from scipy.stats import chi2
 
 from specsample.adapters.toy import ToyLM
-from specsample.engine.loop import generate
 from specsample.drafters.base import Draft
-from specsample.engine.length import AdaptiveDraftLength
 from specsample.drafters.model import ModelDrafter
 from specsample.drafters.ngram import NgramDrafter
 from specsample.drafters.tree import TreeDrafter, TreeShape
+from specsample.engine import generate
+from specsample.engine.length import AdaptiveDraftLength
 from specsample.warpers import SamplingConfig, logits_to_probs
 
 ALPHA = 1e-6
@@ -221,6 +221,7 @@ class MisreportingDrafter:
     `report(q)` as the draft distribution."""
 
     forward_passes = 0
+    fixed_depth = None
 
     def __init__(self, model: ToyLM, *, argmax: bool, report):
         self.model = model
@@ -228,7 +229,7 @@ class MisreportingDrafter:
         self.report = report
         self._q: dict[tuple[int, ...], torch.Tensor] = {}
 
-    def start(self, prompts):
+    def set_rows(self, sequences, keep, prompts):
         pass
 
     def _warped(self, prefix: list[int], sampling: SamplingConfig) -> torch.Tensor:
@@ -237,7 +238,8 @@ class MisreportingDrafter:
             self._q[key] = logits_to_probs(self.model.logits_for(prefix), sampling)
         return self._q[key]
 
-    def propose(self, sequences, max_lengths, sampling, generator) -> Draft:
+    def propose(self, sequences, max_lengths, rows) -> Draft:
+        sampling, generator = rows.configs[0], rows.generators[0]
         batch, k = len(sequences), int(max_lengths.max())
         prefixes = [list(seq) for seq in sequences]
         tokens = torch.zeros(batch, k, dtype=torch.int64)
@@ -252,7 +254,7 @@ class MisreportingDrafter:
             reported[:, i] = self.report(q)
             for prefix, t in zip(prefixes, token.tolist(), strict=True):
                 prefix.append(t)
-        return Draft(tokens, reported, max_lengths.clone())
+        return Draft.chain(tokens, reported, max_lengths.clone())
 
 
 CONTROLS = {

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from specsample.adapters.toy import ToyLM
-from specsample.engine.loop import ACCEPTED, BONUS, RECOVERED, generate
-from specsample.engine.stats import DecodeStats
 from specsample.drafters.model import ModelDrafter
 from specsample.drafters.ngram import NgramDrafter
+from specsample.engine import ACCEPTED, BONUS, RECOVERED, generate
+from specsample.engine.stats import DecodeStats
 from specsample.warpers import SamplingConfig
 
 GREEDY = SamplingConfig(temperature=0)
@@ -157,12 +157,14 @@ class RecordingDrafter:
     def forward_passes(self) -> int:
         return self.inner.forward_passes
 
-    def start(self, prompts):
-        self.inner.start(prompts)
+    fixed_depth = None
 
-    def propose(self, sequences, max_lengths, sampling, generator):
+    def set_rows(self, sequences, keep, prompts):
+        self.inner.set_rows(sequences, keep, prompts)
+
+    def propose(self, sequences, max_lengths, sampling):
         self.calls.append(([len(s) for s in sequences], max_lengths.tolist()))
-        return self.inner.propose(sequences, max_lengths, sampling, generator)
+        return self.inner.propose(sequences, max_lengths, sampling)
 
 
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 5])
@@ -430,7 +432,7 @@ def test_tree_drafter_rejects_block_rule():
     from specsample.drafters.tree import TreeDrafter, TreeShape
 
     target = ToyLM(8, seed=1)
-    with pytest.raises(ValueError, match="rule: a tree drafter is verified node by node"):
+    with pytest.raises(ValueError, match="rule: .block. applies to one draft chain per row only"):
         generate(
             target,
             [[1]],

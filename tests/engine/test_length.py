@@ -22,6 +22,15 @@ def lengths(*values: int) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int64)
 
 
+def paused(policy: AdaptiveDraftLength) -> list[bool]:
+    """Each row's pause flag (rows are numbered 0..batch-1 when next_lengths gets an int)."""
+    return [policy.rows[row].paused for row in sorted(policy.rows)]
+
+
+def alphas(policy: AdaptiveDraftLength) -> list[float | None]:
+    return [policy.rows[row].alpha for row in sorted(policy.rows)]
+
+
 # ---------------------------------------------------------------- fixed
 
 
@@ -48,7 +57,7 @@ def test_adaptive_grows_after_full_acceptance_and_shrinks_after_rejection():
     # rows: all kept, one rejected, the first rejected, did not draft (left as it was)
     policy.update(lengths(3, 3, 3, 0), lengths(3, 2, 0, 0), StepCosts())
     assert policy.next_lengths(4).tolist() == [4, 2, 2, 3]
-    assert not policy.paused
+    assert not any(paused(policy))
 
 
 def test_adaptive_start_k_defaults_to_four_within_max_k():
@@ -65,7 +74,7 @@ def test_adaptive_length_stays_within_one_and_max_k():
         assert bool(((drafted >= 1) & (drafted <= 3)).all())
         accepted = (torch.rand(5, generator=generator) * (drafted + 1)).long()
         policy.update(drafted, accepted, StepCosts())  # no measured costs: never pauses
-    assert not policy.paused
+    assert not any(paused(policy))
 
 
 def test_adaptive_reaches_both_ends_and_stays_there():
@@ -83,7 +92,7 @@ def test_adaptive_does_not_pause_when_drafting_pays():
     policy = AdaptiveDraftLength(max_k=4, start_k=2)
     k = policy.next_lengths(2)
     policy.update(k, lengths(1, 2), costs(0.05))  # cheap drafts, acceptance 3/4
-    assert not policy.paused
+    assert not any(paused(policy))
     assert policy.next_lengths(2).tolist() == [1, 3]
 
 
@@ -93,30 +102,30 @@ def test_adaptive_pauses_with_probes_when_drafting_does_not_pay():
     slow = costs(0.9)  # a draft step costs nearly as much as a target pass
     k = policy.next_lengths(3)
     policy.update(k, lengths(0, 0, 0), slow)  # nothing kept
-    assert policy.paused
-    assert policy.alpha == pytest.approx(2 / 6)  # 0 of 3 kept, with the prior's 2 of 3
+    assert all(paused(policy))
+    assert alphas(policy) == [pytest.approx(2 / 4)] * 3  # 0 of 1 kept, with the prior's 2 of 3
     schedule = []
     for _ in range(3 * probe_every):
         k = policy.next_lengths(3)
         schedule.append(int(k.max()))
-        assert k.tolist() in ([0, 0, 0], [1, 1, 1])  # all rows target-only, or all probe
+        assert k.tolist() in ([0, 0, 0], [2, 2, 2])  # all rows target-only, or all probe
         policy.update(k, lengths(0, 0, 0), slow)  # probes rejected again
-    probes = [step for step, value in enumerate(schedule) if value == 1]
+    probes = [step for step, value in enumerate(schedule) if value == 2]  # start_k
     assert len(probes) == 3
     assert probes[1] - probes[0] == probes[2] - probes[1] == probe_every
-    assert policy.paused
+    assert all(paused(policy))
 
 
 def test_adaptive_resumes_when_probes_show_high_acceptance():
     policy = AdaptiveDraftLength(max_k=8, start_k=2, probe_every=2, min_tests=1)
     slow = costs(0.9)
     policy.update(policy.next_lengths(2), lengths(0, 0), slow)
-    assert policy.paused
+    assert all(paused(policy))
     resumed_at_alpha = None
     for _ in range(200):
         k = policy.next_lengths(2)
-        if not policy.paused:
-            resumed_at_alpha = policy.alpha
+        if not any(paused(policy)):
+            resumed_at_alpha = min(alphas(policy))
             break
         policy.update(k, k, slow)  # every probe kept
     assert resumed_at_alpha is not None, "never resumed drafting"
@@ -130,7 +139,7 @@ def test_adaptive_ignores_steps_without_drafts():
     policy = AdaptiveDraftLength(max_k=4, start_k=2)
     policy.next_lengths(2)
     policy.update(lengths(0, 0), lengths(0, 0), costs(0.9))
-    assert policy.alpha is None and not policy.paused
+    assert alphas(policy) == [None, None] and not any(paused(policy))
     assert policy.next_lengths(2).tolist() == [2, 2]
 
 
@@ -176,13 +185,14 @@ def test_adaptive_pauses_a_model_free_drafter_when_verifying_more_tokens_costs_t
     for n in range(1, 10):
         expensive.add_target_pass(n, 1.0 + (n - 1) / 2)
     policy = AdaptiveDraftLength(max_k=8, start_k=4, min_tests=1)
-    policy.next_lengths(2)
-    policy.update(torch.tensor([4, 4]), torch.tensor([0, 0]), expensive)
-    assert policy.paused
+    for _ in range(2):
+        policy.next_lengths(2)
+        policy.update(torch.tensor([4, 4]), torch.tensor([0, 0]), expensive)
+    assert all(paused(policy))  # alpha (0 + 2) / (1.8 + 3)
     policy = AdaptiveDraftLength(max_k=8, start_k=4, min_tests=1)
     policy.next_lengths(2)
     policy.update(torch.tensor([4, 4]), torch.tensor([4, 3]), expensive)
-    assert not policy.paused
+    assert not any(paused(policy))
 
 
 def test_relative_pass_cost_is_the_lower_envelope_optimistic_where_not_measured():
@@ -215,9 +225,9 @@ def test_adaptive_caps_row_lengths_at_the_theory_best_k():
         measured.add_target_pass(n, 1.0 + 0.25 * (n - 1))
     policy = AdaptiveDraftLength(max_k=8, start_k=6, min_tests=1)
     policy.next_lengths(2)
-    policy.update(torch.tensor([6, 6]), torch.tensor([5, 5]), measured)  # 10 kept, 2 rejected
-    assert policy.alpha == pytest.approx(0.8)  # (10 + 2) / (12 + 3) with the prior
-    assert policy.best_k == 1
+    policy.update(torch.tensor([6, 6]), torch.tensor([5, 5]), measured)  # per row 5 kept of 6
+    assert alphas(policy) == [pytest.approx(7 / 9)] * 2  # (5 + 2) / (6 + 3) with the prior
+    assert [policy.rows[row].best_k for row in (0, 1)] == [1, 1]
     assert policy.next_lengths(2).tolist() == [1, 1]
 
 
@@ -225,8 +235,18 @@ def test_adaptive_needs_min_tests_before_pausing():
     """One unlucky first step (nothing kept) must not stop drafting by itself."""
     slow = costs(0.9)
     policy = AdaptiveDraftLength(max_k=4, start_k=2)  # default min_tests = 12
-    policy.update(policy.next_lengths(3), lengths(0, 0, 0), slow)  # 3 keep tests
-    assert not policy.paused
-    for _ in range(4):
-        policy.update(policy.next_lengths(3), lengths(0, 0, 0), slow)
-    assert policy.paused  # 15 failed keep tests
+    for _ in range(11):
+        policy.update(policy.next_lengths(1), lengths(0), slow)  # one failed keep test each
+    assert paused(policy) == [False]
+    policy.update(policy.next_lengths(1), lengths(0), slow)
+    assert paused(policy) == [True]  # 12 failed keep tests
+
+
+def test_adaptive_rows_are_independent_and_a_joining_row_starts_from_the_prior():
+    policy = AdaptiveDraftLength(max_k=8, start_k=3)
+    assert policy.next_lengths(["a", "b"]).tolist() == [3, 3]
+    policy.update(["a", "b"], lengths(3, 3), lengths(3, 0), StepCosts())
+    assert policy.next_lengths(["a", "b", "c"]).tolist() == [4, 2, 3]  # c joins at start_k
+    policy.forget("a")
+    assert "a" not in policy.rows
+    assert policy.next_lengths(["a"]).tolist() == [3]  # a forgotten row starts afresh

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from specsample.adapters.protocol import LanguageModel
+from specsample.rules.draft import Draft
 
 
 @dataclass
@@ -37,6 +38,7 @@ class ModelCursor:
         self.model = model
         self.cached: list[list[int]] = []  # per row: the tokens the model's cache holds
         self._tree: _Tree | None = None
+        self._owns_rows = False  # False until this cursor reset the model's rows
 
     @property
     def vocab_size(self) -> int:
@@ -48,6 +50,40 @@ class ModelCursor:
         self.model.prefill(prompts)
         self.model.truncate(torch.tensor([len(p) - 1 for p in prompts], dtype=torch.int64))
         self.cached = [list(p[:-1]) for p in prompts]
+        self._owns_rows = True
+
+    def set_rows(
+        self, sequences: list[list[int]], keep: torch.Tensor, prompts: list[list[int]]
+    ) -> None:
+        """Changes the batch between steps: closes an open tree (against `sequences`, every
+        current row's committed tokens), keeps the rows `keep` (increasing indices; renumbered
+        in order), then adds one row per prompt, prefilled with its last token held back. The
+        first call resets the model (rows another user left in it are dropped)."""
+        if not self._owns_rows:
+            if prompts:
+                self.start(prompts)
+            return
+        if self._tree is not None:
+            self._close_tree(sequences)
+        keep_list = keep.tolist()
+        if len(keep_list) < len(self.cached):
+            self.model.remove_rows(keep.to(torch.int64))
+            self.cached = [self.cached[i] for i in keep_list]
+        if prompts:
+            self.model.add_rows(prompts)
+            lengths = self.model.lengths
+            lengths[len(self.cached) :] -= 1
+            self.model.truncate(lengths)
+            self.cached.extend(list(p[:-1]) for p in prompts)
+
+    def score(self, sequences: list[list[int]], active: list[bool], draft: Draft) -> torch.Tensor:
+        """Scores every active row's pending tokens and its draft in one pass. Returns logits
+        [batch, 1+n, vocab]: [b, 0] follows the last token of sequences[b], [b, 1+j] follows
+        node j of the draft (arbitrary for invalid nodes and rows that are not active). A chain
+        is fed as plain tokens; a tree stays open until the next call."""
+        if draft.is_chain:
+            return self.feed(sequences, active, draft.tokens, draft.lengths)
+        return self.feed_tree(sequences, active, draft.tokens, draft.parents, draft.valid)
 
     def feed(
         self,

@@ -121,7 +121,9 @@ def _map_kv(cache: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         raise NotImplementedError(f"cannot reindex cache of type {type(cache).__name__}")
 
 
-def _zip_kv(cache: Any, other: Any, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+def _zip_kv(
+    cache: Any, other: Any, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> None:
     """Set every cached key/value tensor of `cache` to fn(it, the same tensor of `other`)."""
     if hasattr(cache, "layers"):  # transformers >= 4.56
         for layer, other_layer in zip(cache.layers, other.layers, strict=True):

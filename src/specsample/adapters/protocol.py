@@ -309,7 +309,9 @@ def check_remove_rows_args(keep: object, batch: int) -> torch.Tensor:
     indices in `[0, batch)`."""
     keep = _check_int_tensor(keep, "keep")
     if keep.dim() != 1:
-        raise ValueError(f"keep: expected a 1-D tensor of row indices, got shape {tuple(keep.shape)}")
+        raise ValueError(
+            f"keep: expected a 1-D tensor of row indices, got shape {tuple(keep.shape)}"
+        )
     keep = keep.cpu().long()
     if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= batch):
         raise ValueError(f"keep: expected row indices in [0, {batch}), got {keep.tolist()}")

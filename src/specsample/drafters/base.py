@@ -1,45 +1,33 @@
-"""What a drafter proposes, and the protocol every drafter follows."""
+"""The protocol every drafter follows. The draft type itself (`Draft`: one token tree per row,
+a chain being a tree with one child per node) lives with the rules that verify it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from specsample.warpers import SamplingConfig
+from specsample.rules.draft import Draft
+from specsample.warpers import RowSampling
 
-
-@dataclass
-class Draft:
-    """tokens  int64 [batch, k]: the drafted tokens (entries past lengths[b] are padding, 0).
-    probs      float [batch, k, vocab]: the warped distributions they were sampled from, or None
-               for point-mass drafts (each drafted token had probability 1).
-    lengths    int64 [batch]: how many drafts row b has."""
-
-    tokens: torch.Tensor
-    probs: torch.Tensor | None
-    lengths: torch.Tensor
-
-    @staticmethod
-    def empty(batch: int) -> Draft:
-        return Draft(
-            torch.zeros(batch, 0, dtype=torch.int64), None, torch.zeros(batch, dtype=torch.int64)
-        )
+__all__ = ["Draft", "Drafter"]
 
 
 class Drafter(Protocol):
     #: Number of draft forward passes made so far (0 for drafters without a model).
     forward_passes: int
+    #: A fixed draft depth (tree drafters), or None when the engine chooses the length.
+    fixed_depth: int | None
 
-    def start(self, prompts: list[list[int]]) -> None:
-        """Begins a batch of prompts."""
+    def set_rows(
+        self, sequences: list[list[int]], keep: torch.Tensor, prompts: list[list[int]]
+    ) -> None:
+        """Changes the batch between steps: rows `keep` (increasing indices into `sequences`,
+        the current rows' committed tokens) stay, renumbered in order, the others leave; then
+        one row per prompt in `prompts` joins at the end."""
 
     def propose(
-        self,
-        sequences: list[list[int]],
-        max_lengths: torch.Tensor,
-        sampling: SamplingConfig,
-        generator: torch.Generator,
+        self, sequences: list[list[int]], max_lengths: torch.Tensor, sampling: RowSampling
     ) -> Draft:
-        """Drafts at most max_lengths[b] tokens after sequences[b] (0: none for that row)."""
+        """Drafts after sequences[b] no node deeper than max_lengths[b] (0: none for that row);
+        row b's randomness comes from sampling.generators[b] alone."""

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from specsample.adapters.protocol import LanguageModel
 from specsample.adapters.cursor import ModelCursor
+from specsample.adapters.protocol import LanguageModel
 from specsample.drafters.base import Draft
 from specsample.rules.sampling import sample_from_weights
-from specsample.warpers import SamplingConfig, logits_to_probs
+from specsample.warpers import RowSampling
 
 # The command line's default `confidence`, chosen by benchmarks/decode_speed.py (the library's
 # default stays 0: a plain drafter drafts what it is asked to).
@@ -30,7 +30,7 @@ class ModelDrafter:
     distribution, so verification stays exact.
     """
 
-    point_mass = False
+    fixed_depth = None
 
     def __init__(self, model: LanguageModel, *, confidence: float = 0.0, survival: float = 0.0):
         if not 0 <= confidence < 1:
@@ -49,12 +49,13 @@ class ModelDrafter:
     def start(self, prompts: list[list[int]]) -> None:
         self.cursor.start(prompts)
 
+    def set_rows(
+        self, sequences: list[list[int]], keep: torch.Tensor, prompts: list[list[int]]
+    ) -> None:
+        self.cursor.set_rows(sequences, keep, prompts)
+
     def propose(
-        self,
-        sequences: list[list[int]],
-        max_lengths: torch.Tensor,
-        sampling: SamplingConfig,
-        generator: torch.Generator,
+        self, sequences: list[list[int]], max_lengths: torch.Tensor, sampling: RowSampling
     ) -> Draft:
         batch = len(sequences)
         k = int(max_lengths.max()) if batch else 0
@@ -66,11 +67,13 @@ class ModelDrafter:
         tokens, probs = [], []
         lengths = torch.zeros(batch, dtype=torch.int64)
         survival = torch.ones(batch, dtype=torch.float64)
+        greedy = sampling.greedy  # [batch]
         for i in range(k):
-            q = logits_to_probs(logits.float(), sampling)  # [batch, vocab]
+            q = sampling.warp(logits.float())  # [batch, vocab]
             if self.confidence > 0 or self.survival > 0:
                 # Greedy warping makes q a point mass; its confidence is the plain softmax's.
-                scores = torch.softmax(logits.float(), dim=-1) if sampling.greedy else q
+                plain = torch.softmax(logits.float(), dim=-1)
+                scores = torch.where(greedy.to(q.device)[:, None], plain, q)
                 top = scores.amax(dim=-1).double().cpu()
                 survival *= top
                 if self.confidence > 0:
@@ -80,13 +83,10 @@ class ModelDrafter:
             drafting &= max_lengths > i
             if not bool(drafting.any()):
                 break
-            if sampling.greedy:
-                token = q.argmax(dim=-1)
-            else:
-                uniforms = torch.rand(
-                    batch, generator=generator, dtype=torch.float64, device=q.device
-                )
-                token = sample_from_weights(q, uniforms)
+            # Each drafting row draws one uniform from its own generator (greedy rows too, so a
+            # row's draws never depend on its neighbours); a greedy row's q is one-hot.
+            uniforms = sampling.uniforms(drafting.long().tolist(), q.device)[:, 0]
+            token = sample_from_weights(q, uniforms)
             token = torch.where(drafting.to(token.device), token, 0)
             tokens.append(token)
             probs.append(q)
@@ -97,5 +97,5 @@ class ModelDrafter:
         if not tokens:
             return Draft.empty(batch)
         draft_tokens = torch.stack(tokens, dim=1).cpu()
-        draft_probs = None if sampling.greedy else torch.stack(probs, dim=1)
-        return Draft(draft_tokens, draft_probs, lengths)
+        draft_probs = None if sampling.all_greedy else torch.stack(probs, dim=1)
+        return Draft.chain(draft_tokens, draft_probs, lengths)

@@ -8,12 +8,12 @@ from __future__ import annotations
 import torch
 
 from specsample.drafters.base import Draft
-from specsample.warpers import SamplingConfig
+from specsample.warpers import RowSampling
 
 
 class NgramDrafter:
-    point_mass = True
     forward_passes = 0
+    fixed_depth = None
 
     def __init__(self, *, max_ngram: int = 3, min_ngram: int = 1):
         if not 1 <= min_ngram <= max_ngram:
@@ -27,12 +27,13 @@ class NgramDrafter:
     def start(self, prompts: list[list[int]]) -> None:
         pass
 
+    def set_rows(
+        self, sequences: list[list[int]], keep: torch.Tensor, prompts: list[list[int]]
+    ) -> None:
+        pass  # no state: the draft is looked up in the sequences at each step
+
     def propose(
-        self,
-        sequences: list[list[int]],
-        max_lengths: torch.Tensor,
-        sampling: SamplingConfig,
-        generator: torch.Generator,
+        self, sequences: list[list[int]], max_lengths: torch.Tensor, sampling: RowSampling
     ) -> Draft:
         batch = len(sequences)
         k = int(max_lengths.max()) if batch else 0
@@ -47,7 +48,7 @@ class NgramDrafter:
         for b, row in enumerate(found):
             tokens[b, : len(row)] = torch.tensor(row, dtype=torch.int64)
         lengths = torch.tensor([len(f) for f in found], dtype=torch.int64)
-        return Draft(tokens, None, lengths)
+        return Draft.chain(tokens, None, lengths)
 
     def lookup(self, sequence: list[int], limit: int) -> list[int]:
         """Up to `limit` tokens that followed the latest earlier occurrence of the longest

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
-from specsample.adapters.protocol import LanguageModel, TreeLanguageModel
 from specsample.adapters.cursor import ModelCursor
+from specsample.adapters.protocol import LanguageModel, TreeLanguageModel
 from specsample.drafters.children import draw_children
-from specsample.rules.tree import node_depths, tree_parents
-from specsample.warpers import SamplingConfig, logits_to_probs
+from specsample.rules.draft import Draft
+from specsample.rules.tree import tree_parents
+from specsample.warpers import RowSampling
 
 CHILD_MODES = ("iid", "without_replacement", "top")
 MAX_NODES = 256
@@ -91,32 +92,6 @@ class TreeShape:
         return tree_parents(self.branching)
 
 
-@dataclass
-class TreeDraft:
-    """tokens  int64 [batch, n]: the node tokens (0 where not valid).
-    parents    int64 [n]: each node's parent (-1: the root, i.e. the row's last token).
-    probs      float [batch, n, vocab]: the distribution each node was drawn from given its
-               earlier siblings, or None when every node was chosen deterministically.
-    valid      bool [batch, n]: the nodes that exist (cut at a row's depth limit, or children a
-               draw without replacement could not make)."""
-
-    tokens: torch.Tensor
-    parents: torch.Tensor
-    probs: torch.Tensor | None
-    valid: torch.Tensor
-
-    def depth(self) -> int:
-        """The deepest level of the tree (0 without nodes)."""
-        return int(node_depths(self.parents).max()) if self.parents.numel() else 0
-
-    def has_children(self) -> torch.Tensor:
-        """bool [batch, n+1]: [b, 0] for the root, [b, 1+j] for node j."""
-        batch, n = self.tokens.shape
-        out = torch.zeros(batch, n + 1, dtype=torch.bool)
-        index = (self.parents + 1)[None, :].expand(batch, n)
-        return out.scatter_reduce(1, index, self.valid, reduce="amax")
-
-
 class TreeDrafter:
     """Drafts a token tree of a fixed shape with a draft model.
 
@@ -127,8 +102,6 @@ class TreeDrafter:
       "top": the most probable tokens, deterministically (verified as point masses).
     At temperature 0 the children are always the draft's top tokens.
     """
-
-    point_mass = False
 
     def __init__(
         self, model: LanguageModel, shape: TreeShape, *, children: str = "without_replacement"
@@ -146,6 +119,7 @@ class TreeDrafter:
         self.shape = shape
         self.children = children
         self.forward_passes = 0
+        self.fixed_depth = shape.depth
 
     @property
     def vocab_size(self) -> int:
@@ -154,19 +128,20 @@ class TreeDrafter:
     def start(self, prompts: list[list[int]]) -> None:
         self.cursor.start(prompts)
 
-    def propose_tree(
-        self,
-        sequences: list[list[int]],
-        max_depths: torch.Tensor,
-        sampling: SamplingConfig,
-        generator: torch.Generator,
-    ) -> TreeDraft:
-        """Drafts the tree after each sequence; row b gets no node deeper than max_depths[b]
-        (0: no nodes)."""
+    def set_rows(
+        self, sequences: list[list[int]], keep: torch.Tensor, prompts: list[list[int]]
+    ) -> None:
+        self.cursor.set_rows(sequences, keep, prompts)
+
+    def propose(
+        self, sequences: list[list[int]], max_lengths: torch.Tensor, sampling: RowSampling
+    ) -> Draft:
+        """Drafts the tree after each sequence; row b gets no node deeper than max_lengths[b]
+        (0: no nodes), and draws its children with sampling.generators[b] alone."""
         batch = len(sequences)
-        active = max_depths > 0
+        active = max_lengths > 0
         parents = self.shape.parents()
-        mode = "top" if sampling.greedy else self.children
+        greedy = sampling.greedy.tolist()
         logits = self.cursor.feed(sequences, active.tolist())[:, 0]  # [batch, vocab]
         self.forward_passes += 1
         frontier_q = self._warp(logits, sampling)[:, None]  # [batch, 1, vocab]
@@ -174,21 +149,16 @@ class TreeDrafter:
         tokens, probs, valid = [], [], []
         first = 0
         for d, branching in enumerate(self.shape.branching):
-            width = frontier_q.shape[1]
-            vocab = frontier_q.shape[2]
-            child_tokens, child_probs, child_valid = draw_children(
-                frontier_q.reshape(batch * width, vocab), branching, mode, generator
+            width, vocab = frontier_q.shape[1], frontier_q.shape[2]
+            level_tokens, level_probs, level_valid = self._draw_level(
+                frontier_q, branching, greedy, sampling
             )
-            level_valid = child_valid.reshape(batch, width * branching).cpu()
             level_valid &= frontier_valid.repeat_interleave(branching, dim=1)
-            level_valid &= (max_depths > d)[:, None]
-            level_tokens = torch.where(
-                level_valid, child_tokens.reshape(batch, width * branching).cpu(), 0
-            )
+            level_valid &= (max_lengths > d)[:, None]
+            level_tokens = torch.where(level_valid, level_tokens, 0)
             tokens.append(level_tokens)
             valid.append(level_valid)
-            if child_probs is not None:
-                probs.append(child_probs.reshape(batch, width * branching, vocab))
+            probs.append(level_probs)
             size = width * branching
             if d + 1 < self.shape.depth and bool(level_valid.any()):
                 level_parents = parents[first : first + size]
@@ -201,15 +171,38 @@ class TreeDrafter:
                 frontier_q = frontier_q.new_zeros(batch, size, vocab)
             first += size
         assert first == self.shape.num_nodes
-        return TreeDraft(
+        deterministic = all(greedy) or self.children == "top"
+        return Draft(
             torch.cat(tokens, dim=1),
             parents,
-            torch.cat(probs, dim=1) if probs else None,
+            None if deterministic else torch.cat(probs, dim=1),
             torch.cat(valid, dim=1),
         )
 
-    def _warp(self, logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    def _draw_level(
+        self, frontier_q: torch.Tensor, branching: int, greedy: list[bool], sampling: RowSampling
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Children of every frontier node, row by row with the row's own generator. Returns
+        tokens int64 [batch, width*branching], the distribution each child was drawn from
+        [batch, width*branching, vocab] (one-hot for deterministic children) and valid."""
+        tokens, probs, valid = [], [], []
+        for b in range(frontier_q.shape[0]):
+            mode = "top" if greedy[b] else self.children
+            child_tokens, child_probs, child_valid = draw_children(
+                frontier_q[b], branching, mode, sampling.generators[b]
+            )
+            child_tokens = child_tokens.reshape(-1)
+            if child_probs is None:
+                child_probs = torch.nn.functional.one_hot(child_tokens, frontier_q.shape[2]).to(
+                    frontier_q.dtype
+                )
+            tokens.append(child_tokens.cpu())
+            probs.append(child_probs.reshape(-1, frontier_q.shape[2]))
+            valid.append(child_valid.reshape(-1).cpu())
+        return torch.stack(tokens), torch.stack(probs), torch.stack(valid)
+
+    def _warp(self, logits: torch.Tensor, sampling: RowSampling) -> torch.Tensor:
         # At temperature 0 the top children of the draft's own softmax are drafted.
-        if sampling.greedy:
-            return torch.softmax(logits.float(), dim=-1)
-        return logits_to_probs(logits.float(), sampling)
+        plain = torch.softmax(logits.float(), dim=-1)
+        greedy = sampling.greedy.to(logits.device).reshape(-1, *(1,) * (logits.dim() - 1))
+        return torch.where(greedy, plain, sampling.warp(logits.float()))

@@ -7,11 +7,14 @@
   measured cost ratio c and the measured cost of target passes by length (their lower envelope,
   optimistic where a length was not measured yet: see StepCosts.relative_pass_cost). When the
   best k is 0, drafting does not pay: rows draft nothing (target-only steps) and one step in
-  `probe_every` drafts a single token to keep measuring. The draft length never depends on the
+  `probe_every` drafts start_k tokens to keep measuring. The draft length never depends on the
   target's future, so every choice here keeps verification exact.
 """
 
 from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -24,10 +27,14 @@ class FixedDraftLength:
             raise ValueError(f"k: expected an integer >= 0, got {k!r}")
         self.k = k
 
-    def next_lengths(self, batch: int) -> torch.Tensor:
-        return torch.full((batch,), self.k, dtype=torch.int64)
+    def next_lengths(self, rows: int | Sequence[Hashable]) -> torch.Tensor:
+        count = rows if isinstance(rows, int) else len(rows)
+        return torch.full((count,), self.k, dtype=torch.int64)
 
-    def update(self, drafted: torch.Tensor, accepted: torch.Tensor, costs: StepCosts) -> None:
+    def update(self, *args: object) -> None:
+        pass
+
+    def forget(self, row: Hashable) -> None:
         pass
 
 
@@ -83,8 +90,26 @@ class StepCosts:
 PRIOR_KEPT, PRIOR_TESTS = 2.0, 3.0
 
 
+@dataclass
+class _RowSchedule:
+    """One request's schedule: its draft length and its decayed acceptance counts."""
+
+    k: int
+    kept_weight: float = 0.0
+    test_weight: float = 0.0
+    tests_seen: int = 0
+    alpha: float | None = None
+    paused: bool = False
+    best_k: int = 0
+    steps: int = 0
+
+
 class AdaptiveDraftLength:
-    """smoothing: weight of the newest step in the acceptance estimate (older steps decay by
+    """A schedule per request (rows are named by any hashable id, e.g. the engine's request ids;
+    `next_lengths(batch)` with an int names them 0..batch-1). A request that joins starts from
+    the prior (start_k, PRIOR_KEPT of PRIOR_TESTS); the measured costs are shared.
+
+    smoothing: weight of the newest step in the acceptance estimate (older steps decay by
     1 - smoothing each step); min_tests: keep tests to see before the theory may cap k."""
 
     def __init__(
@@ -110,64 +135,72 @@ class AdaptiveDraftLength:
         self.start_k = min(start_k or 4, max_k)
         self.probe_every = probe_every
         self.smoothing = smoothing
-        self.row_k: torch.Tensor | None = None
-        self.alpha: float | None = None
-        self.kept_weight = 0.0  # decayed counts of kept drafts and of keep tests
-        self.test_weight = 0.0
-        self.tests_seen = 0
         self.min_tests = min_tests
-        self.paused = False
-        self.best_k = max_k  # the theory's best k for the measured alpha and costs
-        self.steps = 0
+        self.rows: dict[Hashable, _RowSchedule] = {}
 
-    def next_lengths(self, batch: int) -> torch.Tensor:
-        if self.row_k is None or len(self.row_k) != batch:
-            self.row_k = torch.full((batch,), self.start_k, dtype=torch.int64)
-        self.steps += 1
-        if self.paused:
-            probe = self.steps % self.probe_every == 0
-            return torch.full((batch,), 1 if probe else 0, dtype=torch.int64)
-        return self.row_k.clamp(max=self.best_k)
+    def schedule(self, row: Hashable) -> _RowSchedule:
+        if row not in self.rows:
+            self.rows[row] = _RowSchedule(k=self.start_k, best_k=self.max_k)
+        return self.rows[row]
 
-    def update(self, drafted: torch.Tensor, accepted: torch.Tensor, costs: StepCosts) -> None:
-        """drafted, accepted: int64 [batch] for the step just verified."""
-        assert self.row_k is not None
-        tried = drafted > 0
-        if not bool(tried.any()):
-            return
-        if not self.paused:
-            grow = tried & (accepted == drafted)
-            self.row_k = torch.where(
-                grow, self.row_k + 1, torch.where(tried, self.row_k - 1, self.row_k)
-            )
-            self.row_k = self.row_k.clamp(1, self.max_k)
+    def forget(self, row: Hashable) -> None:
+        self.rows.pop(row, None)
+
+    def next_lengths(self, rows: int | Sequence[Hashable]) -> torch.Tensor:
+        ids = list(range(rows)) if isinstance(rows, int) else list(rows)
+        out = []
+        for row in ids:
+            state = self.schedule(row)
+            state.steps += 1
+            if state.paused:
+                # A probe drafts start_k tokens: enough keep tests for one request's decayed
+                # estimate to climb past the prior when drafting pays again.
+                out.append(self.start_k if state.steps % self.probe_every == 0 else 0)
+            else:
+                out.append(min(state.k, state.best_k))
+        return torch.tensor(out, dtype=torch.int64)
+
+    def update(self, *args: object) -> None:
+        """update(rows, drafted, accepted, costs), or update(drafted, accepted, costs) for rows
+        0..batch-1: drafted, accepted int64 [batch] for the step just verified."""
+        if len(args) == 3:
+            drafted, accepted, costs = args
+            rows: Sequence[Hashable] = range(len(drafted))
+        else:
+            rows, drafted, accepted, costs = args
+        for row, d, a in zip(rows, drafted.tolist(), accepted.tolist(), strict=True):
+            if d > 0:
+                self._update_row(self.schedule(row), d, a, costs)
+
+    def _update_row(self, state: _RowSchedule, drafted: int, accepted: int, costs: StepCosts):
+        if not state.paused:
+            state.k = max(1, min(self.max_k, state.k + (1 if accepted == drafted else -1)))
         # Per-test acceptance: each kept draft passed a keep test, each rejection failed one.
-        kept = float(accepted[tried].sum())
-        failed = float((accepted < drafted)[tried].sum())
+        failed = 1 if accepted < drafted else 0
         decay = 1 - self.smoothing
-        self.kept_weight = decay * self.kept_weight + kept
-        self.test_weight = decay * self.test_weight + kept + failed
-        self.tests_seen += int(kept + failed)
+        state.kept_weight = decay * state.kept_weight + accepted
+        state.test_weight = decay * state.test_weight + accepted + failed
+        state.tests_seen += accepted + failed
         # A weak prior (PRIOR_KEPT of PRIOR_TESTS) keeps one unlucky early step from deciding.
-        self.alpha = (self.kept_weight + PRIOR_KEPT) / (self.test_weight + PRIOR_TESTS)
-        if self.tests_seen >= self.min_tests:
-            self.paused = not self._drafting_pays(costs)
+        state.alpha = (state.kept_weight + PRIOR_KEPT) / (state.test_weight + PRIOR_TESTS)
+        if state.tests_seen >= self.min_tests:
+            state.paused = not self._drafting_pays(state, costs)
 
-    def _drafting_pays(self, costs: StepCosts) -> bool:
-        """Sets best_k from the theory; False when it is 0."""
+    def _drafting_pays(self, state: _RowSchedule, costs: StepCosts) -> bool:
+        """Sets the row's best_k from the theory; False when it is 0."""
         single = costs.target(1)
-        if self.alpha is None or single is None:
+        if state.alpha is None or single is None:
             return True
         # A drafter without a model (n-gram lookup) records no draft passes: its c is 0, and only
         # the extra cost of verifying more tokens can make drafting lose.
         c = costs.draft_step.value / single if costs.draft_step.count else 0.0
-        self.best_k = best_draft_length(
-            min(self.alpha, 0.999),
+        state.best_k = best_draft_length(
+            min(state.alpha, 0.999),
             c,
             max_k=self.max_k,
             verify_cost=lambda k: costs.relative_pass_cost(k + 1) or 1.0,
         )
-        return self.best_k > 0
+        return state.best_k > 0
 
 
 class _Mean:

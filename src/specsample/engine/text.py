@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from specsample.engine.loop import StopCondition
+from specsample.engine.generate import StopCondition
 
 
 def encode_prompt(tokenizer: Any, text: str, *, chat_template: bool = True) -> list[int]:

@@ -1,6 +1,6 @@
 """LOSSY verification rules: their output is NOT distributed as the target, for comparison only.
 
-Every rule in `specsample.verify` is exact: the emitted tokens follow the (warped) target
+Every rule in `specsample.rules` is exact: the emitted tokens follow the (warped) target
 distribution. The rules here trade that for more accepted drafts; they are never the default, never
 reachable through `specsample.rules.verify`, and each is measured against the target exactly, by
 enumeration (see `typical_distance`).
@@ -18,6 +18,7 @@ from specsample.lossy.typical import (
     typical_keep_mask,
     typical_rule,
 )
+from specsample.rules.registry import Rule, register_lossy
 
 __all__ = [
     "TypicalDistance",
@@ -26,3 +27,12 @@ __all__ = [
     "typical_keep_mask",
     "typical_rule",
 ]
+
+register_lossy(
+    Rule(
+        "typical",
+        exact=False,
+        chain=typical_rule,
+        description="LOSSY: typical acceptance; the output is not distributed as the target",
+    )
+)

@@ -95,3 +95,111 @@ def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     probs = torch.softmax(logits, dim=-1)
     floor = min_p * probs.amax(dim=-1, keepdim=True)
     return logits.masked_fill(probs < floor, float("-inf"))
+
+
+class RowSampling:
+    """Per-row sampling for a batch: row b is warped with `configs[b]` and draws its randomness
+    from `generators[b]` alone, so what one row samples never depends on the other rows.
+
+    configs     one SamplingConfig per row.
+    generators  one torch.Generator per row (on the device the uniforms are drawn on).
+    """
+
+    def __init__(self, configs: list[SamplingConfig], generators: list[torch.Generator]):
+        if len(configs) != len(generators):
+            raise ValueError(
+                f"configs, generators: expected one of each per row, got {len(configs)} configs "
+                f"and {len(generators)} generators"
+            )
+        for b, config in enumerate(configs):
+            if not isinstance(config, SamplingConfig):
+                raise TypeError(
+                    f"configs[{b}]: expected a SamplingConfig, got {type(config).__name__}"
+                )
+        for b, generator in enumerate(generators):
+            if not isinstance(generator, torch.Generator):
+                raise TypeError(
+                    f"generators[{b}]: expected a torch.Generator, got {type(generator).__name__}"
+                )
+        self.configs = list(configs)
+        self.generators = list(generators)
+
+    @staticmethod
+    def shared(config: SamplingConfig, generator: torch.Generator, batch: int) -> RowSampling:
+        """Every row with the same config and one shared generator (rows then draw in turn)."""
+        return RowSampling([config] * batch, [generator] * batch)
+
+    def __len__(self) -> int:
+        return len(self.configs)
+
+    @property
+    def greedy(self) -> torch.Tensor:
+        """bool [batch]: rows decoded greedily (temperature 0)."""
+        return torch.tensor([c.greedy for c in self.configs], dtype=torch.bool)
+
+    @property
+    def all_greedy(self) -> bool:
+        return all(c.greedy for c in self.configs)
+
+    def warp(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [batch, ..., vocab] -> probabilities, row b warped with configs[b]."""
+        return warp_rows(logits, self.configs)
+
+    def uniforms(self, counts: list[int], device: torch.device | str = "cpu") -> torch.Tensor:
+        """float64 [batch, max(counts)]: row b's first counts[b] entries are uniforms in [0, 1)
+        drawn from generators[b] (in order); the rest are 0.5 and must not be read. A row with
+        count 0 draws nothing."""
+        width = max(counts, default=0)
+        out = torch.full((len(counts), width), 0.5, dtype=torch.float64, device=device)
+        for b, count in enumerate(counts):
+            if count:
+                generator = self.generators[b]
+                out[b, :count] = torch.rand(
+                    count, generator=generator, dtype=torch.float64, device=generator.device
+                ).to(device)
+        return out
+
+
+def warp_rows(logits: torch.Tensor, configs: list[SamplingConfig]) -> torch.Tensor:
+    """logits [batch, ..., vocab] -> warped probabilities, row b with configs[b], vectorised over
+    the batch (the same order as logits_to_probs: temperature, top-k, top-p, min-p). A row's
+    result depends on its own logits and config alone."""
+    if not isinstance(logits, torch.Tensor) or not logits.dtype.is_floating_point:
+        raise TypeError(f"logits: expected a float tensor [batch, ..., vocab], got {logits!r:.80}")
+    if logits.dim() < 2 or logits.shape[0] != len(configs):
+        raise ValueError(
+            f"logits: expected shape [batch={len(configs)}, ..., vocab], got {tuple(logits.shape)}"
+        )
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if len(set(configs)) == 1:
+        return logits_to_probs(logits, configs[0])
+    extra = (1,) * (logits.dim() - 1)
+
+    def per_row(values: list[float], dtype: torch.dtype = logits.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=logits.device).reshape(-1, *extra)
+
+    greedy = per_row([float(c.greedy) for c in configs]) > 0
+    temperature = per_row([c.temperature if not c.greedy else 1.0 for c in configs])
+    warped = logits / temperature
+    top_k = [c.top_k if c.top_k < logits.shape[-1] else 0 for c in configs]
+    if any(top_k):
+        kth_index = per_row([max(k, 1) - 1 for k in top_k], torch.int64)
+        top = torch.topk(warped, max(top_k), dim=-1).values
+        kth = top.gather(-1, kth_index.expand(*warped.shape[:-1], 1))
+        cut = (per_row([float(k > 0) for k in top_k]) > 0) & (warped < kth)
+        warped = warped.masked_fill(cut, float("-inf"))
+    if any(c.top_p < 1 for c in configs):
+        sorted_logits, order = torch.sort(warped, dim=-1, descending=True)
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        top_p = per_row([c.top_p for c in configs])
+        drop_sorted = (mass_before >= top_p) & (top_p < 1)
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        warped = warped.masked_fill(drop, float("-inf"))
+    if any(c.min_p > 0 for c in configs):
+        probs = torch.softmax(warped, dim=-1)
+        min_p = per_row([c.min_p for c in configs])
+        floor = min_p * probs.amax(dim=-1, keepdim=True)
+        warped = warped.masked_fill((probs < floor) & (min_p > 0), float("-inf"))
+    probs = torch.softmax(warped, dim=-1)
+    return torch.where(greedy, greedy_probs(logits), probs)

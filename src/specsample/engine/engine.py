@@ -1,0 +1,529 @@
+"""The step-wise engine: requests join and leave between steps; each step drafts, scores every
+draft in one target pass, verifies and commits, for every running request at once.
+
+Target-only decoding is the same step with no drafter (every step emits one token per request from
+the target), so both share warpers, randomness and code.
+
+Randomness: every request draws from its own torch.Generator, seeded by its `seed`. A row's draws
+(draft tokens, keep tests, the recovered or bonus token) depend only on its own state, so with a
+fixed draft length a request's output for a given seed does not depend on which other requests
+share the batch or when it joined (exactly so on models whose logits do not depend on the batch;
+real kernels may round differently with the batch shape). With the adaptive draft length the
+lengths react to measured times, so the same seed may give different (equally exact) text.
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from specsample.adapters.cursor import ModelCursor
+from specsample.adapters.protocol import LanguageModel
+from specsample.drafters.base import Draft, Drafter
+from specsample.engine.length import AdaptiveDraftLength, FixedDraftLength, StepCosts
+from specsample.engine.stats import DecodeStats
+from specsample.rules.registry import check_rule_for, lookup, verify_draft, verify_greedy
+from specsample.rules.tree import TreeResult
+from specsample.warpers import RowSampling, SamplingConfig
+
+ACCEPTED, RECOVERED, BONUS = "accepted", "recovered", "bonus"
+FINISH_REASONS = ("eos", "length", "stop", "abort")
+# stop(new_tokens) -> True ends the request (stop strings); checked after each commit.
+StopFunction = Callable[[list[int]], bool]
+
+
+@dataclass
+class RequestOutput:
+    """What one step did for one request.
+
+    tokens         the tokens committed this step (cut after an EOS and at max_new_tokens).
+    kinds          per token: "accepted" (a kept draft), "recovered" (drawn after a rejection) or
+                   "bonus" (drawn from the target after every draft was kept).
+    logprobs       per token: the target's log-probability of it (log-softmax of the raw logits,
+                   before temperature and truncation).
+    finished       True on the request's last output; finish_reason is then one of "eos",
+                   "length", "stop", "abort".
+    stats          the request's DecodeStats when finished, else None.
+    """
+
+    request_id: int
+    tokens: list[int]
+    kinds: list[str]
+    logprobs: list[float]
+    finished: bool = False
+    finish_reason: str | None = None
+    stats: DecodeStats | None = None
+
+
+@dataclass
+class _Request:
+    id: int
+    prompt: list[int]
+    sampling: SamplingConfig
+    max_new_tokens: int
+    seed: int
+    generator: torch.Generator
+    eos: frozenset[int]
+    stop: StopFunction | None
+    new_tokens: list[int] = field(default_factory=list)
+    stats: DecodeStats = field(default_factory=DecodeStats)
+    finish_reason: str | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def sequence(self) -> list[int]:
+        return self.prompt + self.new_tokens
+
+    @property
+    def remaining(self) -> int:
+        return self.max_new_tokens - len(self.new_tokens)
+
+
+class Engine:
+    """Exact speculative sampling over a changing batch of requests.
+
+    target        the target model (LanguageModel; a TreeLanguageModel for tree drafters).
+    drafter       a Drafter (ModelDrafter, NgramDrafter, TreeDrafter), or None: target-only.
+    rule          a rule name from specsample.rules.registry: "auto" (block verification for
+                  chains, node by node for trees), "token", "block"; a lossy rule only when
+                  specsample.lossy was imported and it is named.
+    draft_length  "auto" (an AdaptiveDraftLength per request), an int k, or a policy object.
+                  A drafter with a fixed depth (TreeDrafter) always drafts that depth.
+    max_batch     requests decoded at once; later ones wait in a queue (first in, first out).
+    """
+
+    def __init__(
+        self,
+        target: LanguageModel,
+        drafter: Drafter | None = None,
+        *,
+        rule: str = "auto",
+        draft_length: int | str | FixedDraftLength | AdaptiveDraftLength = "auto",
+        max_batch: int = 64,
+    ):
+        if not isinstance(target, LanguageModel):
+            raise TypeError(
+                f"target: expected a LanguageModel (prefill/extend/truncate/add_rows/"
+                f"remove_rows), got {type(target).__name__}"
+            )
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch: expected an integer >= 1, got {max_batch!r}")
+        self.rule = lookup(rule)
+        fixed_depth = getattr(drafter, "fixed_depth", None)
+        if drafter is not None:
+            check_rule_for(self.rule, chain=fixed_depth is None)
+        self.target = ModelCursor(target)
+        self.drafter = drafter
+        self.policy = _draft_length_policy(draft_length, drafter, fixed_depth)
+        self.max_batch = max_batch
+        self.stats = DecodeStats()
+        self.costs = StepCosts()
+        self._draft_passes_seen = getattr(drafter, "forward_passes", 0)
+        self._ids = itertools.count()
+        self._waiting: deque[_Request] = deque()
+        self._running: list[_Request] = []  # the model rows, in order
+        self._done: list[_Request] = []  # finished since the last step; their rows go next step
+        self._aborted: list[_Request] = []  # aborted while waiting: reported at the next step
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(
+        self,
+        prompt_tokens: Sequence[int],
+        *,
+        sampling: SamplingConfig | None = None,
+        max_new_tokens: int = 128,
+        seed: int | None = None,
+        eos_token_ids: Sequence[int] = (),
+        stop: StopFunction | None = None,
+    ) -> int:
+        """Queues a request; it joins the batch at the next step with room. Returns its id."""
+        prompt = _check_prompt(prompt_tokens, self.target.vocab_size)
+        sampling = sampling or SamplingConfig()
+        if not isinstance(sampling, SamplingConfig):
+            raise TypeError(f"sampling: expected a SamplingConfig, got {type(sampling).__name__}")
+        if (
+            isinstance(max_new_tokens, bool)
+            or not isinstance(max_new_tokens, int)
+            or max_new_tokens < 1
+        ):
+            raise ValueError(f"max_new_tokens: expected an integer >= 1, got {max_new_tokens!r}")
+        if seed is None:
+            seed = random.SystemRandom().randrange(2**63)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+            raise ValueError(f"seed: expected None or an integer in [0, 2**64), got {seed!r}")
+        if stop is not None and not callable(stop):
+            raise TypeError(f"stop: expected None or a callable(new_tokens), got {stop!r}")
+        request = _Request(
+            id=next(self._ids),
+            prompt=prompt,
+            sampling=sampling,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            generator=torch.Generator().manual_seed(seed % 2**63),
+            eos=frozenset(int(t) for t in eos_token_ids),
+            stop=stop,
+        )
+        self._waiting.append(request)
+        return request.id
+
+    def abort(self, request_id: int) -> bool:
+        """Ends a request; its final output (finish_reason "abort") comes with the next step.
+        Returns False when no unfinished request has that id."""
+        for request in self._running:
+            if request.id == request_id and request.finish_reason is None:
+                request.finish_reason = "abort"
+                self._done.append(request)
+                return True
+        for request in self._waiting:
+            if request.id == request_id:
+                self._waiting.remove(request)
+                request.finish_reason = "abort"
+                self._aborted.append(request)
+                return True
+        return False
+
+    def has_unfinished(self) -> bool:
+        live = any(r.finish_reason is None for r in self._running)
+        return live or bool(self._waiting) or bool(self._aborted) or self._has_unreported()
+
+    def num_running(self) -> int:
+        return sum(r.finish_reason is None for r in self._running)
+
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self) -> list[RequestOutput]:
+        """One speculative step over every running request:
+
+        1. change the batch: finished rows leave, waiting requests join (up to max_batch),
+        2. draft up to k tokens (a chain or a tree) per row, never past max_new_tokens,
+        3. score the pending tokens and every draft in one target pass,
+        4. verify: keep a path of the drafts, add one recovered or bonus token,
+        5. commit (cut at EOS, stop or the limit); the next step rolls the caches back.
+        """
+        started = time.perf_counter()
+        outputs = self._report_aborts()
+        self._change_batch()
+        rows = self._running
+        if not rows:
+            return outputs
+        sequences = [r.sequence for r in rows]
+        sampling = RowSampling([r.sampling for r in rows], [r.generator for r in rows])
+        ids = [r.id for r in rows]
+        remaining = torch.tensor([r.remaining for r in rows])
+        limits = torch.minimum(self.policy.next_lengths(ids), remaining - 1).clamp(min=0)
+        # 2. draft
+        clock = time.perf_counter()
+        draft = self._propose(sequences, limits, sampling)
+        draft_seconds = time.perf_counter() - clock
+        passes = self._new_draft_passes()
+        # 3. score
+        clock = time.perf_counter()
+        logits = self.target.score(sequences, [True] * len(rows), draft)
+        target_seconds = time.perf_counter() - clock
+        # 4. verify
+        clock = time.perf_counter()
+        result = self._verify(draft, logits, sampling)
+        verify_seconds = time.perf_counter() - clock
+        # 5. commit
+        kinds = _step_kinds(result, draft)
+        logprobs = _emitted_logprobs(logits, result)
+        committed = 0
+        for b, request in enumerate(rows):
+            emitted = _commit(request, result, b)
+            committed += len(emitted)
+            outputs.append(self._output(request, emitted, kinds[b], logprobs[b]))
+        timing = _StepTiming(draft_seconds, target_seconds, verify_seconds, passes)
+        self.stats.new_tokens += committed
+        self._record(draft, result, timing, started)
+        self.policy.update(ids, draft.depths(), result.num_accepted, self.costs)
+        return outputs
+
+    def _propose(self, sequences, limits, sampling) -> Draft:
+        if self.drafter is None or int(limits.max()) == 0:
+            return Draft.empty(len(sequences))
+        return self.drafter.propose(sequences, limits, sampling)
+
+    def _verify(self, draft: Draft, logits: torch.Tensor, sampling: RowSampling) -> TreeResult:
+        """logits [batch, n+1, target vocab] -> the verified step. Probabilities of a drafter
+        with a different vocabulary size are padded with zeros (ids a model lacks have
+        probability 0)."""
+        logits = logits[:, : draft.num_nodes + 1].float()
+        if sampling.all_greedy:
+            result = verify_greedy(draft, logits.argmax(dim=-1))
+        else:
+            target_probs = sampling.warp(logits)
+            draft_probs = draft.probs
+            if draft_probs is not None:
+                vocab = max(target_probs.shape[-1], draft_probs.shape[-1])
+                draft_probs = _pad_vocab(draft_probs.to(target_probs.device), vocab)
+                target_probs = _pad_vocab(target_probs, vocab)
+            device = target_probs.device
+            accept = sampling.uniforms(draft.used_uniforms(), device)
+            accept = torch.nn.functional.pad(accept, (0, draft.num_nodes - accept.shape[1]))
+            sample = sampling.uniforms([1] * draft.batch, device)[:, 0]
+            result = verify_draft(self.rule, draft, draft_probs, target_probs, accept, sample)
+        return TreeResult(
+            result.tokens.cpu(), result.num_accepted.cpu(), result.path.cpu(), result.rule_used
+        )
+
+    # ------------------------------------------------------------------ batch changes
+
+    def _change_batch(self) -> None:
+        """Finished rows leave the models; waiting requests join while there is room."""
+        live = [r for r in self._running if r.finish_reason is None]
+        room = self.max_batch - len(live)
+        joining = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+        if len(live) == len(self._running) and not joining:
+            self._done = []
+            return
+        sequences = [r.sequence for r in self._running]
+        keep = torch.tensor(
+            [i for i, r in enumerate(self._running) if r.finish_reason is None],
+            dtype=torch.int64,
+        )
+        prompts = [r.prompt for r in joining]
+        clock = time.perf_counter()
+        self.target.set_rows(sequences, keep, prompts)
+        if self.drafter is not None:
+            self.drafter.set_rows(sequences, keep, prompts)
+        self.stats.prefill_seconds += time.perf_counter() - clock
+        for request in self._running:
+            if request.finish_reason is not None:
+                self.policy.forget(request.id)
+        self._running = live + joining
+        self._done = []
+
+    def _report_aborts(self) -> list[RequestOutput]:
+        outputs = [self._final(r, [], [], []) for r in self._aborted]
+        outputs += [self._final(r, [], [], []) for r in self._done if r.finish_reason == "abort"]
+        self._aborted = []
+        return outputs
+
+    def _has_unreported(self) -> bool:
+        return any(r.finish_reason == "abort" for r in self._done)
+
+    # ------------------------------------------------------------------ outputs and stats
+
+    def _output(self, request: _Request, emitted: list[int], kinds, logprobs) -> RequestOutput:
+        reason = None
+        if emitted and emitted[-1] in request.eos:
+            reason = "eos"
+        elif request.remaining <= 0:
+            reason = "length"
+        elif request.stop is not None and request.stop(request.new_tokens):
+            reason = "stop"
+        n = len(emitted)
+        if reason is None:
+            return RequestOutput(request.id, emitted, kinds[:n], logprobs[:n])
+        request.finish_reason = reason
+        self._done.append(request)
+        return self._final(request, emitted, kinds[:n], logprobs[:n])
+
+    def _final(self, request: _Request, emitted, kinds, logprobs) -> RequestOutput:
+        stats = request.stats
+        stats.new_tokens = len(request.new_tokens)
+        stats.total_seconds = time.perf_counter() - request.started
+        single = self.costs.target(1)
+        if single is not None and 1 in self.costs.target_pass:
+            stats.target_single_pass_seconds = single
+        return RequestOutput(
+            request.id, emitted, kinds, logprobs, True, request.finish_reason, stats
+        )
+
+    def _new_draft_passes(self) -> int:
+        """Draft forward passes made since the last call."""
+        if self.drafter is None:
+            return 0
+        seen, self._draft_passes_seen = self._draft_passes_seen, self.drafter.forward_passes
+        return self.drafter.forward_passes - seen
+
+    def _record(self, draft: Draft, result: TreeResult, timing: _StepTiming, started) -> None:
+        step = _StepRows.of(draft, result)
+        step.add_to(self.stats, range(draft.batch), timing)
+        for b, request in enumerate(self._running):
+            step.add_to(request.stats, [b], timing)
+            request.stats.draft_passes += timing.draft_passes
+        self.stats.draft_passes += timing.draft_passes
+        for _ in range(timing.draft_passes):
+            self.costs.draft_step.add(timing.draft_seconds / timing.draft_passes)
+        width = int(draft.valid.sum(dim=1).max()) if draft.num_nodes else 0
+        self.costs.add_target_pass(width + 1, timing.target_seconds)
+        self.stats.total_seconds += time.perf_counter() - started
+        single = self.costs.target(1)
+        if single is not None and 1 in self.costs.target_pass:
+            self.stats.target_single_pass_seconds = single
+
+
+@dataclass
+class _StepTiming:
+    draft_seconds: float
+    target_seconds: float
+    verify_seconds: float
+    draft_passes: int
+
+
+@dataclass
+class _StepRows:
+    """One verified step, per row: kept nodes, how deep the draft was tested along the kept
+    path, the depth and node count of the row's draft."""
+
+    accepted: list[int]
+    tested_depth: list[int]
+    depths: list[int]
+    nodes: list[int]
+    tree: bool
+    rule_used: str
+
+    @staticmethod
+    def of(draft: Draft, result: TreeResult) -> _StepRows:
+        return _StepRows(
+            result.num_accepted.tolist(),
+            _tested_depth(draft, result).tolist(),
+            draft.depths().tolist(),
+            draft.valid.sum(dim=1).tolist(),
+            not draft.is_chain,
+            result.rule_used,
+        )
+
+    def add_to(self, stats: DecodeStats, rows, timing: _StepTiming) -> None:
+        """Adds the rows `rows` of this step to `stats`. A row "drafts at depth i" when its kept
+        path reached a node with children there; alpha is the chance that one of those children
+        is kept (for a chain: the next draft)."""
+        stats.target_passes += 1
+        stats.tree_steps += int(self.tree)
+        stats.rules_used[self.rule_used] = stats.rules_used.get(self.rule_used, 0) + 1
+        for b in rows:
+            accepted, tested = self.accepted[b], self.tested_depth[b]
+            depth = self.depths[b]
+            stats.draft_lengths[depth] = stats.draft_lengths.get(depth, 0) + 1
+            stats.row_steps += 1
+            stats.drafted += self.nodes[b]
+            stats.accepted += accepted
+            stats.keep_tests += accepted + int(accepted < tested)
+            stats.drafted_row_steps += int(tested > 0)
+            stats.empty_steps += int(tested > 0 and accepted == 0)
+            while len(stats.drafted_by_position) < tested:
+                stats.drafted_by_position.append(0)
+                stats.accepted_by_position.append(0)
+            # position i was tested when the row drafted past i and kept everything before it
+            for i in range(min(tested, accepted + 1)):
+                stats.drafted_by_position[i] += 1
+                stats.accepted_by_position[i] += int(accepted > i)
+        stats.draft_seconds += timing.draft_seconds
+        stats.target_seconds += timing.target_seconds
+        stats.verify_seconds += timing.verify_seconds
+
+
+def _tested_depth(draft: Draft, result: TreeResult) -> torch.Tensor:
+    """int64 [batch]: how deep the draft was tested along the accepted path: the number of
+    accepted nodes, plus one when the last of them (or the root) still had valid children."""
+    return result.num_accepted + _last_node_has_children(draft, result).long()
+
+
+def _last_node_has_children(draft: Draft, result: TreeResult) -> torch.Tensor:
+    """bool [batch]: the last accepted node (the root when none was accepted) has valid
+    children, i.e. the emitted token after it was recovered, not a bonus token."""
+    if result.path.shape[1] == 0:
+        last = torch.zeros(draft.batch, dtype=torch.int64)
+    else:
+        previous = (result.num_accepted - 1).clamp(min=0)[:, None]
+        last = result.path.gather(1, previous)[:, 0] + 1
+        last = torch.where(result.num_accepted > 0, last, 0)  # index into [root, node 0, ...]
+    return draft.has_children().gather(1, last[:, None])[:, 0]
+
+
+def _step_kinds(result: TreeResult, draft: Draft) -> list[list[str]]:
+    """Per row: accepted for each kept node, then bonus (the last kept node, or the root, had no
+    valid children) or recovered (drawn after a rejection)."""
+    recovered = _last_node_has_children(draft, result).tolist()
+    return [
+        [ACCEPTED] * a + [RECOVERED if r else BONUS]
+        for a, r in zip(result.num_accepted.tolist(), recovered, strict=True)
+    ]
+
+
+def _emitted_logprobs(logits: torch.Tensor, result: TreeResult) -> list[list[float]]:
+    """Per row: the target's log-softmax (raw logits) of each emitted token. The token after
+    the i-th accepted node was scored at that node's logits row (row 0 is the root)."""
+    batch = result.tokens.shape[0]
+    width = result.tokens.shape[1]
+    rows = torch.zeros(batch, width, dtype=torch.int64)
+    if result.path.shape[1]:
+        rows[:, 1:] = (result.path[:, : width - 1] + 1).clamp(min=0)
+    rows = rows.to(logits.device)
+    picked = logits.float().gather(1, rows[:, :, None].expand(-1, -1, logits.shape[2]))
+    log_probs = torch.log_softmax(picked, dim=-1)
+    tokens = result.tokens.to(logits.device).clamp(min=0, max=logits.shape[2] - 1)
+    values = log_probs.gather(2, tokens[:, :, None])[:, :, 0].cpu()
+    counts = (result.num_accepted + 1).tolist()
+    return [values[b, : counts[b]].tolist() for b in range(batch)]
+
+
+def _commit(request: _Request, result: TreeResult, b: int) -> list[int]:
+    """Appends row b's emitted tokens to the request, cut after an EOS and at the limit."""
+    count = int(result.num_accepted[b]) + 1
+    emitted = result.tokens[b, :count].tolist()[: request.remaining]
+    for j, token in enumerate(emitted):
+        if token in request.eos:
+            emitted = emitted[: j + 1]
+            break
+    request.new_tokens.extend(emitted)
+    return emitted
+
+
+def _pad_vocab(probs: torch.Tensor, vocab: int) -> torch.Tensor:
+    missing = vocab - probs.shape[-1]
+    return probs if missing == 0 else torch.nn.functional.pad(probs, (0, missing))
+
+
+def _draft_length_policy(draft_length, drafter, fixed_depth):
+    if drafter is None:
+        return FixedDraftLength(0)
+    if fixed_depth is not None:
+        return FixedDraftLength(fixed_depth)
+    if draft_length == "auto":
+        return AdaptiveDraftLength()
+    if isinstance(draft_length, int) and not isinstance(draft_length, bool):
+        if draft_length < 0:
+            raise ValueError(f"draft_length: expected an integer >= 0, got {draft_length!r}")
+        return FixedDraftLength(draft_length)
+    if isinstance(draft_length, (FixedDraftLength, AdaptiveDraftLength)):
+        return draft_length
+    raise TypeError(
+        f"draft_length: expected 'auto', an int or a FixedDraftLength/AdaptiveDraftLength, got "
+        f"{draft_length!r}"
+    )
+
+
+def _check_prompt(prompt_tokens: Sequence[int], vocab: int) -> list[int]:
+    if isinstance(prompt_tokens, (str, bytes)) or not isinstance(prompt_tokens, Sequence):
+        raise TypeError(
+            f"prompt_tokens: expected a list of token ids, got {type(prompt_tokens).__name__}"
+        )
+    if len(prompt_tokens) == 0:
+        raise ValueError("prompt_tokens: expected at least one token, got an empty prompt")
+    prompt = []
+    for j, token in enumerate(prompt_tokens):
+        try:
+            token = operator.index(token)
+        except TypeError:
+            raise TypeError(
+                f"prompt_tokens[{j}]: expected an int, got {type(token).__name__}"
+            ) from None
+        if not 0 <= token < vocab:
+            raise ValueError(
+                f"prompt_tokens[{j}]: expected a token id in [0, {vocab}), got {token}"
+            )
+        prompt.append(int(token))
+    return prompt

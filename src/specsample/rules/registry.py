@@ -1,0 +1,129 @@
+"""One registry of verification rules, looked up by name, and one entry point that verifies any
+`Draft` (a chain is a tree with one child per node).
+
+Exact rules are registered here. Lossy rules live in `specsample.lossy`, which registers them in
+`LOSSY` when it is imported; nothing below the front ends imports it, so a lossy rule is reachable
+only by a caller that imported it and named it.
+
+A rule entry has a chain function (the vectorised rules of token.py / block.py, signature of
+`token_rule`) and/or a tree function (signature of `tree_rule`). A draft that is a chain goes to
+the chain function when there is one; any other draft goes to the tree function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from specsample.rules.block import block_rule
+from specsample.rules.draft import Draft
+from specsample.rules.result import PAD, VerifyResult
+from specsample.rules.token import token_rule
+from specsample.rules.tree import TreeResult, greedy_tree_rule, tree_rule
+
+ChainRule = Callable[..., VerifyResult]
+TreeRule = Callable[..., TreeResult]
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    exact: bool
+    chain: ChainRule | None = None
+    tree: TreeRule | None = None
+    description: str = ""
+
+
+EXACT: dict[str, Rule] = {
+    "auto": Rule(
+        "auto",
+        True,
+        block_rule,
+        tree_rule,
+        "block verification for one chain per row, recursive rejection sampling for trees",
+    ),
+    "token": Rule(
+        "token", True, token_rule, tree_rule, "token by token: keep x with min(1, p(x)/q(x))"
+    ),
+    "block": Rule(
+        "block", True, block_rule, None, "block verification (one chain per row; optimal)"
+    ),
+}
+LOSSY: dict[str, Rule] = {}
+
+
+def register_lossy(rule: Rule) -> None:
+    """Adds a LOSSY rule (its output is not distributed as the target)."""
+    if rule.exact:
+        raise ValueError(f"rule: expected a lossy rule (exact=False), got {rule.name!r}")
+    LOSSY[rule.name] = rule
+
+
+def lookup(name: str) -> Rule:
+    """The rule called `name`, exact or (registered) lossy."""
+    if name in EXACT:
+        return EXACT[name]
+    if name in LOSSY:
+        return LOSSY[name]
+    lossy = f" or {sorted(LOSSY)} (lossy)" if LOSSY else ""
+    raise ValueError(f"rule: expected one of {sorted(EXACT)} (exact){lossy}, got {name!r}")
+
+
+def check_rule_for(rule: Rule, chain: bool) -> None:
+    """Raises when `rule` cannot verify this kind of draft."""
+    if chain and rule.chain is None and rule.tree is None:
+        raise ValueError(f"rule: {rule.name!r} verifies nothing")
+    if not chain and rule.tree is None:
+        raise ValueError(
+            f"rule: {rule.name!r} applies to one draft chain per row only; token trees are "
+            "verified node by node (rule='token' or 'auto')"
+        )
+
+
+def verify_draft(
+    rule: Rule,
+    draft: Draft,
+    draft_probs: torch.Tensor | None,
+    target_probs: torch.Tensor,
+    accept_uniforms: torch.Tensor,
+    sample_uniforms: torch.Tensor,
+) -> TreeResult:
+    """Verifies one draft per row with pre-drawn uniforms.
+
+    draft_probs     float [batch, n, vocab] or None (point masses), on target_probs' device.
+    target_probs    float [batch, n+1, vocab]: row 0 after the context, row j+1 after node j.
+    accept_uniforms float64 [batch, n]; sample_uniforms float64 [batch].
+    Returns a TreeResult (for a chain, path[b] is 0..num_accepted[b]-1).
+    """
+    device = target_probs.device
+    tokens = draft.tokens.to(device)
+    valid = draft.valid.to(device)
+    chain = draft.is_chain
+    check_rule_for(rule, chain)
+    if chain and rule.chain is not None:
+        lengths = valid.sum(dim=1)
+        result = rule.chain(
+            tokens, draft_probs, target_probs, lengths, accept_uniforms, sample_uniforms
+        )
+        return _as_tree_result(result)
+    return rule.tree(
+        tokens, draft.parents, draft_probs, target_probs, valid, accept_uniforms, sample_uniforms
+    )
+
+
+def verify_greedy(draft: Draft, target_tokens: torch.Tensor) -> TreeResult:
+    """Temperature 0 for every row: target_tokens int64 [batch, n+1] are the target's argmax at
+    the root and after each node; no probabilities and no randomness."""
+    device = target_tokens.device
+    return greedy_tree_rule(
+        draft.tokens.to(device), draft.parents, target_tokens, draft.valid.to(device)
+    )
+
+
+def _as_tree_result(result: VerifyResult) -> TreeResult:
+    k = result.tokens.shape[1] - 1
+    slots = torch.arange(k, device=result.tokens.device)[None, :]
+    path = torch.where(slots < result.num_accepted[:, None], slots, PAD)
+    return TreeResult(result.tokens, result.num_accepted, path, result.rule_used)
