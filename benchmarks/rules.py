@@ -27,24 +27,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from specsample.engine.loop import generate
 
 from specsample.adapters.default_pair import load_default_pair_with_stats
 from specsample.adapters.hf import HFCausalLM
-from specsample.engine.loop import generate
-from specsample.engine.stats import DecodeStats
-from specsample.engine.text import encode_prompt
+from specsample.analysis.theory import step_speedup
 from specsample.drafters.model import ModelDrafter
 from specsample.drafters.tree import TreeDrafter, TreeShape
+from specsample.engine.stats import DecodeStats
+from specsample.engine.text import encode_prompt
 from specsample.warpers import SamplingConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decode_speed import cpu_info, load_average, pooled, probe_costs  # noqa: E402
+from common import cpu_info, load_average, pooled, probe_context, probe_costs  # noqa: E402
 
 HERE = Path(__file__).parent
 OUT_MD = HERE / "rules.md"
 OUT_JSON = HERE / "rules.json"
 K = 4
-PROBE_CONTEXT = 100
 
 
 @dataclass
@@ -119,8 +119,7 @@ def main() -> None:
     target_lm, draft_lm = HFCausalLM(pair.target), HFCausalLM(pair.draft)
     tokenizer = pair.tokenizer
     encoded = {p["name"]: encode_prompt(tokenizer, p["prompt"]) for p in prompts}
-    context = [t for p in prompts for t in encode_prompt(tokenizer, p["prompt"])]
-    context = (context * (PROBE_CONTEXT // len(context) + 1))[:PROBE_CONTEXT]
+    context = probe_context(tokenizer, prompts)
     target_cost = probe_costs(target_lm, context, [1, 2, 5, 9, 14, 17], 3)
     draft_cost = probe_costs(draft_lm, context, [1, 2, 4], 3)
     c1 = draft_cost[1] / target_cost[1]
@@ -165,7 +164,7 @@ def summarise(runs: list[Run], baseline: list[Run], c1: float, target_1: float) 
         for r, b in zip(runs, baseline, strict=True)
     ]
     draft_per_step = stats.draft_passes / stats.target_passes if stats.target_passes else 0.0
-    flat = stats.tokens_per_pass / (draft_per_step * c1 + 1)
+    flat = step_speedup(stats.tokens_per_pass, draft_per_step, c1)
     return {
         "tokens_per_pass": stats.tokens_per_pass,
         "alpha": stats.alpha,

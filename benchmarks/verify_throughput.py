@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import platform
 import statistics
 import time
@@ -23,6 +22,7 @@ import transformers
 from transformers.generation.utils import _speculative_sampling
 
 import specsample
+from common import cpu_info, load_average
 from specsample.rules import draw_uniforms, token_rule
 from specsample.rules.reference import reference_token_rule
 
@@ -158,21 +158,11 @@ def bench(fns: dict, repeats: dict[str, int], min_sample_s: float = 0.03) -> dic
 
 
 def machine() -> list[str]:
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        load = ", ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        load = "?"
+    info = cpu_info()
+    load = load_average()
     return [
-        f"- CPU: {cpu}; {os.cpu_count()} logical cores visible; torch threads "
-        f"{torch.get_num_threads()} (default; batch 1 is also run with 1 thread)",
+        f"- CPU: {info['cpu']}; {info['logical_cores']} logical cores visible; torch threads "
+        f"{info['torch_threads']} (default; batch 1 is also run with 1 thread)",
         f"- torch {torch.__version__}, transformers {transformers.__version__}, Python "
         f"{platform.python_version()}",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}; load "
