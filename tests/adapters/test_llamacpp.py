@@ -1,0 +1,354 @@
+"""The llama.cpp backend (`LlamaCppLM`, `LlamaCppTokenizer`) on tiny GGUF models written in-process.
+
+The reference for "the logits after a sequence of tokens" is a fresh context that is fed the
+sequence one token per pass. llama.cpp's results depend slightly on how many tokens a pass holds,
+so every comparison holds to ATOL, a bound on float32 rounding for this tiny float32 model (the
+measured gap is about 1e-6; see test_k_token_passes_match_one_token_passes). A wrong mask, a
+wrong position or a stale cache cell moves logits by O(1).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (the llamacpp extra)")
+pytest.importorskip("gguf", reason="the tiny test models are written with the gguf package")
+
+from tiny_gguf import CHAT_TEMPLATE, EOS, TOKENS, VOCAB, write_tiny_gguf  # noqa: E402
+
+from specsample.adapters.gguf_meta import read_gguf_metadata  # noqa: E402
+from specsample.adapters.llamacpp import LlamaCppLM, LlamaCppTokenizer  # noqa: E402
+from specsample.adapters.protocol import LanguageModel, TreeLanguageModel  # noqa: E402
+
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def gguf_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_gguf(tmp_path_factory.mktemp("llamacpp") / "tiny.gguf")
+
+
+@pytest.fixture(scope="module")
+def reference(gguf_path: Path):
+    """logits(seq) -> float32 [len(seq), vocab]: the logits after each prefix of seq, from a
+    fresh context fed one token per pass."""
+    ref = LlamaCppLM(gguf_path, n_ctx=256, max_batch=1, threads=1)
+    cache: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def logits(seq: list[int]) -> torch.Tensor:
+        key = tuple(seq)
+        if key not in cache:
+            rows = [ref.prefill([seq[:1]])[0]]
+            for token in seq[1:]:
+                rows.append(ref.extend(torch.tensor([[token]]), torch.tensor([1]))[0, 0])
+            cache[key] = torch.stack(rows)
+        return cache[key]
+
+    return logits
+
+
+@pytest.fixture
+def lm(gguf_path: Path) -> LlamaCppLM:
+    return LlamaCppLM(gguf_path, n_ctx=512, max_batch=8, threads=2)
+
+
+def random_seq(rng: random.Random, low: int, high: int) -> list[int]:
+    return [rng.randrange(VOCAB) for _ in range(rng.randint(low, high))]
+
+
+def test_implements_the_protocols(lm):
+    assert isinstance(lm, LanguageModel) and isinstance(lm, TreeLanguageModel)
+    assert lm.vocab_size == VOCAB
+    assert lm.architecture == "qwen2"
+
+
+def test_k_token_passes_match_one_token_passes(lm, reference):
+    """Prefill (one pass of the whole prompt) and extend (k tokens per pass) against one token
+    per pass; records the gap so a regression in numerics shows up here first."""
+    rng = random.Random(0)
+    seq = random_seq(rng, 20, 20)
+    first = lm.prefill([seq[:4]])
+    logits = lm.extend(torch.tensor([seq[4:]]), torch.tensor([16]))
+    full = torch.cat([first, logits[0]])
+    gap = (full - reference(seq)[3:]).abs().max().item()
+    assert gap < ATOL, f"K-token vs 1-token max |logit difference| {gap:.2e}"
+
+
+def test_ragged_prefill_and_extend_match_the_reference(lm, reference):
+    rng = random.Random(1)
+    seqs = [random_seq(rng, 1, 9) for _ in range(4)]
+    first = lm.prefill(seqs)
+    assert first.shape == (4, VOCAB) and lm.lengths.tolist() == [len(s) for s in seqs]
+    for b, seq in enumerate(seqs):
+        torch.testing.assert_close(first[b], reference(seq)[-1], atol=ATOL, rtol=0)
+    tokens = torch.tensor([[rng.randrange(VOCAB) for _ in range(5)] for _ in seqs])
+    num_valid = torch.tensor([5, 0, 2, 3])
+    logits = lm.extend(tokens, num_valid)
+    assert logits.shape == (4, 5, VOCAB) and torch.isfinite(logits).all()
+    for b, seq in enumerate(seqs):
+        k = int(num_valid[b])
+        seq += tokens[b, :k].tolist()
+        torch.testing.assert_close(logits[b, :k], reference(seq)[len(seq) - k :], atol=ATOL, rtol=0)
+        assert (logits[b, k:] == 0).all()  # padding: finite, never read
+    assert lm.lengths.tolist() == [len(s) for s in seqs]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_any_sequence_of_calls_equals_a_fresh_prefill(lm, reference, seed):
+    """extend / truncate / add_rows / remove_rows in random order: each row's logits always equal
+    those of its tokens fed afresh."""
+    rng = random.Random(seed)
+    seqs = [random_seq(rng, 1, 6) for _ in range(3)]
+    lm.prefill(seqs)
+    for _ in range(8):
+        op = rng.choice(["extend", "extend", "truncate", "add", "remove"])
+        if op == "extend" and seqs:
+            n = rng.randint(1, 4)
+            tokens = torch.tensor([[rng.randrange(VOCAB) for _ in range(n)] for _ in seqs])
+            num_valid = torch.tensor([rng.randint(0, n) for _ in seqs])
+            logits = lm.extend(tokens, num_valid)
+            for b, seq in enumerate(seqs):
+                k = int(num_valid[b])
+                seq += tokens[b, :k].tolist()
+                expected = reference(seq)[len(seq) - k :]
+                torch.testing.assert_close(logits[b, :k], expected, atol=ATOL, rtol=0)
+        elif op == "truncate" and seqs:
+            keep = [rng.randint(0, len(s)) for s in seqs]
+            lm.truncate(torch.tensor(keep))
+            seqs = [s[:k] for s, k in zip(seqs, keep, strict=True)]
+        elif op == "add" and len(seqs) < 6:
+            new = [random_seq(rng, 1, 5) for _ in range(rng.randint(1, 2))]
+            logits = lm.add_rows(new)
+            for row, seq in zip(logits, new, strict=True):
+                torch.testing.assert_close(row, reference(seq)[-1], atol=ATOL, rtol=0)
+            seqs += new
+        elif op == "remove" and seqs:
+            keep = sorted(rng.sample(range(len(seqs)), rng.randint(0, len(seqs))))
+            lm.remove_rows(torch.tensor(keep, dtype=torch.int64))
+            seqs = [seqs[b] for b in keep]
+        assert lm.lengths.tolist() == [len(s) for s in seqs]
+    # Every row, emptied or not, continues exactly from its tokens.
+    if seqs:
+        probe = torch.tensor([[rng.randrange(VOCAB)] for _ in seqs])
+        logits = lm.extend(probe, torch.ones(len(seqs), dtype=torch.int64))
+        for b, seq in enumerate(seqs):
+            seq.append(int(probe[b, 0]))
+            torch.testing.assert_close(logits[b, 0], reference(seq)[-1], atol=ATOL, rtol=0)
+    assert lm.cells_used == sum(len(s) for s in seqs)
+
+
+def test_rows_can_all_leave_and_new_ones_join(lm, reference):
+    lm.prefill([[1, 2, 3], [4, 5]])
+    lm.remove_rows(torch.zeros(0, dtype=torch.int64))
+    assert lm.lengths.tolist() == [] and lm.cells_used == 0
+    logits = lm.add_rows([[7, 8, 9, 10]])
+    torch.testing.assert_close(logits[0], reference([7, 8, 9, 10])[-1], atol=ATOL, rtol=0)
+    assert lm.lengths.tolist() == [4]
+
+
+def random_layer(rng: random.Random, batch: int, before: list[list[bool]], n: int):
+    """n nodes per row whose parents are -1 or earlier valid nodes (of this or earlier calls)."""
+    tokens = torch.tensor([[rng.randrange(VOCAB) for _ in range(n)] for _ in range(batch)])
+    parents = torch.full((batch, n), -1, dtype=torch.int64)
+    valid = torch.zeros(batch, n, dtype=torch.bool)
+    for b in range(batch):
+        for j in range(n):
+            known = [i for i, ok in enumerate(before[b] + valid[b, :j].tolist()) if ok]
+            valid[b, j] = rng.random() < 0.85
+            parents[b, j] = rng.choice([-1, *known])
+    return tokens, parents, valid
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_tree_nodes_and_committed_paths_match_the_reference(lm, reference, seed):
+    """Trees grown over several calls (branching at cached and at new nodes): each node's logits
+    equal those of the row followed by the path to it; after commit_path the row continues as
+    if the path had been extended, and every temporary sequence is gone."""
+    rng = random.Random(seed)
+    seqs = [random_seq(rng, 1, 6) for _ in range(3)]
+    lm.prefill(seqs)
+    for _round in range(3):
+        paths: list[list[list[int]]] = [[] for _ in seqs]
+        parents_of: list[list[int]] = [[] for _ in seqs]
+        valid_of: list[list[bool]] = [[] for _ in seqs]
+        for _call in range(rng.randint(1, 3)):
+            tokens, parents, valid = random_layer(rng, len(seqs), valid_of, rng.randint(1, 5))
+            logits = lm.extend_tree(tokens, parents, valid)
+            assert torch.isfinite(logits).all()
+            for b, seq in enumerate(seqs):
+                for j in range(tokens.shape[1]):
+                    parent = int(parents[b, j])
+                    path = ([] if parent < 0 else paths[b][parent]) + [int(tokens[b, j])]
+                    ok = bool(valid[b, j])
+                    paths[b].append(path if ok else [])
+                    parents_of[b].append(parent if ok else -1)
+                    valid_of[b].append(ok)
+                    if ok:
+                        expected = reference(seq + path)[-1]
+                        torch.testing.assert_close(logits[b, j], expected, atol=ATOL, rtol=0)
+            assert lm.lengths.tolist() == [len(s) for s in seqs]
+        kept = []
+        for b in range(len(seqs)):
+            node, chain = rng.choice([-1] + [i for i, ok in enumerate(valid_of[b]) if ok]), []
+            while node >= 0:
+                chain.insert(0, node)
+                node = parents_of[b][node]
+            kept.append(chain)
+            seqs[b] += paths[b][chain[-1]] if chain else []
+        depth = max(1, *(len(c) for c in kept))
+        lm.commit_path(torch.tensor([c + [-1] * (depth - len(c)) for c in kept]))
+        assert lm.lengths.tolist() == [len(s) for s in seqs]
+        assert lm.cells_used == sum(len(s) for s in seqs)
+        assert len(lm._free) == lm.n_seq_max - len(seqs)  # temporary sequences returned
+        probe = torch.tensor([[rng.randrange(VOCAB)] for _ in seqs])
+        logits = lm.extend(probe, torch.ones(len(seqs), dtype=torch.int64))
+        for b, seq in enumerate(seqs):
+            seq.append(int(probe[b, 0]))
+            torch.testing.assert_close(logits[b, 0], reference(seq)[-1], atol=ATOL, rtol=0)
+
+
+def test_open_tree_refuses_linear_calls(lm):
+    lm.prefill([[1, 2, 3]])
+    with pytest.raises(RuntimeError, match="no tree is open"):
+        lm.commit_path(torch.tensor([[0]]))
+    lm.extend_tree(torch.tensor([[4, 5, 6]]), torch.tensor([[-1, -1, 0]]), torch.ones(1, 3) > 0)
+    for call in (
+        lambda: lm.extend(torch.tensor([[1]]), torch.tensor([1])),
+        lambda: lm.truncate(torch.tensor([1])),
+        lambda: lm.add_rows([[1]]),
+        lambda: lm.remove_rows(torch.tensor([0])),
+    ):
+        with pytest.raises(RuntimeError, match="tree is open"):
+            call()
+    with pytest.raises(ValueError, match="path\\[0\\]: expected a chain"):
+        lm.commit_path(torch.tensor([[1, 2]]))
+    lm.commit_path(torch.tensor([[0, 2]]))
+    assert lm.lengths.tolist() == [5]
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+def test_missing_and_non_gguf_files_name_the_argument(tmp_path):
+    missing = tmp_path / "absent.gguf"
+    with pytest.raises(FileNotFoundError, match=r"^target: expected a GGUF file.*does not exist"):
+        LlamaCppLM(missing, argument="target")
+    zip_file = tmp_path / "model.gguf"
+    zip_file.write_bytes(b"PK\x03\x04 a zip, not a GGUF file")
+    with pytest.raises(ValueError, match=r"^draft: expected a GGUF file \(starting with b'GGUF'\)"):
+        LlamaCppLM(zip_file, argument="draft")
+
+
+@pytest.mark.parametrize("cut_at", [2000, 0.98])
+def test_truncated_gguf_is_refused_with_the_reason(gguf_path, tmp_path, cut_at):
+    """Cut inside the metadata or inside the tensor data: either way a ValueError naming the
+    argument, the file and llama.cpp's reason, before any generation."""
+    data = gguf_path.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: int(cut_at if cut_at > 1 else len(data) * cut_at)])
+    with pytest.raises(ValueError, match=r"^target: expected a GGUF model llama.cpp can load") as e:
+        LlamaCppLM(cut, argument="target")
+    assert str(cut) in str(e.value)
+
+
+def test_unsupported_architecture_is_refused_with_its_name(tmp_path):
+    path = write_tiny_gguf(tmp_path / "odd.gguf", architecture="notamodel")
+    with pytest.raises(ValueError, match=r"^model: expected a GGUF model llama.cpp can load") as e:
+        LlamaCppLM(path)
+    assert "notamodel" in str(e.value)
+
+
+def test_load_pair_refuses_a_draft_with_another_tokenizer(gguf_path, tmp_path):
+    from specsample.adapters.loading import load_pair
+
+    swapped = list(TOKENS)
+    swapped[100], swapped[101] = swapped[101], swapped[100]
+    other = write_tiny_gguf(tmp_path / "other.gguf", tokens=swapped)
+    with pytest.raises(ValueError, match="2 ids that name different tokens; first at id 100"):
+        load_pair(str(gguf_path), str(other), backend="llama.cpp")
+
+
+def test_load_pair_runs_gguf_files_on_llamacpp(gguf_path):
+    from specsample.adapters.loading import load_pair
+
+    pair = load_pair(str(gguf_path), str(gguf_path), backend="llama.cpp", threads=1, n_ctx=256)
+    assert pair.backend == "llama.cpp" and "on llama.cpp (1 threads" in pair.description
+    assert isinstance(pair.target, LlamaCppLM) and isinstance(pair.draft, LlamaCppLM)
+    assert pair.target is not pair.draft and pair.target_config is None
+    assert pair.tokenizer.encode("hello") == [TOKENS.index("hello")]
+    with pytest.raises(ValueError, match=r"^draft_quantize: expected 'none' with the llama.cpp"):
+        load_pair(str(gguf_path), None, backend="llama.cpp", draft_quantize="int8")
+
+
+def test_prompt_longer_than_the_context_and_too_many_rows(gguf_path):
+    lm = LlamaCppLM(gguf_path, n_ctx=16, max_batch=2, threads=1)
+    with pytest.raises(ValueError, match=r"^prompts\[1\]: expected at most n_ctx=16 tokens"):
+        lm.prefill([[1, 2], list(range(17))])
+    with pytest.raises(ValueError, match=r"^prompts: expected at most max_batch=2 rows in all"):
+        lm.prefill([[1], [2], [3]])
+    lm.prefill([[1] * 8, [2] * 6])
+    with pytest.raises(ValueError, match=r"^prompts: expected at most max_batch=2 rows"):
+        lm.add_rows([[3]])
+    with pytest.raises(ValueError, match=r"^tokens: expected at most 2 new tokens \(n_ctx=16"):
+        lm.extend(torch.tensor([[5, 5], [6, 6]]), torch.tensor([2, 1]))
+    assert lm.lengths.tolist() == [8, 6]  # a refused call changes nothing
+    lm.extend(torch.tensor([[5, 5], [6, 6]]), torch.tensor([1, 1]))
+    lm.remove_rows(torch.tensor([1]))
+    with pytest.raises(ValueError, match=r"^prompts: expected at most 9 tokens in all"):
+        lm.add_rows([[4] * 10])
+    with pytest.raises(ValueError, match=r"^max_batch: expected at most 256"):
+        LlamaCppLM(gguf_path, max_batch=300)
+    with pytest.raises(ValueError, match=r"^threads: expected a positive integer, got 0"):
+        LlamaCppLM(gguf_path, threads=0)
+
+
+def test_bad_protocol_arguments_are_refused(lm):
+    with pytest.raises(RuntimeError, match="call prefill"):
+        lm.extend(torch.tensor([[1]]), torch.tensor([1]))
+    lm.prefill([[1, 2, 3]])
+    with pytest.raises(ValueError, match="tokens: expected valid token ids"):
+        lm.extend(torch.tensor([[VOCAB]]), torch.tensor([1]))
+    with pytest.raises(ValueError, match="lengths: expected 0 <= lengths"):
+        lm.truncate(torch.tensor([4]))
+    with pytest.raises(ValueError, match="prompts\\[0\\]: expected at least one token"):
+        lm.add_rows([[]])
+
+
+# ---------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_round_trips_text_and_parses_special_tokens(lm):
+    tok = LlamaCppTokenizer(lm)
+    hello, world = TOKENS.index("hello"), TOKENS.index("Ġworld")
+    assert tok.encode("hello world") == [hello, world]
+    assert tok.encode("hello<|im_end|>") == [hello, EOS]
+    text = "héllo, wörld 42!"
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.decode([hello, EOS], skip_special_tokens=True) == "hello"
+    assert tok.decode([hello, EOS]) == "hello<|im_end|>"
+    assert tok.eos_token_id == EOS and tok.eos_token == "<|im_end|>"
+    assert tok.convert_tokens_to_ids("<|im_start|>") == TOKENS.index("<|im_start|>")
+    assert tok.convert_tokens_to_ids("<|eot_id|>") is None
+    assert len(tok) == VOCAB
+    partial = tok.encode("é")[:1]  # the first byte of a two-byte character
+    assert tok.decode(partial).endswith("\ufffd")
+
+
+def test_chat_template_comes_from_the_gguf(gguf_path, tmp_path):
+    tok = LlamaCppTokenizer(gguf_path)  # vocabulary only, no weights
+    assert tok.chat_template == CHAT_TEMPLATE
+    meta = read_gguf_metadata(gguf_path, keys=("tokenizer.chat_template",))
+    assert meta["tokenizer.chat_template"].decode() == CHAT_TEMPLATE
+    messages = [{"role": "user", "content": "hello"}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+    assert ids[0] == TOKENS.index("<|im_start|>") and tok.decode(ids) == text
+    bare = LlamaCppTokenizer(write_tiny_gguf(tmp_path / "bare.gguf", chat_template=None))
+    assert bare.chat_template is None
+    with pytest.raises(ValueError, match="no chat template"):
+        bare.apply_chat_template(messages)
