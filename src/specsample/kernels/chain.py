@@ -29,11 +29,19 @@ def launch_options(vocab: int, device: torch.device) -> dict:
     """BLOCK and num_warps for a row of `vocab` ids; float64 arithmetic is kept unfused (no
     multiply-add contraction) so that it rounds like the loop references."""
     on_cuda = device.type == "cuda"
-    block = min(BLOCK_CUDA if on_cuda else BLOCK_INTERPRETER, triton.next_power_of_2(vocab))
+    # One block size on CUDA whatever the vocabulary (masked loads cover a short row), so that
+    # few variants are compiled; the interpreter pays per block, not per id.
+    block = BLOCK_CUDA if on_cuda else min(BLOCK_INTERPRETER, triton.next_power_of_2(vocab))
     options = {"BLOCK": block}
     if on_cuda:
         options.update(num_warps=NUM_WARPS, enable_fp_fusion=False)
     return options
+
+
+def slots_for(width: int) -> int:
+    """The power of 2 (at least 8, so that few variants are compiled) that holds `width`
+    output tokens."""
+    return max(8, triton.next_power_of_2(width))
 
 
 @triton.jit
@@ -104,7 +112,7 @@ def _drafted_probs(
     return target_x.to(tl.float64), draft_x
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k", "vocab"])
 def _token_kernel(
     draft_ptr,  # [batch, k, vocab], or target_ptr for point-mass drafts (never read)
     target_ptr,  # [batch, k+1, vocab]
@@ -152,7 +160,7 @@ def _token_kernel(
     _store_tokens(tokens_ptr, out_tokens_ptr, out_accepted_ptr, b, k, accepted, final, SLOTS)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k", "vocab"])
 def _block_kernel(
     draft_ptr,  # [batch, k, vocab]
     target_ptr,  # [batch, k+1, vocab]
@@ -253,7 +261,7 @@ def _launch(
         accepted,
         k,
         vocab,
-        SLOTS=triton.next_power_of_2(k + 1),
+        SLOTS=slots_for(k + 1),
         **constants,
         **launch_options(vocab, device),
     )

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from specsample.kernels.chain import launch_options
+from specsample.kernels.chain import launch_options, slots_for
 from specsample.kernels.rows import row_search, row_sum, row_weights
 from specsample.rules.result import PAD
 from specsample.rules.tree import TreeResult, node_depths
@@ -43,7 +43,7 @@ def _weight_at(
     return base
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "depth", "vocab"])
 def _tree_kernel(
     draft_ptr,  # [batch, n, vocab], or target_ptr for point-mass drafts (never read)
     target_ptr,  # [batch, n+1, vocab]
@@ -223,7 +223,7 @@ def tree_rule(
         depth,
         vocab,
         DENSE=draft_probs is not None,
-        SLOTS=triton.next_power_of_2(depth + 1),
+        SLOTS=slots_for(depth + 1),
         **launch_options(vocab, device),
     )
     return TreeResult(tokens, accepted, path)
