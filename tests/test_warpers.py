@@ -117,6 +117,22 @@ def test_min_p_keeps_tokens_at_least_min_p_times_the_largest():
     assert torch.allclose(probs, expected, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_min_p_keeps_a_token_exactly_at_the_floor(dtype):
+    """(1/2, 1/4, 1/4) with min_p 1/2: the floor is exactly 1/4, and "at least" keeps it."""
+    logits = logits_of([0.5, 0.25, 0.25]).to(dtype)
+    assert torch.softmax(logits, dim=-1).tolist() == [0.5, 0.25, 0.25]  # exact, not rounded
+    assert kept(logits_to_probs(logits, SamplingConfig(min_p=0.5))) == [0, 1, 2]
+    assert kept(logits_to_probs(logits, SamplingConfig(min_p=0.51))) == [0]
+
+
+def test_min_p_floor_is_taken_per_row():
+    """Each row's floor comes from its own largest probability, not the batch's."""
+    logits = logits_of([[0.9, 0.05, 0.05, 0.0], [0.4, 0.3, 0.2, 0.1]])
+    probs = logits_to_probs(logits, SamplingConfig(min_p=0.3))
+    assert (probs > 0).tolist() == [[True, False, False, False], [True, True, True, False]]
+
+
 def test_temperature_is_applied_before_top_p():
     """At T = 2 the probabilities (0.5, 0.3, 0.15, 0.05) flatten to about (0.38, 0.29, 0.21,
     0.12): top-p 0.75 then keeps three tokens; on the unscaled ones it would keep two."""
