@@ -1,5 +1,7 @@
 """A draft model: samples drafts from its warped distribution Q and returns Q with them, so the
-verification rule sees exactly the distribution each draft was drawn from."""
+verification rule sees exactly the distribution each draft was drawn from. Under the coupled
+rule it drafts the Gumbel-max pick argmax(log Q + g) with the request's (seed, position) noise
+instead, a point mass."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import torch
 from specsample.adapters.cursor import ModelCursor
 from specsample.adapters.protocol import LanguageModel
 from specsample.drafters.base import Draft
+from specsample.rules.coupled import coupled_sample
 from specsample.rules.sampling import sample_from_weights
 from specsample.warpers import RowSampling
 
@@ -68,6 +71,7 @@ class ModelDrafter:
         lengths = torch.zeros(batch, dtype=torch.int64)
         survival = torch.ones(batch, dtype=torch.float64)
         greedy = sampling.greedy  # [batch]
+        noise = sampling.gumbel(k, self.vocab_size, logits.device) if sampling.coupled else None
         for i in range(k):
             q = sampling.warp(logits.float())  # [batch, vocab]
             if self.confidence > 0 or self.survival > 0:
@@ -85,8 +89,11 @@ class ModelDrafter:
                 break
             # Each drafting row draws one uniform from its own generator (greedy rows too, so a
             # row's draws never depend on its neighbours); a greedy row's q is one-hot.
-            uniforms = sampling.uniforms(drafting.long().tolist(), q.device)[:, 0]
-            token = sample_from_weights(q, uniforms)
+            if noise is not None:  # coupled: the same noise the target's token will use
+                token = coupled_sample(q, noise[:, i])
+            else:
+                uniforms = sampling.uniforms(drafting.long().tolist(), q.device)[:, 0]
+                token = sample_from_weights(q, uniforms)
             token = torch.where(drafting.to(token.device), token, 0)
             tokens.append(token)
             probs.append(q)
@@ -97,5 +104,6 @@ class ModelDrafter:
         if not tokens:
             return Draft.empty(batch)
         draft_tokens = torch.stack(tokens, dim=1).cpu()
-        draft_probs = None if sampling.all_greedy else torch.stack(probs, dim=1)
+        point_masses = sampling.all_greedy or sampling.coupled
+        draft_probs = None if point_masses else torch.stack(probs, dim=1)
         return Draft.chain(draft_tokens, draft_probs, lengths)

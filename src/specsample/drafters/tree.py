@@ -19,6 +19,7 @@ import torch
 from specsample.adapters.cursor import ModelCursor
 from specsample.adapters.protocol import LanguageModel, TreeLanguageModel
 from specsample.drafters.children import draw_children
+from specsample.rules.coupled import coupled_top
 from specsample.rules.draft import Draft
 from specsample.rules.tree import tree_parents
 from specsample.warpers import RowSampling
@@ -100,7 +101,9 @@ class TreeDrafter:
           removed and renormalised (the verification uses exactly those renormalised rows);
       "iid": independent draws from q (siblings may repeat);
       "top": the most probable tokens, deterministically (verified as point masses).
-    At temperature 0 the children are always the draft's top tokens.
+    At temperature 0 the children are always the draft's top tokens. Under the coupled rule the
+    children are the best tokens by log q + g, g the request's Gumbel noise at the children's
+    position (the first child is the draft's coupled pick), whatever `children` says.
     """
 
     def __init__(
@@ -146,13 +149,20 @@ class TreeDrafter:
         self.forward_passes += 1
         frontier_q = self._warp(logits, sampling)[:, None]  # [batch, 1, vocab]
         frontier_valid = active[:, None]
+        noise = self._coupled_noise(sampling, logits.device)
         tokens, probs, valid = [], [], []
         first = 0
         for d, branching in enumerate(self.shape.branching):
             width, vocab = frontier_q.shape[1], frontier_q.shape[2]
-            level_tokens, level_probs, level_valid = self._draw_level(
-                frontier_q, branching, greedy, sampling
-            )
+            if noise is not None:
+                level_tokens, level_valid = coupled_top(frontier_q, noise[:, d, None], branching)
+                level_tokens = level_tokens.reshape(batch, -1).cpu()
+                level_valid = level_valid.reshape(batch, -1).cpu()
+                level_probs = None
+            else:
+                level_tokens, level_probs, level_valid = self._draw_level(
+                    frontier_q, branching, greedy, sampling
+                )
             level_valid &= frontier_valid.repeat_interleave(branching, dim=1)
             level_valid &= (max_lengths > d)[:, None]
             level_tokens = torch.where(level_valid, level_tokens, 0)
@@ -171,7 +181,7 @@ class TreeDrafter:
                 frontier_q = frontier_q.new_zeros(batch, size, vocab)
             first += size
         assert first == self.shape.num_nodes
-        deterministic = all(greedy) or self.children == "top"
+        deterministic = all(greedy) or self.children == "top" or noise is not None
         return Draft(
             torch.cat(tokens, dim=1),
             parents,
@@ -200,6 +210,16 @@ class TreeDrafter:
             probs.append(child_probs.reshape(-1, frontier_q.shape[2]))
             valid.append(child_valid.reshape(-1).cpu())
         return torch.stack(tokens), torch.stack(probs), torch.stack(valid)
+
+    def _coupled_noise(self, sampling: RowSampling, device) -> torch.Tensor | None:
+        """float64 [batch, depth, vocab]: the Gumbel noise of each depth's children under the
+        coupled rule (zero for greedy rows: their children are the draft's top tokens), or
+        None."""
+        if not sampling.coupled:
+            return None
+        noise = sampling.gumbel(self.shape.depth, self.vocab_size, device)
+        greedy = sampling.greedy.to(device)[:, None, None]
+        return torch.where(greedy, 0.0, noise)
 
     def _warp(self, logits: torch.Tensor, sampling: RowSampling) -> torch.Tensor:
         # At temperature 0 the top children of the draft's own softmax are drafted.

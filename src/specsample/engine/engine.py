@@ -29,7 +29,13 @@ from specsample.adapters.protocol import LanguageModel
 from specsample.drafters.base import Draft, Drafter
 from specsample.engine.length import AdaptiveDraftLength, FixedDraftLength, StepCosts
 from specsample.engine.stats import DecodeStats
-from specsample.rules.registry import check_rule_for, lookup, verify_draft, verify_greedy
+from specsample.rules.registry import (
+    check_rule_for,
+    lookup,
+    verify_coupled,
+    verify_draft,
+    verify_greedy,
+)
 from specsample.rules.tree import TreeResult
 from specsample.warpers import RowSampling, SamplingConfig
 
@@ -218,7 +224,14 @@ class Engine:
         if not rows:
             return outputs
         sequences = [r.sequence for r in rows]
-        sampling = RowSampling([r.sampling for r in rows], [r.generator for r in rows])
+        sampling = RowSampling(
+            [r.sampling for r in rows],
+            [r.generator for r in rows],
+            # coupled rule: noise from (seed, new-token position), see rules/coupled.py
+            coupled=self.rule.coupled,
+            seeds=[r.seed for r in rows],
+            positions=[len(r.new_tokens) for r in rows],
+        )
         ids = [r.id for r in rows]
         remaining = torch.tensor([r.remaining for r in rows])
         limits = torch.minimum(self.policy.next_lengths(ids), remaining - 1).clamp(min=0)
@@ -259,7 +272,12 @@ class Engine:
         with a different vocabulary size are padded with zeros (ids a model lacks have
         probability 0)."""
         logits = logits[:, : draft.num_nodes + 1].float()
-        if sampling.all_greedy:
+        if self.rule.coupled:  # noise of depths 0..depth below the root (rules/coupled.py)
+            target_probs = sampling.warp(logits)
+            depth = int(draft.depths().max()) if draft.batch else 0
+            noise = sampling.gumbel(depth + 1, target_probs.shape[-1], target_probs.device)
+            result = verify_coupled(draft, target_probs, noise)
+        elif sampling.all_greedy:
             result = verify_greedy(draft, logits.argmax(dim=-1))
         else:
             target_probs = sampling.warp(logits)

@@ -8,6 +8,10 @@ only by a caller that imported it and named it.
 A rule entry has a chain function (the vectorised rules of token.py / block.py, signature of
 `token_rule`) and/or a tree function (signature of `tree_rule`). A draft that is a chain goes to
 the chain function when there is one; any other draft goes to the tree function.
+
+A coupled rule (`coupled=True`, the "coupled" rule of coupled.py) takes no uniforms but Gumbel
+noise derived from each request's seed and token positions: it is verified with
+`verify_coupled`, and drafters draft with the same noise.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from specsample.rules.block import block_rule
+from specsample.rules.coupled import coupled_rule
 from specsample.rules.draft import Draft
 from specsample.rules.result import PAD, VerifyResult
 from specsample.rules.token import token_rule
@@ -34,6 +39,7 @@ class Rule:
     chain: ChainRule | None = None
     tree: TreeRule | None = None
     description: str = ""
+    coupled: bool = False  # verified by verify_coupled with (seed, position) noise
 
 
 EXACT: dict[str, Rule] = {
@@ -49,6 +55,13 @@ EXACT: dict[str, Rule] = {
     ),
     "block": Rule(
         "block", True, block_rule, None, "block verification (one chain per row; optimal)"
+    ),
+    "coupled": Rule(
+        "coupled",
+        True,
+        description="drafter-invariant: keep a draft when it equals the target's Gumbel-max "
+        "sample under noise from (seed, position); the text equals target-only decoding",
+        coupled=True,
     ),
 }
 LOSSY: dict[str, Rule] = {}
@@ -73,6 +86,8 @@ def lookup(name: str) -> Rule:
 
 def check_rule_for(rule: Rule, chain: bool) -> None:
     """Raises when `rule` cannot verify this kind of draft."""
+    if rule.coupled:
+        return  # chains and trees alike
     if chain and rule.chain is None and rule.tree is None:
         raise ValueError(f"rule: {rule.name!r} verifies nothing")
     if not chain and rule.tree is None:
@@ -101,6 +116,10 @@ def verify_draft(
     tokens = draft.tokens.to(device)
     valid = draft.valid.to(device)
     chain = draft.is_chain
+    if rule.coupled:
+        raise ValueError(
+            f"rule: {rule.name!r} is verified with verify_coupled (noise, no uniforms)"
+        )
     check_rule_for(rule, chain)
     if chain and rule.chain is not None:
         lengths = valid.sum(dim=1)
@@ -119,6 +138,20 @@ def verify_greedy(draft: Draft, target_tokens: torch.Tensor) -> TreeResult:
     device = target_tokens.device
     return greedy_tree_rule(
         draft.tokens.to(device), draft.parents, target_tokens, draft.valid.to(device)
+    )
+
+
+def verify_coupled(draft: Draft, target_probs: torch.Tensor, noise: torch.Tensor) -> TreeResult:
+    """The coupled rule on one draft per row (chain or tree).
+
+    target_probs float [batch, n+1, vocab]: warped; row 0 after the context, row j+1 after node j.
+    noise        float [batch, depth+1, vocab]: the Gumbel noise of the token d deep below the
+                 root at noise[:, d] (`coupled.gumbel_noise` of the row's seed and its new-token
+                 positions root, root+1, ...).
+    """
+    device = target_probs.device
+    return coupled_rule(
+        draft.tokens.to(device), draft.parents, target_probs, draft.valid.to(device), noise
     )
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from specsample.rules.coupled import gumbel_noise
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -103,9 +105,23 @@ class RowSampling:
 
     configs     one SamplingConfig per row.
     generators  one torch.Generator per row (on the device the uniforms are drawn on).
+    coupled     the coupled rule is on: drafts and the target's tokens are Gumbel-max picks
+                with noise from (seeds[b], new-token position) (see `gumbel`), not draws from
+                the generators.
+    seeds       with coupled: one seed per row (an int in [0, 2**64)).
+    positions   with coupled: per row, the position among the request's new tokens of the
+                next token (0 before the first).
     """
 
-    def __init__(self, configs: list[SamplingConfig], generators: list[torch.Generator]):
+    def __init__(
+        self,
+        configs: list[SamplingConfig],
+        generators: list[torch.Generator],
+        *,
+        coupled: bool = False,
+        seeds: list[int] | None = None,
+        positions: list[int] | None = None,
+    ):
         if len(configs) != len(generators):
             raise ValueError(
                 f"configs, generators: expected one of each per row, got {len(configs)} configs "
@@ -121,8 +137,21 @@ class RowSampling:
                 raise TypeError(
                     f"generators[{b}]: expected a torch.Generator, got {type(generator).__name__}"
                 )
+        if coupled and (
+            seeds is None
+            or positions is None
+            or len(seeds) != len(configs)
+            or len(positions) != len(configs)
+        ):
+            raise ValueError(
+                f"seeds, positions: expected one of each per row with coupled=True, got "
+                f"{seeds!r:.60} and {positions!r:.60} for {len(configs)} rows"
+            )
         self.configs = list(configs)
         self.generators = list(generators)
+        self.coupled = bool(coupled)
+        self.seeds = None if seeds is None else list(seeds)
+        self.positions = None if positions is None else list(positions)
 
     @staticmethod
     def shared(config: SamplingConfig, generator: torch.Generator, batch: int) -> RowSampling:
@@ -158,6 +187,15 @@ class RowSampling:
                     count, generator=generator, dtype=torch.float64, device=generator.device
                 ).to(device)
         return out
+
+    def gumbel(self, depth: int, vocab: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """float64 [batch, depth, vocab]: the coupled rule's Gumbel noise of row b's next
+        `depth` new tokens (positions positions[b] .. positions[b] + depth - 1)."""
+        if not self.coupled:
+            raise ValueError("gumbel: this RowSampling was made without coupled=True")
+        start = torch.tensor(self.positions, dtype=torch.int64, device=device)
+        positions = start[:, None] + torch.arange(depth, dtype=torch.int64, device=device)
+        return gumbel_noise(self.seeds, positions, vocab)
 
 
 def warp_rows(logits: torch.Tensor, configs: list[SamplingConfig]) -> torch.Tensor:
