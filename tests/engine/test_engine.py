@@ -1,0 +1,317 @@
+"""The step-wise Engine: requests joining and leaving between steps, per-request sampling and
+seeds, aborts, finish reasons, and statistical exactness with requests joining mid-flight.
+
+Statistical tests: every request's first DEPTH new tokens are G-tested against the exact target
+law (test_exactness.py's helpers: cells with expected count < 5 pooled), one combined p-value per
+test, failing below ALPHA = 1e-6 (the false-failure rate of an exact engine). Each runs about 4000
+requests; the negative controls (a drafter that reports the wrong q) reach p-values near 0 at the
+same size.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_exactness import (
+    ALPHA,
+    DEPTH,
+    PROMPT,
+    SHORT_PROMPT,
+    MisreportingDrafter,
+    outcome_test,
+    p_value,
+    target_outcomes,
+    toy_pair,
+)
+
+from specsample import Engine, RequestOutput, SamplingConfig
+from specsample.adapters.toy import ToyLM
+from specsample.drafters.model import ModelDrafter
+from specsample.drafters.ngram import NgramDrafter
+from specsample.drafters.tree import TreeDrafter, TreeShape
+from specsample.engine import ACCEPTED, BONUS, RECOVERED
+from stats_identities import assert_stats_identities
+
+CONFIGS = [
+    SamplingConfig(),
+    SamplingConfig(temperature=0.7, top_k=2),
+    SamplingConfig(temperature=1.3, top_p=0.8),
+    SamplingConfig(temperature=1.0, min_p=0.3),
+    SamplingConfig(temperature=0),
+]
+
+
+def run_to_end(engine: Engine, max_steps: int = 10_000) -> dict[int, list[RequestOutput]]:
+    outputs: dict[int, list[RequestOutput]] = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            break
+        for output in engine.step():
+            outputs.setdefault(output.request_id, []).append(output)
+    assert not engine.has_unfinished(), "the engine did not finish in max_steps"
+    return outputs
+
+
+def tokens_of(outputs: list[RequestOutput]) -> list[int]:
+    return [t for o in outputs for t in o.tokens]
+
+
+def pair16() -> tuple[ToyLM, ToyLM]:
+    target = ToyLM(16, seed=1, scale=1.5)
+    return target, ToyLM(16, seed=2, base=target, noise=0.8)
+
+
+DRAFTERS = {
+    "none": lambda draft: None,
+    "model": lambda draft: ModelDrafter(draft),
+    "ngram": lambda draft: NgramDrafter(max_ngram=2),
+    "tree": lambda draft: TreeDrafter(draft, TreeShape((2, 2))),
+    "chains": lambda draft: TreeDrafter(draft, TreeShape.chains(2, 3), children="iid"),
+}
+
+
+# ---------------------------------------------------------------- seed invariance
+
+
+@pytest.mark.parametrize("drafter_name", sorted(DRAFTERS))
+@pytest.mark.parametrize("config", [0, 1, 2, 3], ids=["t1", "t0.7-topk", "t1.3-topp", "minp"])
+def test_a_seeded_request_emits_the_same_tokens_alone_in_any_batch_and_joining_late(
+    drafter_name, config
+):
+    prompt, seed = [3, 1, 4, 1, 5], 1234
+    sampling = CONFIGS[config]
+
+    def run(neighbours: int, join_at: int) -> list[int]:
+        target, draft = pair16()
+        engine = Engine(target, DRAFTERS[drafter_name](draft), draft_length=3, max_batch=4)
+        others = [
+            engine.add_request(
+                [(7 * i + 2) % 16, i % 16],
+                sampling=CONFIGS[i % len(CONFIGS)],
+                max_new_tokens=5 + i,
+                seed=i,
+            )
+            for i in range(neighbours)
+        ]
+        outputs: dict[int, list[RequestOutput]] = {}
+        for _ in range(join_at):
+            for output in engine.step():
+                outputs.setdefault(output.request_id, []).append(output)
+        mine = engine.add_request(prompt, sampling=sampling, max_new_tokens=12, seed=seed)
+        for request_id, outs in run_to_end(engine).items():
+            outputs.setdefault(request_id, []).extend(outs)
+        assert set(outputs) == set(others) | {mine}
+        assert_stats_identities(engine.stats)
+        return tokens_of(outputs[mine])
+
+    alone = run(0, 0)
+    assert len(alone) == 12
+    assert run(3, 0) == alone
+    assert run(5, 2) == alone  # queued behind max_batch, joins when a row frees up
+    assert run(2, 3) == alone
+
+
+def test_another_seed_gives_other_tokens():
+    target, draft = pair16()
+    engine = Engine(target, ModelDrafter(draft), draft_length=2)
+    ids = [engine.add_request([1, 2], max_new_tokens=16, seed=s) for s in (1, 2)]
+    outputs = run_to_end(engine)
+    assert tokens_of(outputs[ids[0]]) != tokens_of(outputs[ids[1]])
+
+
+def test_engine_leaves_the_global_rng_alone():
+    target, draft = pair16()
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    engine = Engine(target, ModelDrafter(draft), draft_length=2)
+    engine.add_request([1, 2], max_new_tokens=8, seed=5)
+    engine.add_request([3], max_new_tokens=8)  # seed None: drawn from the OS, not torch
+    run_to_end(engine)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+# ---------------------------------------------------------------- outputs, limits, aborts
+
+
+def test_outputs_label_every_token_and_finish_with_a_reason():
+    target, draft = pair16()
+    engine = Engine(target, ModelDrafter(draft), draft_length=3)
+    eos = 5
+    ids = [
+        engine.add_request([1, 2, 3], max_new_tokens=9, seed=s, eos_token_ids=(eos,))
+        for s in range(12)
+    ]
+    stop_id = engine.add_request([4], max_new_tokens=30, seed=3, stop=lambda t: len(t) >= 4)
+    outputs = run_to_end(engine)
+    for request_id in ids + [stop_id]:
+        outs = outputs[request_id]
+        assert [o.finished for o in outs] == [False] * (len(outs) - 1) + [True]
+        tokens = tokens_of(outs)
+        for o in outs:
+            assert len(o.kinds) == len(o.tokens) == len(o.logprobs)
+            # one step: accepted drafts, then at most one recovered or bonus token, last
+            assert all(k == ACCEPTED for k in o.kinds[:-1])
+            assert not o.kinds or o.kinds[-1] in (ACCEPTED, RECOVERED, BONUS)
+            assert all(lp <= 0 for lp in o.logprobs)
+        last = outs[-1]
+        assert_stats_identities(last.stats)
+        assert last.stats.new_tokens == len(tokens)
+        if request_id == stop_id:
+            assert last.finish_reason == "stop" and len(tokens) >= 4
+        elif eos in tokens:
+            assert last.finish_reason == "eos" and tokens.index(eos) == len(tokens) - 1
+        else:
+            assert last.finish_reason == "length" and len(tokens) == 9
+    reasons = {outputs[i][-1].finish_reason for i in ids}
+    assert reasons == {"eos", "length"}, "the seeds should reach both ends"
+    assert_stats_identities(engine.stats)
+
+
+def test_logprobs_are_the_targets_log_softmax_of_each_token():
+    target, draft = pair16()
+    engine = Engine(target, ModelDrafter(draft), draft_length=3)
+    prompt = [2, 7]
+    request_id = engine.add_request(
+        prompt, sampling=SamplingConfig(temperature=0.5), max_new_tokens=10, seed=9
+    )
+    outs = run_to_end(engine)[request_id]
+    sequence = list(prompt)
+    for o in outs:
+        for token, logprob in zip(o.tokens, o.logprobs, strict=True):
+            expected = torch.log_softmax(target.logits_for(sequence).double(), -1)[token]
+            assert logprob == pytest.approx(float(expected), abs=1e-5)
+            sequence.append(token)
+
+
+def test_abort_ends_a_running_and_a_waiting_request_and_the_others_go_on():
+    target, draft = pair16()
+    engine = Engine(target, ModelDrafter(draft), draft_length=2, max_batch=2)
+    running = [engine.add_request([1, 2], max_new_tokens=20, seed=s) for s in range(2)]
+    waiting = engine.add_request([3], max_new_tokens=20, seed=7)
+    engine.step()
+    assert engine.num_running() == 2 and engine.num_waiting() == 1
+    assert engine.abort(running[0]) and engine.abort(waiting)
+    assert not engine.abort(running[0])  # already ended
+    assert not engine.abort(12345)
+    outputs = engine.step()
+    finals = {o.request_id: o for o in outputs if o.finished}
+    assert finals[running[0]].finish_reason == "abort" and finals[running[0]].tokens == []
+    assert finals[waiting].finish_reason == "abort"
+    rest = run_to_end(engine)
+    assert rest[running[1]][-1].finish_reason == "length"
+    assert running[0] not in rest and waiting not in rest
+
+
+def test_max_batch_bounds_the_running_requests_and_the_queue_drains_in_order():
+    target, draft = pair16()
+    engine = Engine(target, NgramDrafter(), draft_length=2, max_batch=3)
+    ids = [engine.add_request([i % 16, 1], max_new_tokens=3 + i, seed=i) for i in range(8)]
+    finished_order = []
+    while engine.has_unfinished():
+        outputs = engine.step()
+        assert engine.num_running() <= 3
+        finished_order += [o.request_id for o in outputs if o.finished]
+    assert sorted(finished_order) == ids
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "argument"),
+    [
+        ({"prompt_tokens": []}, ValueError, "prompt_tokens"),
+        ({"prompt_tokens": "abc"}, TypeError, "prompt_tokens"),
+        ({"prompt_tokens": [99]}, ValueError, "prompt_tokens[0]"),
+        ({"max_new_tokens": 0}, ValueError, "max_new_tokens"),
+        ({"seed": -1}, ValueError, "seed"),
+        ({"sampling": {"temperature": 1}}, TypeError, "sampling"),
+        ({"stop": "END"}, TypeError, "stop"),
+    ],
+)
+def test_bad_requests_are_refused_naming_the_argument(kwargs, error, argument):
+    target, _ = pair16()
+    engine = Engine(target)
+    call = {"prompt_tokens": [1, 2], **kwargs}
+    with pytest.raises(error, match=f"^{__import__('re').escape(argument)}: "):
+        engine.add_request(call.pop("prompt_tokens"), **call)
+
+
+def test_bad_engine_arguments_are_refused_naming_them():
+    target, draft = pair16()
+    with pytest.raises(TypeError, match="^target: "):
+        Engine("model")
+    with pytest.raises(ValueError, match="^max_batch: "):
+        Engine(target, max_batch=0)
+    with pytest.raises(ValueError, match="^rule: "):
+        Engine(target, rule="nonsense")
+    with pytest.raises(ValueError, match="^rule: 'block' applies to one draft chain"):
+        Engine(target, TreeDrafter(draft, TreeShape((2,))), rule="block")
+
+
+# ---------------------------------------------------------------- exactness through the engine
+
+
+def engine_p_value(drafter, *, draft_length=2, abort_every: int = 0, seed: int = 0) -> float:
+    """About ROWS requests over two prompts and four sampling configs; half are added before
+    the first step, the rest after two steps (queued behind max_batch, joining as rows free
+    up). Every `abort_every`-th request (by id, so independently of its tokens) is aborted after
+    the first step and left out. Each (prompt, config) group is G-tested against its exact law."""
+    target, _ = toy_pair()
+    engine = Engine(target, drafter, draft_length=draft_length, max_batch=2500)
+    groups = [(p, c) for p in (PROMPT, SHORT_PROMPT) for c in CONFIGS[:4]]
+    per_group = 500
+    requests: dict[int, int] = {}
+
+    def add(count: int, offset: int) -> None:
+        for i in range(count):
+            g = (offset + i) % len(groups)
+            prompt, config = groups[g]
+            request_id = engine.add_request(
+                prompt, sampling=config, max_new_tokens=DEPTH, seed=seed * 10**6 + offset + i
+            )
+            requests[request_id] = g
+
+    total = per_group * len(groups)
+    add(total // 2, 0)
+    outputs: dict[int, list[RequestOutput]] = {}
+    for step in range(2):
+        for output in engine.step():
+            outputs.setdefault(output.request_id, []).append(output)
+        if step == 0 and abort_every:
+            for request_id in list(requests)[::abort_every]:
+                engine.abort(request_id)
+    add(total - total // 2, total // 2)
+    for request_id, outs in run_to_end(engine).items():
+        outputs.setdefault(request_id, []).extend(outs)
+    assert engine.stats.drafted > 0
+    assert_stats_identities(engine.stats)
+    rows: list[list[list[int]]] = [[] for _ in groups]
+    for request_id, g in requests.items():
+        outs = outputs[request_id]
+        if outs[-1].finish_reason == "abort":
+            continue
+        rows[g].append(tokens_of(outs))
+    tests = []
+    for g, (prompt, config) in enumerate(groups):
+        assert len(rows[g]) > 300
+        tests.append(outcome_test(rows[g], target_outcomes(target, prompt, config, ())))
+    return p_value(*tests)
+
+
+ENGINE_VARIANTS = {
+    "model-mixed-configs-joining": lambda: engine_p_value(ModelDrafter(toy_pair()[1])),
+    "model-aborts": lambda: engine_p_value(ModelDrafter(toy_pair()[1]), abort_every=7),
+    "ngram-joining": lambda: engine_p_value(NgramDrafter(max_ngram=2), draft_length=3),
+    "tree-joining-aborts": lambda: engine_p_value(
+        TreeDrafter(toy_pair()[1], TreeShape((2, 1))), abort_every=5
+    ),
+    "adaptive-length": lambda: engine_p_value(ModelDrafter(toy_pair()[1]), draft_length="auto"),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(ENGINE_VARIANTS))
+def test_engine_output_follows_the_target_with_requests_joining_and_leaving(variant):
+    assert ENGINE_VARIANTS[variant]() > ALPHA
+
+
+def test_engine_negative_control_misreported_draft_fails_the_same_test():
+    drafter = MisreportingDrafter(toy_pair()[1], argmax=True, report=lambda q: q)
+    assert engine_p_value(drafter) < ALPHA
