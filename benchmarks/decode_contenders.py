@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from specsample.engine.loop import generate
 
 from common import pooled
 from specsample.drafters.model import DEFAULT_CONFIDENCE, ModelDrafter
 from specsample.drafters.ngram import NgramDrafter
+from specsample.engine import generate
 from specsample.engine.length import AdaptiveDraftLength
 from specsample.engine.stats import DecodeStats
 from specsample.warpers import SamplingConfig

@@ -126,7 +126,7 @@ def settings_lines(rec: Record) -> list[str]:
         "transformers `do_sample=True, temperature=T, top_k=0, top_p=1.0`, since its default "
         "top_k is 50). Ours gets a fresh `torch.Generator` seeded per run; transformers "
         "`torch.manual_seed` with the same seed.",
-        f"- batch 1 contenders: {'; '.join(contenders)}. Ours: `specsample.engine.loop.generate` "
+        f"- batch 1 contenders: {'; '.join(contenders)}. Ours: `specsample.engine.generate` "
         f"with `ModelDrafter(draft, confidence={DEFAULT_CONFIDENCE})` (the command line's "
         f"default draft-side stop) and `AdaptiveDraftLength({ADAPTIVE_MAX_K})`, "
         + ("" if args.no_fixed else f"or `ModelDrafter(draft)` with fixed k={args.k}, ")

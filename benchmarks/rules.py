@@ -11,7 +11,7 @@ the measured tokens per pass would give where a pass costs the same for 1 or 17 
 that is launch-bound): tokens per pass / (draft passes per step * c + 1), c measured at 1 token.
 
 Writes benchmarks/rules.md (+ rules.json). Run: .venv/bin/python benchmarks/rules.py
-(about 40 minutes on 2 cores; --quick: 1 prompt, 8 tokens).
+(about 40 minutes on 2 cores; --quick: 1 prompt, 8 tokens; --no-write: print only).
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from specsample.engine.loop import generate
 
 from specsample.adapters.default_pair import load_default_pair_with_stats
 from specsample.adapters.hf import HFCausalLM
 from specsample.analysis.theory import step_speedup
 from specsample.drafters.model import ModelDrafter
 from specsample.drafters.tree import TreeDrafter, TreeShape
+from specsample.engine import generate
 from specsample.engine.stats import DecodeStats
 from specsample.engine.text import encode_prompt
 from specsample.warpers import SamplingConfig
@@ -101,6 +101,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--new-tokens", type=int, default=40)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-write", action="store_true", help="do not write the md/json")
     args = parser.parse_args()
     prompts = json.loads((HERE / "prompts.json").read_text())
     own = json.loads((HERE / "rules_prompts.json").read_text())
@@ -149,9 +150,13 @@ def main() -> None:
                     file=sys.stderr,
                     flush=True,
                 )
-    report(
+    lines, record = report(
         cells, prompts, all_settings, target_cost, draft_cost, c1, machine, started, load_start, n
     )
+    print("\n".join(lines))
+    if not args.no_write:
+        OUT_MD.write_text("\n".join(lines) + "\n")
+        OUT_JSON.write_text(json.dumps(record, indent=2))
 
 
 def summarise(runs: list[Run], baseline: list[Run], c1: float, target_1: float) -> dict:
@@ -181,6 +186,7 @@ def summarise(runs: list[Run], baseline: list[Run], c1: float, target_1: float) 
 
 
 def report(cells, prompts, all_settings, target_cost, draft_cost, c1, machine, started, load, n):
+    """The markdown lines of the report and the JSON record."""
     lines = [
         "# Verification rules on the default pair (CPU)",
         "",
@@ -239,21 +245,15 @@ def report(cells, prompts, all_settings, target_cost, draft_cost, c1, machine, s
                 values.append(f"{pooled([r.stats for r in runs]).tokens_per_pass:.2f}")
             lines.append(f"| {s.name} | " + " | ".join(values) + " |")
         lines.append("")
-    OUT_MD.write_text("\n".join(lines) + "\n")
-    OUT_JSON.write_text(
-        json.dumps(
-            {
-                "machine": machine,
-                "target_cost": target_cost,
-                "draft_cost": draft_cost,
-                "c": c1,
-                "new_tokens": n,
-                "results": results,
-            },
-            indent=2,
-        )
-    )
-    print("\n".join(lines))
+    record = {
+        "machine": machine,
+        "target_cost": target_cost,
+        "draft_cost": draft_cost,
+        "c": c1,
+        "new_tokens": n,
+        "results": results,
+    }
+    return lines, record
 
 
 if __name__ == "__main__":
