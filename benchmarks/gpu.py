@@ -317,8 +317,16 @@ def verification_section(torch, settings, device, clock, bandwidth, report) -> s
                 if hf_sampling is not None and batch == 1:
                     ids = torch.cat([torch.zeros_like(x["tokens"]), x["tokens"]], dim=1)
                     d_logits, t_logits = x["draft"].log(), x["target"].log()
+                    # Some 5.x versions take is_done_candidate after new_logits.
+                    extra = (
+                        (False,)
+                        if "is_done_candidate" in inspect.signature(hf_sampling).parameters
+                        else ()
+                    )
                     contenders["transformers _speculative_sampling"] = (
-                        lambda ids=ids, d=d_logits, t=t_logits, k=k: hf_sampling(ids, d, k, t)
+                        lambda ids=ids, d=d_logits, t=t_logits, k=k, extra=extra: hf_sampling(
+                            ids, d, k, t, *extra
+                        )
                     )
                 if flashinfer_chain is not None:
                     contenders["FlashInfer chain_speculative_sampling"] = lambda x=x: (
@@ -536,6 +544,7 @@ def graph_costs(torch, model, settings, clock, device):
         positions = torch.arange(settings.context, settings.context + n, device=device)
 
         def forward(ids=ids, positions=positions):
+            rewind(cache, settings.context)
             return model(
                 ids,
                 **{keyword: cache},
@@ -551,6 +560,7 @@ def graph_costs(torch, model, settings, clock, device):
     position = torch.arange(settings.context, settings.context + 1, device=device)
 
     def draft_step():
+        rewind(cache, settings.context)
         logits = model(
             ids,
             **{keyword: cache},
@@ -601,6 +611,16 @@ def static_adapter_costs(torch, model, settings, clock, device):
 
     draft = clock.per_call(draft_step, settings.model_reps, 2)
     return costs, draft
+
+
+def rewind(cache, length: int) -> None:
+    """Puts the next write of a transformers StaticCache at slot `length`: versions that count
+    the written slots on the device (a tensor) would otherwise move on at every replay and run
+    past the end of the cache. Versions that take the positions from the call need nothing."""
+    for layer in getattr(cache, "layers", []):
+        counter = getattr(layer, "cumulative_length", None)
+        if hasattr(counter, "fill_"):
+            counter.fill_(length)
 
 
 def capture(torch, fn, pool):
