@@ -26,7 +26,7 @@ from specsample.adapters.hf import HFCausalLM  # noqa: E402
 from specsample.adapters.loading import LoadedPair, load_pair  # noqa: E402
 from specsample.cli.main import main  # noqa: E402
 from specsample.drafters.model import ModelDrafter  # noqa: E402
-from specsample.engine.loop import generate  # noqa: E402
+from specsample.engine import generate  # noqa: E402
 from specsample.warpers import SamplingConfig  # noqa: E402
 
 LAYERS, HIDDEN, FFN, HEADS, KV_HEADS = 2, 64, 128, 4, 2

@@ -12,8 +12,9 @@ Cache layout (root: `$SPECSAMPLE_CACHE`, else `$XDG_CACHE_HOME/specsample`, else
     gguf/<file>.gguf                     the joined GGUF file (kept: reconverting needs no parts)
     hf/<gguf stem>-<dtype>/              config.json, model.safetensors, tokenizer, COMPLETE_MARKER
 
-Heavy imports (transformers) happen inside the loading functions so that importing this module,
-and the tests of the locating/joining steps, stay cheap.
+The transformers calls (conversion and loading) are in `hf_loading`, which imports transformers
+only inside its functions, so that importing this module, and the tests of the locating/joining
+steps, stay cheap.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import psutil
 import torch
+
+from specsample.adapters.hf_loading import gguf_to_checkpoint, load_causal_lm, load_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -336,41 +339,6 @@ def release_memory() -> None:
             pass
 
 
-def _gguf_to_checkpoint(gguf_path: Path, dtype: torch.dtype, out: Path) -> None:
-    """Write a plain transformers checkpoint (config, safetensors, tokenizer) of a GGUF file.
-
-    Why not `from_pretrained(gguf_file=...)`: in transformers 5 that path requires `accelerate`,
-    which the project does not depend on. The same legacy loader it uses (`load_gguf_checkpoint`)
-    is called here directly, with a weightless (meta) model only to map the tensor names, so peak
-    memory is the dequantized state dict in `dtype` plus one float32 tensor at a time.
-    """
-    from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    folder, name = str(gguf_path.parent), gguf_path.name
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name, config=config)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    expected = set(skeleton.state_dict())
-    if config.tie_word_embeddings:  # then the file has no output.weight (ours have one)
-        expected.discard("lm_head.weight")
-    parsed = load_gguf_checkpoint(
-        str(gguf_path), return_tensors=True, model_to_load=skeleton, torch_dtype=dtype
-    )
-    tensors: dict[str, torch.Tensor] = parsed.pop("tensors")
-    del parsed, skeleton
-    if missing := expected - set(tensors):
-        raise InvalidGGUFError(f"{gguf_path}: no tensors for {sorted(missing)[:5]} ...")
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    del tensors
-    release_memory()
-    config.dtype = dtype
-    config.save_pretrained(out)
-    tok.save_pretrained(out)
-
-
 def convert_to_cache(model: str | ModelSpec, dtype: torch.dtype = torch.bfloat16) -> Path:
     """Assemble the GGUF of `model` and convert it into the cache folder (atomically); return it.
 
@@ -386,7 +354,10 @@ def convert_to_cache(model: str | ModelSpec, dtype: torch.dtype = torch.bfloat16
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        _gguf_to_checkpoint(gguf_path, dtype, tmp)
+        missing = gguf_to_checkpoint(gguf_path, dtype, tmp)
+        if missing:
+            raise InvalidGGUFError(f"{gguf_path}: no tensors for {missing} ...")
+        release_memory()
         (tmp / COMPLETE_MARKER).write_text(json.dumps(_marker_content(spec, dtype)))
         shutil.rmtree(final, ignore_errors=True)  # a stale or incomplete earlier conversion
         os.replace(tmp, final)
@@ -399,14 +370,12 @@ def load_default_model(
     which: str | ModelSpec, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
 ) -> LoadedModel:
     """Load "target" or "draft" in eval mode, converting its GGUF into the cache on first use."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     spec = resolve_spec(which)
     start = time.perf_counter()
     from_cache = is_converted(spec, dtype)
     folder = convert_to_cache(spec, dtype)
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    tok = load_tokenizer(str(folder))
+    model = load_causal_lm(folder, dtype, device)
     release_memory()
     elapsed = time.perf_counter() - start
     return LoadedModel(model, tok, LoadStats(elapsed, rss_bytes(), weight_bytes(model), from_cache))

@@ -25,6 +25,7 @@ from specsample.adapters.gguf_meta import (
     read_gguf_tokenizer,
 )
 from specsample.adapters.hf import HFCausalLM
+from specsample.adapters.hf_loading import load_tokenizer
 from specsample.adapters.protocol import LanguageModel
 from specsample.adapters.quantize import DRAFT_QUANTIZATIONS, quantize_draft
 
@@ -239,10 +240,8 @@ def _split_gguf(name: str) -> tuple[str, str | None]:
 
 
 def _load_tokenizer(name: str) -> Any:
-    from transformers import AutoTokenizer
-
     folder, gguf_file = _split_gguf(name)
-    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    return load_tokenizer(folder, gguf_file)
 
 
 def _load_model(name: str, dtype: torch.dtype, device: str) -> HFCausalLM:
