@@ -17,7 +17,8 @@ from transformers import PreTrainedTokenizerFast
 from specsample import Engine
 from specsample.adapters.toy import ToyLM
 from specsample.drafters.model import ModelDrafter
-from specsample.serve.app import ServedModels, create_app
+from specsample.serve.app import create_app
+from specsample.serve.completion import ServedModels
 
 CHARS = "abcdefghijklmnopqrstuvwxyz .,!?\n"
 CHAT_TEMPLATE = (

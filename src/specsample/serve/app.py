@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -21,10 +19,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from specsample.engine.engine import Engine, RequestOutput
-from specsample.engine.text import stop_string_condition
-from specsample.serve.choices import ChoiceText, Piece
-from specsample.serve.loop import Draining, EngineLoop, QueueFull, RequestSpec
+from specsample.serve.choices import Piece
+from specsample.serve.completion import Completion, ServedModels
+from specsample.serve.loop import Draining, EngineLoop, QueueFull
 from specsample.serve.metrics import CONTENT_TYPE, ServerMetrics
 from specsample.serve.protocol import (
     CHAT,
@@ -32,36 +29,10 @@ from specsample.serve.protocol import (
     GenerationRequest,
     RequestError,
     ServedModel,
-    finish_reason,
     parse_request,
 )
 
 RETRY_AFTER_SECONDS = 1
-
-
-@dataclass
-class ServedModels:
-    """What the server runs.
-
-    make_engine     builds the Engine (target, drafter, rule, draft length, max_batch); called
-                    once at start and again to rebuild it after a failed step.
-    tokenizer       text <-> ids (transformers' interface: encode, decode, apply_chat_template).
-    name            the model id clients send (GET /v1/models lists it).
-    context_length  tokens per request, prompt and completion together.
-    rule            the verification rule's name, reported in each response; lossy marks a rule
-                    whose output is NOT distributed as the target.
-    """
-
-    make_engine: Callable[[], Engine]
-    tokenizer: Any
-    name: str
-    context_length: int
-    vocab_size: int
-    eos_token_ids: tuple[int, ...] = ()
-    rule: str = "auto"
-    lossy: bool = False
-    speculative: bool = True
-    default_max_tokens: int = 256
 
 
 class ServerError(Exception):
@@ -226,44 +197,26 @@ def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
 
 
 class _Run:
-    """One HTTP request's choices in flight: submits them, gathers their outputs from the
-    engine thread through an asyncio queue, and renders OpenAI's JSON or chunks."""
+    """One HTTP request in flight: submits its choices to the loop and gathers their outputs
+    from the engine thread through an asyncio queue."""
 
     def __init__(self, request: GenerationRequest, models: ServedModels, loop: EngineLoop):
         self.request = request
-        self.models = models
         self.loop = loop
-        self.id = ("chatcmpl-" if request.kind == CHAT else "cmpl-") + secrets.token_hex(12)
-        self.created = int(time.time())
-        count = request.num_choices
-        self.texts = [ChoiceText(models.tokenizer, request.stop) for _ in range(count)]
-        self.reasons: list[str | None] = [None] * count
-        self.stats: list[Any] = [None] * count
+        self.completion = Completion(request, models)
         self.queue: asyncio.Queue = asyncio.Queue()
         self.handles: list = []
 
     def submit(self) -> None:
         event_loop = asyncio.get_running_loop()
-        stop = stop_string_condition(self.models.tokenizer, self.request.stop)
-        specs = []
-        for index in range(self.request.num_choices):
 
-            def sink(item, index=index):
-                event_loop.call_soon_threadsafe(self.queue.put_nowait, (index, item))
-
-            specs.append(
-                RequestSpec(
-                    prompt=self.request.choice_prompt(index),
-                    sampling=self.request.sampling,
-                    max_new_tokens=self.request.max_tokens,
-                    sink=sink,
-                    seed=self.request.choice_seed(index),
-                    eos_token_ids=self.models.eos_token_ids,
-                    stop=None if stop is None else (lambda tokens, stop=stop: stop(0, tokens)),
-                )
+        def sink_for(index: int):
+            return lambda item: event_loop.call_soon_threadsafe(
+                self.queue.put_nowait, (index, item)
             )
+
         try:
-            self.handles = self.loop.submit(specs)
+            self.handles = self.loop.submit(self.completion.specs(sink_for))
         except QueueFull as error:
             raise ServerError(
                 429,
@@ -276,191 +229,61 @@ class _Run:
 
     def abort_unfinished(self) -> None:
         for index, handle in enumerate(self.handles):
-            if self.reasons[index] is None:
+            if self.completion.reasons[index] is None:
                 self.loop.abort(handle)
 
-    @property
-    def finished(self) -> bool:
-        return all(r is not None for r in self.reasons)
-
-    async def _next(self) -> tuple[int, list[Piece]]:
-        """The next output of any choice, as released pieces. Raises the request's error."""
+    async def _next(self) -> tuple[int, list[Piece], bool]:
+        """The next output of any choice: (index, released pieces, whether it ended). Raises
+        ServerError when the choice failed."""
         index, item = await self.queue.get()
         if isinstance(item, BaseException):
-            self.reasons[index] = "error"
+            self.completion.fail(index)
             raise ServerError(
                 500, f"internal error: {type(item).__name__}: {item}", "internal_error"
             )
-        output: RequestOutput = item
-        text = self.texts[index]
-        pieces = text.push(output.tokens, output.logprobs)
-        if output.finished or text.stopped:
-            pieces += text.finish()
-            self.reasons[index] = finish_reason(output.finish_reason, text.stopped)
-            self.stats[index] = output.stats
-            if not output.finished:  # a stop string the engine's check did not see yet
-                self.loop.abort(self.handles[index])
-        return index, pieces
-
-    # ------------------------------------------------------------------ JSON
+        pieces, ended = self.completion.accept(index, item)
+        if ended and not item.finished:  # cut by a stop string before the Engine saw it
+            self.loop.abort(self.handles[index])
+        return index, pieces, ended
 
     async def collect(self, http: Request) -> JSONResponse:
-        pieces: list[list[Piece]] = [[] for _ in self.texts]
         watcher = asyncio.create_task(self._abort_on_disconnect(http))
         try:
-            while not self.finished:
-                index, new = await self._next()
-                pieces[index] += new
+            while not self.completion.finished:
+                await self._next()
         finally:
             watcher.cancel()
             self.abort_unfinished()
-        return JSONResponse(self._response(pieces))
+        return JSONResponse(self.completion.response())
 
     async def _abort_on_disconnect(self, http: Request, every: float = 0.5) -> None:
         """A client gone before its JSON answer: its choices end at the next step."""
-        while not self.finished:
+        while not self.completion.finished:
             await asyncio.sleep(every)
             if await http.is_disconnected():
                 self.abort_unfinished()
                 return
 
-    def _response(self, pieces: list[list[Piece]]) -> dict:
-        choices = []
-        for index, choice in enumerate(pieces):
-            text = "".join(p.text for p in choice)
-            entry: dict[str, Any] = {"index": index, "finish_reason": self.reasons[index]}
-            if self.request.kind == CHAT:
-                entry["message"] = {"role": "assistant", "content": text}
-                entry["logprobs"] = _chat_logprobs(choice) if self.request.logprobs else None
-            else:
-                if self.request.echo:
-                    prompt = self.request.choice_prompt(index)
-                    text = self.models.tokenizer.decode(prompt) + text
-                entry["text"] = text
-                entry["logprobs"] = _completion_logprobs(choice) if self.request.logprobs else None
-            choices.append(entry)
-        return {
-            "id": self.id,
-            "object": "chat.completion" if self.request.kind == CHAT else "text_completion",
-            "created": self.created,
-            "model": self.models.name,
-            "choices": choices,
-            "usage": self._usage(),
-            "specsample": self._specsample(),
-        }
-
-    def _usage(self) -> dict:
-        prompt = sum(len(p) for p in self.request.prompts) * self.request.n
-        completion = sum(t.num_tokens for t in self.texts)
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-        }
-
-    def _specsample(self) -> dict:
-        return specsample_stats(self.stats, self.models)
-
-    # ------------------------------------------------------------------ server-sent events
-
     async def stream(self) -> AsyncIterator[str]:
+        completion = self.completion
         try:
             if self.request.kind == CHAT:
-                for index in range(len(self.texts)):
-                    yield _event(self._chunk(index, [], None, role=True))
-            while not self.finished:
+                for index in range(self.request.num_choices):
+                    yield _event(completion.chunk(index, [], None, role=True))
+            while not completion.finished:
                 try:
-                    index, pieces = await self._next()
+                    index, pieces, ended = await self._next()
                 except ServerError as error:
-                    body = {"error": {"message": error.message, "type": error.kind}}
-                    yield _event(body)
+                    yield _event({"error": {"message": error.message, "type": error.kind}})
                     break
-                reason = self.reasons[index]
-                if pieces or reason is not None:
-                    yield _event(self._chunk(index, pieces, reason))
+                if pieces or ended:
+                    reason = completion.reasons[index] if ended else None
+                    yield _event(completion.chunk(index, pieces, reason))
             if self.request.include_usage:
-                usage = self._chunk(0, [], None)
-                usage["choices"] = []
-                usage["usage"] = self._usage()
-                usage["specsample"] = self._specsample()
-                yield _event(usage)
+                yield _event(completion.usage_chunk())
             yield "data: [DONE]\n\n"
         finally:
             self.abort_unfinished()
-
-    def _chunk(self, index: int, pieces: list[Piece], reason: str | None, role=False) -> dict:
-        text = "".join(p.text for p in pieces)
-        if self.request.kind == CHAT:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
-            if pieces:
-                delta["content"] = text
-            choice: dict[str, Any] = {"index": index, "delta": delta}
-            choice["logprobs"] = (
-                _chat_logprobs(pieces) if self.request.logprobs and pieces else None
-            )
-        else:
-            choice = {"index": index, "text": text}
-            choice["logprobs"] = (
-                _completion_logprobs(pieces) if self.request.logprobs and pieces else None
-            )
-        choice["finish_reason"] = reason
-        chunk = {
-            "id": self.id,
-            "object": "chat.completion.chunk" if self.request.kind == CHAT else "text_completion",
-            "created": self.created,
-            "model": self.models.name,
-            "choices": [choice],
-        }
-        if reason is not None:
-            chunk["specsample"] = specsample_stats([self.stats[index]], self.models)
-        return chunk
-
-
-def specsample_stats(stats: list, models: ServedModels) -> dict:
-    """The `specsample` object of a response: the rule, and the acceptance statistics of the
-    request's choices together (None where a choice ended without statistics)."""
-    present = [s for s in stats if s is not None]
-    accepted = sum(s.accepted for s in present)
-    keep_tests = sum(s.keep_tests for s in present)
-    tokens = sum(s.new_tokens for s in present)
-    row_steps = sum(s.row_steps for s in present)
-    return {
-        "rule": models.rule,
-        "lossy": models.lossy,
-        "speculative": models.speculative,
-        "acceptance_rate": round(accepted / keep_tests, 4) if keep_tests else None,
-        "tokens_per_pass": round(tokens / row_steps, 4) if row_steps else None,
-        "target_passes": max((s.target_passes for s in present), default=0),
-        "drafted": sum(s.drafted for s in present),
-        "accepted": accepted,
-    }
-
-
-def _completion_logprobs(pieces: list[Piece]) -> dict:
-    offsets, position = [], 0
-    for piece in pieces:
-        offsets.append(position)
-        position += len(piece.text)
-    return {
-        "tokens": [p.text for p in pieces],
-        "token_logprobs": [p.logprob for p in pieces],
-        "top_logprobs": [{p.text: p.logprob} for p in pieces],
-        "text_offset": offsets,
-    }
-
-
-def _chat_logprobs(pieces: list[Piece]) -> dict:
-    return {
-        "content": [
-            {
-                "token": p.text,
-                "logprob": p.logprob,
-                "bytes": list(p.text.encode()),
-                "top_logprobs": [],
-            }
-            for p in pieces
-        ]
-    }
 
 
 def _event(payload: dict) -> str:
