@@ -36,7 +36,7 @@ from specsample.rules.registry import (
     verify_draft,
     verify_greedy,
 )
-from specsample.rules.tree import TreeResult
+from specsample.rules.tree import TreeResult, node_depths
 from specsample.warpers import RowSampling, SamplingConfig
 
 ACCEPTED, RECOVERED, BONUS = "accepted", "recovered", "bonus"
@@ -274,7 +274,7 @@ class Engine:
         logits = logits[:, : draft.num_nodes + 1].float()
         if self.rule.coupled:  # noise of depths 0..depth below the root (rules/coupled.py)
             target_probs = sampling.warp(logits)
-            depth = int(draft.depths().max()) if draft.batch else 0
+            depth = int(node_depths(draft.parents).max()) if draft.num_nodes else 0
             noise = sampling.gumbel(depth + 1, target_probs.shape[-1], target_probs.device)
             result = verify_coupled(draft, target_probs, noise)
         elif sampling.all_greedy:
