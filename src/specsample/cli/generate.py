@@ -62,11 +62,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--rule",
-        choices=["auto", "token", "block", "typical"],
+        choices=["auto", "token", "block", "coupled", "typical"],
         default="auto",
         help="verification rule: token (token by token; with --drafts/--tree: node by node, "
         "recursive rejection sampling) or block (block verification: the optimal rule for one "
-        "draft chain, never fewer accepted tokens in expectation, same cost); both exact. auto "
+        "draft chain, never fewer accepted tokens in expectation, same cost); both exact. "
+        "coupled: exact and drafter-invariant: the text for a --seed is the same with any "
+        "--drafter (none included), --k, --drafts/--tree or batch (drafts and target share "
+        "Gumbel noise; a draft is kept with probability >= (1-TV)/(1+TV)). auto "
         "(default): block for one chain, node by node for --drafts/--tree. typical is LOSSY "
         "(Medusa's typical acceptance: the output is NOT distributed as the target), for "
         "comparison only",
@@ -342,9 +345,10 @@ def _tree_shape(args: argparse.Namespace):
             f"{option}: expected --drafter model (trees are drafted by a model), got "
             f"--drafter {args.drafter}"
         )
-    if args.rule not in ("auto", "token"):
+    if args.rule not in ("auto", "token", "coupled"):
         raise argparse.ArgumentTypeError(
-            f"{option}: trees are verified node by node (--rule token), got --rule {args.rule}"
+            f"{option}: trees are verified node by node (--rule token or coupled), got --rule "
+            f"{args.rule}"
         )
     try:
         if args.tree is not None:
