@@ -10,6 +10,7 @@ Needs scipy (the `audit` extra).
 """
 
 from specsample.audit.cases import Case, default_cases
+from specsample.audit.server import ServerAuditConfig, ServerAuditReport, audit_server
 from specsample.audit.shims import BUILT_IN, CouldNotJudge, Verifier, load_verifier
 from specsample.audit.verifier import (
     DEFAULT_ALPHA,
@@ -24,12 +25,15 @@ __all__ = [
     "BUILT_IN",
     "DEFAULT_ALPHA",
     "DEFAULT_SAMPLES",
+    "ServerAuditConfig",
+    "ServerAuditReport",
     "AuditReport",
     "Case",
     "CaseResult",
     "CouldNotJudge",
     "TestResult",
     "Verifier",
+    "audit_server",
     "audit_verifier",
     "default_cases",
     "load_verifier",
