@@ -82,13 +82,14 @@ def served_models(
     gate: threading.Event | None = None,
     delay: float = 0.0,
     eos: bool = True,
+    target: ToyLM | None = None,
 ) -> ServedModels:
-    """The target TARGET (a ControlledToyLM with `poison`, `gate` or `delay`), drafted by a noisy
-    copy of it (or an unrelated ToyLM), with fixed draft length `draft_length`; eos=False: no
-    token ends a request early (requests run to max_tokens)."""
-    if poison is None and gate is None and not delay:
+    """The target TARGET (or `target`; a ControlledToyLM with `poison`, `gate` or `delay`),
+    drafted by a noisy copy of it (or an unrelated ToyLM), with fixed draft length
+    `draft_length`; eos=False: no token ends a request early (requests run to max_tokens)."""
+    if target is None and poison is None and gate is None and not delay:
         target = TARGET
-    else:
+    elif target is None:
         poison_id = None if poison is None else TOKENIZER.encode(poison)[0]
         target = ControlledToyLM(
             VOCAB, seed=11, scale=1.5, poison=poison_id, gate=gate, delay=delay
