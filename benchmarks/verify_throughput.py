@@ -174,21 +174,9 @@ def fmt_time(seconds: float) -> str:
     return f"{seconds * 1e3:.2f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
-    parser.add_argument("--repeats", type=int, default=9, help="samples of ours (batch > 1)")
-    parser.add_argument(
-        "--slow-repeats",
-        type=int,
-        default=3,
-        help="samples of transformers and the loop reference (batch > 1)",
-    )
-    parser.add_argument("--reference-max-batch", type=int, default=64)
-    parser.add_argument("--no-write", action="store_true", help="print only")
-    args = parser.parse_args()
-
-    lines = [
+def intro_lines() -> list[str]:
+    """The report's title, machine and method."""
+    return [
         "# Verification throughput (CPU, float32)",
         "",
         f"k = {K}, vocab = {VOCAB}, all drafts full length. How to run: "
@@ -217,6 +205,97 @@ def main() -> None:
         "noise only adds time, so the ratio of minimums is also given.",
         "",
     ]
+
+
+def batch_section(
+    batch: int, threads: int, args: argparse.Namespace
+) -> tuple[list[str], list[str]]:
+    """Times every contender at one batch size and thread count: the section's lines and the
+    goal lines it settles."""
+    torch.set_num_threads(threads)
+    lines: list[str] = []
+    goals: list[str] = []
+    x = make_inputs(batch, seed=batch)
+    acc = sanity(x, batch)
+    with_ref = batch <= args.reference_max_batch
+    fns = contenders(x, batch, with_ref)
+    fast = args.repeats if batch > 1 else 15
+    slow = args.slow_repeats if batch > 1 else 15
+    repeats = {name: fast for name in fns}
+    for name in (
+        "transformers _speculative_sampling",
+        "  of which: its 2 softmaxes",
+        "reference_token_rule (loop)",
+    ):
+        repeats[name] = slow
+    times = bench(fns, repeats)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    med["transformers w/o softmax (estimate)"] = max(
+        med["transformers _speculative_sampling"] - med["  of which: its 2 softmaxes"], 1e-9
+    )
+    lines += [
+        f"## batch {batch}, torch threads {threads}",
+        "",
+        f"Per-draft acceptance probability sum_v min(p, q): {acc['alpha']:.2f}; accepted "
+        f"drafts per step (of {K}) in this batch: ours {acc['ours']:.2f}, transformers "
+        f"{acc['hf']:.2f}. Ours matched reference_token_rule token for token on shared "
+        "uniforms."
+        + (
+            ""
+            if with_ref
+            else f" reference_token_rule not timed at batch {batch} "
+            f"(loop; > {args.reference_max_batch} rows takes too long)."
+        ),
+        "",
+        "| contender | repeats | median / call | min / call | rows/s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, m in med.items():
+        t = times.get(name)
+        label = "&nbsp;&nbsp;" + name.strip() if name.startswith("  ") else name
+        reps = str(len(t)) if t else "-"
+        mn = fmt_time(min(t)) if t else "-"
+        lines.append(f"| {label} | {reps} | {fmt_time(m)} | {mn} | {batch / m:,.0f} |")
+    hf_t = med["transformers _speculative_sampling"]
+    hf_ns = med["transformers w/o softmax (estimate)"]
+    lines += [""]
+    for ours in ("ours (validate=False)", "ours (validate=True)"):
+        ratio = hf_t / med[ours]
+        ratio_min = min(times["transformers _speculative_sampling"]) / min(times[ours])
+        text = (
+            f"batch {batch} ({threads} thread{'s' * (threads > 1)}): {ours} is {ratio:.2f}x "
+            f"transformers' rows/s on medians, {ratio_min:.2f}x on minimums "
+            f"({hf_ns / med[ours]:.2f}x vs transformers w/o softmax, medians)"
+        )
+        if with_ref:
+            loop = med["reference_token_rule (loop)"]
+            text += f", {loop / med[ours]:.1f}x the loop reference"
+        lines.append(f"- {text}")
+        if batch == 1:
+            goals.append(f"{'met' if ratio > 1 else 'MISSED'}: {text}")
+        if batch == 256:
+            goals.append(f"{'met' if ratio >= 20 else 'MISSED'}: {text}")
+    lines.append("")
+    del x, fns
+    print(f"[batch {batch}, {threads} threads done]", flush=True)
+    return lines, goals
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
+    parser.add_argument("--repeats", type=int, default=9, help="samples of ours (batch > 1)")
+    parser.add_argument(
+        "--slow-repeats",
+        type=int,
+        default=3,
+        help="samples of transformers and the loop reference (batch > 1)",
+    )
+    parser.add_argument("--reference-max-batch", type=int, default=64)
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args()
+
+    lines = intro_lines()
     goals: list[str] = []
     default_threads = torch.get_num_threads()
     runs = []
@@ -226,70 +305,9 @@ def main() -> None:
             # Tiny ops: on a shared machine, waiting for the second thread can dominate.
             runs.append((batch, 1))
     for batch, threads in runs:
-        torch.set_num_threads(threads)
-        x = make_inputs(batch, seed=batch)
-        acc = sanity(x, batch)
-        with_ref = batch <= args.reference_max_batch
-        fns = contenders(x, batch, with_ref)
-        fast = args.repeats if batch > 1 else 15
-        slow = args.slow_repeats if batch > 1 else 15
-        repeats = {name: fast for name in fns}
-        for name in (
-            "transformers _speculative_sampling",
-            "  of which: its 2 softmaxes",
-            "reference_token_rule (loop)",
-        ):
-            repeats[name] = slow
-        times = bench(fns, repeats)
-        med = {name: statistics.median(t) for name, t in times.items()}
-        med["transformers w/o softmax (estimate)"] = max(
-            med["transformers _speculative_sampling"] - med["  of which: its 2 softmaxes"], 1e-9
-        )
-        lines += [
-            f"## batch {batch}, torch threads {threads}",
-            "",
-            f"Per-draft acceptance probability sum_v min(p, q): {acc['alpha']:.2f}; accepted "
-            f"drafts per step (of {K}) in this batch: ours {acc['ours']:.2f}, transformers "
-            f"{acc['hf']:.2f}. Ours matched reference_token_rule token for token on shared "
-            "uniforms."
-            + (
-                ""
-                if with_ref
-                else f" reference_token_rule not timed at batch {batch} "
-                f"(loop; > {args.reference_max_batch} rows takes too long)."
-            ),
-            "",
-            "| contender | repeats | median / call | min / call | rows/s |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for name, m in med.items():
-            t = times.get(name)
-            label = "&nbsp;&nbsp;" + name.strip() if name.startswith("  ") else name
-            reps = str(len(t)) if t else "-"
-            mn = fmt_time(min(t)) if t else "-"
-            lines.append(f"| {label} | {reps} | {fmt_time(m)} | {mn} | {batch / m:,.0f} |")
-        hf_t = med["transformers _speculative_sampling"]
-        hf_ns = med["transformers w/o softmax (estimate)"]
-        lines += [""]
-        for ours in ("ours (validate=False)", "ours (validate=True)"):
-            ratio = hf_t / med[ours]
-            ratio_min = min(times["transformers _speculative_sampling"]) / min(times[ours])
-            text = (
-                f"batch {batch} ({threads} thread{'s' * (threads > 1)}): {ours} is {ratio:.2f}x "
-                f"transformers' rows/s on medians, {ratio_min:.2f}x on minimums "
-                f"({hf_ns / med[ours]:.2f}x vs transformers w/o softmax, medians)"
-            )
-            if with_ref:
-                loop = med["reference_token_rule (loop)"]
-                text += f", {loop / med[ours]:.1f}x the loop reference"
-            lines.append(f"- {text}")
-            if batch == 1:
-                goals.append(f"{'met' if ratio > 1 else 'MISSED'}: {text}")
-            if batch == 256:
-                goals.append(f"{'met' if ratio >= 20 else 'MISSED'}: {text}")
-        lines.append("")
-        del x, fns
-        print(f"[batch {batch}, {threads} threads done]", flush=True)
+        section, settled = batch_section(batch, threads, args)
+        lines += section
+        goals += settled
     torch.set_num_threads(default_threads)
 
     lines += [
