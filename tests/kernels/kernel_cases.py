@@ -3,11 +3,27 @@ references."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 # CUDA where present (the compiled kernels); otherwise CPU tensors through Triton's interpreter.
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TRITON_MISSING = "triton is not installed (the gpu extra); the kernels cannot be tested"
+# Triton 3.6's interpreter cannot take a loop bound from a kernel argument; 3.9's can.
+INTERPRETER_MIN_TRITON = (3, 9)
+
+
+def require_triton() -> None:
+    """Skips the calling test module where the kernels cannot run: no triton, or (without CUDA)
+    an interpreter older than INTERPRETER_MIN_TRITON."""
+    triton = pytest.importorskip("triton", reason=TRITON_MISSING)
+    version = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    if DEVICE.type != "cuda" and version < INTERPRETER_MIN_TRITON:
+        pytest.skip(
+            f"triton {triton.__version__}'s interpreter cannot run the kernels; the CPU tests "
+            f"need triton >= {'.'.join(map(str, INTERPRETER_MIN_TRITON))}",
+            allow_module_level=True,
+        )
 
 
 def on_device(case):

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import TRITON_MISSING, assert_same, on_device
+from kernel_cases import assert_same, on_device, require_triton
 
 from helpers import CASE_DTYPES, random_case
 
-pytest.importorskip("triton", reason=TRITON_MISSING)
+require_triton()
 
 from specsample import kernels  # noqa: E402
 from specsample.rules import draw_uniforms  # noqa: E402

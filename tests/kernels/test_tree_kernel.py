@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import DEVICE, TRITON_MISSING, assert_same, on_device
+from kernel_cases import DEVICE, assert_same, on_device, require_triton
 
 from helpers import CASE_DTYPES, random_tree_case
 
-pytest.importorskip("triton", reason=TRITON_MISSING)
+require_triton()
 
 from specsample import kernels  # noqa: E402
 from specsample.rules import chain_parents, tree_parents  # noqa: E402
