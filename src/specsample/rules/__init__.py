@@ -41,6 +41,7 @@ __all__ = [
     "acceptance_probability",
     "block_rule",
     "chain_parents",
+    "chain_rule_for",
     "draw_uniforms",
     "greedy_rule",
     "greedy_tree_rule",
