@@ -12,7 +12,7 @@ import torch
 
 from specsample.adapters import default_pair
 from specsample.adapters.hf import HFCausalLM
-from specsample.engine.loop import generate
+from specsample.engine import generate
 from specsample.engine.text import encode_prompt, eos_token_ids
 from specsample.drafters.model import ModelDrafter
 from specsample.drafters.ngram import NgramDrafter

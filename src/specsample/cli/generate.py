@@ -138,6 +138,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument(
+        "--backend",
+        choices=["auto", "llama.cpp", "transformers"],
+        default="auto",
+        help="what runs the models: llama.cpp (.gguf files as they are, CPU) or transformers "
+        "(hub ids, folders, .gguf files dequantised). auto (default): llama.cpp for .gguf files "
+        "and the default pair on the CPU when llama-cpp-python is installed, else transformers",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="llama.cpp compute threads (default: every core this process may use)",
+    )
+    parser.add_argument(
         "--draft-quantize",
         choices=["none", "int8"],
         default="none",
@@ -165,7 +179,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from specsample.adapters.loading import load_pair
-    from specsample.engine.loop import generate
+    from specsample.engine import generate
     from specsample.engine.text import (
         TextStream,
         encode_prompt,
@@ -204,6 +218,8 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             use_draft=args.drafter == "model",
             draft_quantize=args.draft_quantize,
+            backend=args.backend,
+            threads=args.threads,
         )
     except (ValueError, OSError) as error:
         print(f"specsample generate: {error}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """Multi-draft and tree drafting with a draft model: each node's children are drawn from the draft
 model's distribution after the path to that node, so the target can verify the whole tree with
-recursive rejection sampling (ALGORITHMS.md section 3) after scoring it in one pass.
+recursive rejection sampling (docs/algorithms.md, tree rule) after scoring it in one pass.
 
 A tree shape is its branching per depth: (4, 1, 1, 1) is four independent chains of four tokens
 (multi-draft, `TreeShape.chains(4, 4)`), (2, 2, 2) a full binary tree of depth 3. Nodes are
