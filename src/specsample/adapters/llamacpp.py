@@ -57,7 +57,8 @@ INSTALL_HINT = (
     "install it with: pip install 'llama-cpp-python>=0.3' (or the project's `llamacpp` extra; "
     "the first install compiles llama.cpp, about 10 minutes on 2 cores)"
 )
-_ERROR, _CONT = 3, 5  # ggml log levels
+_ERROR, _CONT = 4, 5  # ggml log levels (ggml >= 0.9: none, debug, info, warn, error, cont)
+_KV_TYPES = {"f32": 0, "f16": 1}  # ggml_type of the cached keys and values
 _LOG: deque[tuple[int, str]] = deque(maxlen=200)
 _STATE: dict[str, Any] = {}  # the imported module and the log callback (kept alive)
 
@@ -111,7 +112,11 @@ def _llama() -> Any:
 
 def _logged_errors() -> str:
     """llama.cpp's error lines since the log was last cleared, as one line."""
-    lines = [text.strip() for level, text in _LOG if level == _ERROR and text.strip()]
+    lines = [
+        text.strip()
+        for level, text in _LOG
+        if text.strip() and (level == _ERROR or "error" in text.lower())
+    ]
     return "; ".join(lines[-4:])
 
 
@@ -200,11 +205,19 @@ class LlamaCppLM:
         path: the .gguf file.
         n_ctx: KV cells of the context, shared by every row and open tree node (a row can use
             them all). Default 4096.
-        max_batch: most rows at once (each is a llama.cpp sequence; open trees use further
-            sequence ids from the same pool of `llama_max_parallel_sequences()`, 256).
+        max_batch: most rows at once (each is a llama.cpp sequence, at most
+            `llama_max_parallel_sequences()`, 256). Default 64.
         threads: compute threads (default: every core this process may use).
         n_batch: most tokens per llama_decode call; longer feeds are split. Default
             min(n_ctx, 2048).
+        tree_chains: sequence ids kept for open trees beyond max_batch (each root-to-tip chain of
+            an open tree takes one; rows no longer present free theirs too). Default 64.
+        kv_type: "f16" (default, llama.cpp's) or "f32" keys and values in the cache.
+        flash_attn: llama.cpp's flash attention: None (default) lets llama.cpp decide.
+            Measured on a float32 test model: with f16 keys/values or flash attention on, a
+            position's logits in a 1-token pass and in a K-token pass differ by about 1e-3
+            (half-precision accumulation in one of the two paths); with "f32" and
+            flash_attn=False by about 5e-6 (float32 rounding).
         argument: how error messages name this model ("target", "draft", ...).
     """
 
@@ -216,18 +229,29 @@ class LlamaCppLM:
         max_batch: int = 64,
         threads: int | None = None,
         n_batch: int | None = None,
+        tree_chains: int = 64,
+        kv_type: str = "f16",
+        flash_attn: bool | None = None,
         argument: str = "model",
     ) -> None:
         llama = _llama()
+        if kv_type not in _KV_TYPES:
+            raise ValueError(f"kv_type: expected one of {sorted(_KV_TYPES)}, got {kv_type!r}")
+        if flash_attn not in (None, True, False):
+            raise ValueError(f"flash_attn: expected None, True or False, got {flash_attn!r}")
         for name, value in (("n_ctx", n_ctx), ("max_batch", max_batch)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-        self.n_seq_max = int(llama.llama_max_parallel_sequences())
-        if max_batch > self.n_seq_max:
+        most = int(llama.llama_max_parallel_sequences())
+        if max_batch > most:
             raise ValueError(
-                f"max_batch: expected at most {self.n_seq_max} (llama.cpp's sequences per "
-                f"context), got {max_batch}"
+                f"max_batch: expected at most {most} (llama.cpp's sequences per context), got "
+                f"{max_batch}"
             )
+        if not isinstance(tree_chains, int) or tree_chains < 0:
+            raise ValueError(f"tree_chains: expected an integer >= 0, got {tree_chains!r}")
+        # Every sequence reserves an output row of vocab floats, so ask for no more than needed.
+        self.n_seq_max = min(most, max_batch + tree_chains)
         threads = default_threads() if threads is None else threads
         if not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads: expected a positive integer, got {threads!r}")
@@ -244,10 +268,13 @@ class LlamaCppLM:
         params.n_batch = n_batch
         params.n_ubatch = min(n_batch, 512)
         params.n_seq_max = self.n_seq_max
+        params.n_outputs_max = max(n_batch, self.n_seq_max)  # llama.cpp needs >= n_seq_max
         params.n_threads = params.n_threads_batch = threads
         params.kv_unified = True  # trees: one cell may belong to several sequences
         params.swa_full = True  # sliding-window models keep every cell, so rollback works
         params.no_perf = True
+        params.type_k = params.type_v = _KV_TYPES[kv_type]
+        params.flash_attn_type = {None: -1, False: 0, True: 1}[flash_attn]
         _LOG.clear()
         self._ctx = llama.llama_init_from_model(self._model.pointer, params)
         if not self._ctx:
@@ -397,8 +424,8 @@ class LlamaCppLM:
         if fresh > len(self._free):
             raise RuntimeError(
                 f"extend_tree: the tree needs {fresh} more chains but only {len(self._free)} of "
-                f"llama.cpp's {self.n_seq_max} sequence ids are free ({batch} rows hold one "
-                "each); use fewer rows or narrower trees"
+                f"the context's {self.n_seq_max} sequence ids are free ({batch} rows hold one "
+                "each); create the model with a larger tree_chains, or use narrower trees"
             )
         # Number the planned chains with real sequence ids, then tag their prefixes.
         feed_tokens, positions, seq_ids, where, taken, chain_ids = [], [], [], [], [], []
