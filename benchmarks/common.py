@@ -7,7 +7,6 @@ puts this folder on the path).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -122,29 +121,8 @@ class Counter:
 
 
 def pooled(stats: Sequence[DecodeStats]) -> DecodeStats:
-    """Counters and seconds summed over runs (so alpha etc. are pooled, not averaged); the
-    measured 1-token target pass is the mean of the runs that timed one.
-
-    To become a DecodeStats method (DecodeStats.pooled); kept here until it is one."""
-    out = DecodeStats()
-    for f in dataclasses.fields(DecodeStats):
-        if f.name == "target_single_pass_seconds":
-            known = [s.target_single_pass_seconds for s in stats if s.target_single_pass_seconds]
-            out.target_single_pass_seconds = statistics.mean(known) if known else None
-            continue
-        values = [getattr(s, f.name) for s in stats]
-        if isinstance(values[0], dict):
-            merged: dict = {}
-            for value in values:
-                for key, count in value.items():
-                    merged[key] = merged.get(key, 0) + count
-            setattr(out, f.name, merged)
-        elif isinstance(values[0], list):
-            width = max(len(v) for v in values)
-            setattr(out, f.name, [sum(v[i] for v in values if i < len(v)) for i in range(width)])
-        else:
-            setattr(out, f.name, sum(values))
-    return out
+    """Counters and seconds summed over runs: DecodeStats.pooled."""
+    return DecodeStats.pooled(stats)
 
 
 # ---------------------------------------------------------------------------------- formatting

@@ -315,3 +315,21 @@ def test_engine_output_follows_the_target_with_requests_joining_and_leaving(vari
 def test_engine_negative_control_misreported_draft_fails_the_same_test():
     drafter = MisreportingDrafter(toy_pair()[1], argmax=True, report=lambda q: q)
     assert engine_p_value(drafter) < ALPHA
+
+
+def test_pooled_stats_sum_counters_and_merge_histograms():
+    target, draft = pair16()
+    runs = []
+    for seed in (1, 2):
+        engine = Engine(target, ModelDrafter(draft), draft_length=2)
+        engine.add_request([1, 2], max_new_tokens=6, seed=seed)
+        run_to_end(engine)
+        runs.append(engine.stats)
+    pooled = type(runs[0]).pooled(runs)
+    assert pooled.target_passes == sum(r.target_passes for r in runs)
+    assert pooled.accepted == sum(r.accepted for r in runs)
+    assert pooled.new_tokens == 12
+    for length in set(runs[0].draft_lengths) | set(runs[1].draft_lengths):
+        counts = [r.draft_lengths.get(length, 0) for r in runs]
+        assert pooled.draft_lengths[length] == sum(counts)
+    assert_stats_identities(pooled)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from specsample.analysis.theory import expected_tokens_per_pass
+from specsample.analysis.theory import expected_tokens_per_pass, step_speedup
 
 
 @dataclass
@@ -82,13 +85,41 @@ class DecodeStats:
         c = self.cost_ratio
         if c is None or not self.target_single_pass_seconds or not self.target_passes:
             return None
-        step_cost = (self.draft_passes / self.target_passes) * c + (
-            self.target_seconds / self.target_passes
-        ) / self.target_single_pass_seconds
-        if self.tree_steps:
-            return self.tokens_per_pass / step_cost
-        tokens = self.theory_tokens_per_pass()
-        return None if tokens is None else tokens / step_cost
+        tokens = self.tokens_per_pass if self.tree_steps else self.theory_tokens_per_pass()
+        if tokens is None:
+            return None
+        return step_speedup(
+            tokens,
+            self.draft_passes / self.target_passes,
+            c,
+            (self.target_seconds / self.target_passes) / self.target_single_pass_seconds,
+        )
+
+    @classmethod
+    def pooled(cls, runs: Sequence[DecodeStats]) -> DecodeStats:
+        """Counters and seconds summed over runs (alpha and the rest pooled, not averaged); the
+        1-token target pass is the mean of the runs that timed one."""
+        out = cls()
+        for f in dataclasses.fields(cls):
+            values = [getattr(s, f.name) for s in runs]
+            if not values:
+                continue
+            if f.name == "target_single_pass_seconds":
+                known = [v for v in values if v]
+                out.target_single_pass_seconds = statistics.mean(known) if known else None
+            elif isinstance(values[0], dict):
+                merged: dict = {}
+                for value in values:
+                    for key, count in value.items():
+                        merged[key] = merged.get(key, 0) + count
+                setattr(out, f.name, merged)
+            elif isinstance(values[0], list):
+                width = max(len(v) for v in values)
+                summed = [sum(v[i] for v in values if i < len(v)) for i in range(width)]
+                setattr(out, f.name, summed)
+            else:
+                setattr(out, f.name, sum(values))
+        return out
 
     def theory_tokens_per_pass(self) -> float | None:
         """Chains: the theory's expected tokens per row step, (1 - alpha^(k+1)) / (1 - alpha)
