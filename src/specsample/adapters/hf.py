@@ -21,7 +21,6 @@ transformers version quirks handled here (and nowhere else):
 * `Cache.crop(n)` in 5.x only accepts n <= 0 (tokens to remove); older versions took an
   absolute length but also accepted negative n, so we always pass a negative count;
 * KV tensors live in `cache.layers[i].keys` (>= 4.56) or `cache.key_cache[i]` (older);
-* `from_pretrained` takes `dtype` (>= 4.56) rather than `torch_dtype`;
 * `logits_to_keep` was `num_logits_to_keep` before 4.50.
 """
 
@@ -203,16 +202,11 @@ class HFCausalLM:
 
         Extra keyword arguments (e.g. `attn_implementation="sdpa"`) go to transformers.
         """
-        import transformers
         from transformers import AutoModelForCausalLM
 
-        major_minor = tuple(int(p) for p in transformers.__version__.split(".")[:2])
-        dtype_kw = "dtype" if major_minor >= (4, 56) else "torch_dtype"
         if gguf_file is not None:
             model_kwargs["gguf_file"] = gguf_file
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, **{dtype_kw: dtype}, **model_kwargs
-        )
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **model_kwargs)
         return cls(model, device=device, vocab_size=vocab_size)
 
     # ------------------------------------------------------------------ protocol
