@@ -16,9 +16,15 @@ import sys
 from collections.abc import Sequence
 
 import specsample
-from specsample.cli import audit, explain, generate
+from specsample.cli import audit, batch, explain, generate, serve
 
-COMMANDS = (generate.register, explain.register, audit.register)
+COMMANDS = (
+    generate.register,
+    explain.register,
+    audit.register,
+    serve.register,
+    batch.register,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,194 @@
+"""Model options shared by `specsample serve` and `specsample batch`, and the loader that turns
+them into what the server and the batch runner run (`ServedModels`).
+
+The options mirror `specsample generate`'s (target, draft, drafter, draft length, rule, backend,
+dtype, device, threads, draft quantisation); the draft-length parsing is generate's own.
+`ModelLoader` is a picklable callable, so a Ray actor can load the same models on its node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+
+from specsample.drafters.model import DEFAULT_CONFIDENCE
+from specsample.rules.registry import EXACT
+
+LOSSY_RULES = ("typical",)
+DEFAULT_PAIR_NAME = "qwen2.5-coder-1.5b-instruct"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("models (as for specsample generate)")
+    group.add_argument("--target", help="target model: hub id, local folder or .gguf file")
+    group.add_argument("--draft", help="draft model with the same tokenizer")
+    group.add_argument(
+        "--drafter",
+        choices=["model", "ngram", "none"],
+        default="model",
+        help="model: the draft model; ngram: prompt lookup; none: target-only (default model)",
+    )
+    group.add_argument(
+        "--k", default="auto", help="draft length: an integer, or 'auto' (adaptive, default)"
+    )
+    group.add_argument("--max-k", type=int, default=16, help="largest --k auto length (16)")
+    group.add_argument(
+        "--rule",
+        choices=[*sorted(EXACT), *LOSSY_RULES],
+        default="auto",
+        help="verification rule (default auto: block verification); all exact except typical, "
+        "which is LOSSY (its output is NOT distributed as the target)",
+    )
+    group.add_argument(
+        "--draft-confidence",
+        type=float,
+        default=DEFAULT_CONFIDENCE,
+        help=f"stop drafting a row below this top probability (default {DEFAULT_CONFIDENCE})",
+    )
+    group.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float32", "float16"],
+        default="auto",
+        help="transformers compute dtype (auto: float32 on CPU, bfloat16 on CUDA)",
+    )
+    group.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    group.add_argument(
+        "--backend",
+        choices=["auto", "llama.cpp", "transformers"],
+        default="auto",
+        help="llama.cpp (.gguf files, CPU) or transformers; auto as for generate",
+    )
+    group.add_argument("--threads", type=int, default=None, help="llama.cpp compute threads")
+    group.add_argument(
+        "--draft-quantize", choices=["none", "int8"], default="none", help="int8 draft (CPU)"
+    )
+    group.add_argument(
+        "--max-batch", type=int, default=16, help="requests decoded together (default 16)"
+    )
+    group.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        help="tokens per request, prompt and completion (default: the model's, at most 4096)",
+    )
+    group.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=256,
+        help="max_tokens of a request that gives none (default 256, within the context)",
+    )
+    group.add_argument("--model-name", help="the model id clients send (default: from --target)")
+
+
+@dataclass
+class ModelLoader:
+    """Loads the models named by the options (a picklable callable returning ServedModels)."""
+
+    options: dict = field(default_factory=dict)
+
+    @staticmethod
+    def from_args(args: argparse.Namespace) -> ModelLoader:
+        check_model_arguments(args)
+        names = (
+            "target draft drafter k max_k rule draft_confidence dtype device backend threads "
+            "draft_quantize max_batch context default_max_tokens model_name"
+        ).split()
+        return ModelLoader({name: getattr(args, name) for name in names})
+
+    def __call__(self):
+        import torch
+
+        from specsample.adapters.loading import load_pair
+        from specsample.cli.generate import _draft_length
+        from specsample.engine import AdaptiveDraftLength, Engine
+        from specsample.engine.text import eos_token_ids
+        from specsample.serve.completion import ServedModels
+
+        o = argparse.Namespace(**self.options)
+        lossy = o.rule in LOSSY_RULES
+        if lossy:
+            import specsample.lossy  # noqa: F401 - registers the lossy rules
+
+        context = o.context or 4096
+        pair = load_pair(
+            o.target,
+            o.draft,
+            dtype=None if o.dtype == "auto" else getattr(torch, o.dtype),
+            device=o.device,
+            use_draft=o.drafter == "model",
+            draft_quantize=o.draft_quantize,
+            backend=o.backend,
+            threads=o.threads,
+            n_ctx=context * o.max_batch,
+            max_batch=o.max_batch,
+        )
+        if o.drafter == "model" and pair.draft is None:
+            raise ValueError("--drafter model needs --draft when --target is given")
+        if o.context is None:
+            context = min(context, getattr(pair.target_config, "max_position_embeddings", context))
+        draft_length = _draft_length(o, AdaptiveDraftLength)
+
+        def make_engine() -> Engine:
+            drafter = _drafter(o, pair.draft)
+            return Engine(
+                pair.target,
+                drafter,
+                rule=o.rule,
+                draft_length=draft_length if drafter is not None else "auto",
+                max_batch=o.max_batch,
+            )
+
+        return ServedModels(
+            make_engine=make_engine,
+            tokenizer=pair.tokenizer,
+            name=o.model_name or (o.target or DEFAULT_PAIR_NAME),
+            context_length=context,
+            vocab_size=pair.target.vocab_size,
+            eos_token_ids=tuple(eos_token_ids(pair.tokenizer, pair.target_config)),
+            rule=o.rule,
+            lossy=lossy,
+            speculative=o.drafter != "none",
+            default_max_tokens=o.default_max_tokens,
+        )
+
+
+def _drafter(o: argparse.Namespace, draft_model):
+    from specsample.drafters.model import ModelDrafter
+    from specsample.drafters.ngram import NgramDrafter
+
+    if o.drafter == "model":
+        return ModelDrafter(draft_model, confidence=o.draft_confidence)
+    if o.drafter == "ngram":
+        return NgramDrafter()
+    return None
+
+
+def check_model_arguments(args: argparse.Namespace) -> None:
+    """Raises argparse.ArgumentTypeError for an option value out of range."""
+    for option, value, low in (
+        ("--max-batch", args.max_batch, 1),
+        ("--context", args.context, 2),
+        ("--default-max-tokens", args.default_max_tokens, 1),
+    ):
+        if value is not None and value < low:
+            raise argparse.ArgumentTypeError(f"{option}: expected an integer >= {low}, got {value}")
+    if not 0 <= args.draft_confidence < 1:
+        raise argparse.ArgumentTypeError(
+            f"--draft-confidence: expected a number in [0, 1), got {args.draft_confidence}"
+        )
+    from specsample.cli.generate import _draft_length
+    from specsample.engine.length import AdaptiveDraftLength
+
+    _draft_length(args, AdaptiveDraftLength)  # raises for a bad --k
+
+
+def warn_if_lossy(args: argparse.Namespace, command: str) -> None:
+    if args.rule in LOSSY_RULES:
+        bar = "!" * 78
+        print(
+            f"{bar}\nspecsample {command}: --rule {args.rule} is LOSSY: the output is NOT "
+            f"distributed as the target model would sample it.\nEvery response says "
+            f'"lossy": true. Use it to compare, never to serve real traffic.\n{bar}',
+            file=sys.stderr,
+        )
