@@ -157,7 +157,7 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, t
 @pytest.fixture(scope="module")
 def pair(written: tuple[Path, dict[str, torch.Tensor]]) -> LoadedPair:
     path, _ = written
-    return load_pair(str(path), str(path), dtype=torch.float32)
+    return load_pair(str(path), str(path), dtype=torch.float32, backend="transformers")
 
 
 @pytest.fixture(scope="module")
@@ -280,6 +280,8 @@ def test_cli_generates_with_gguf_target_and_draft(written, capsys):
         "--temperature",
         "0",
         "--no-chat-template",
+        "--backend",
+        "transformers",
     ]
     common += ["--max-new-tokens", "12", "--json"]
     assert main([*common, "--draft", str(path), "--drafter", "model", "--k", "3"]) == 0
