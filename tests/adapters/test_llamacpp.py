@@ -419,3 +419,42 @@ def test_chat_template_comes_from_the_gguf(gguf_path, tmp_path):
     assert bare.chat_template is None
     with pytest.raises(ValueError, match="no chat template"):
         bare.apply_chat_template(messages)
+
+
+# ---------------------------------------------------------------------- through the engine
+
+
+@pytest.mark.parametrize("shape", [None, "2,2,1"])
+def test_greedy_speculative_decoding_equals_target_only(gguf_path, shape):
+    """The same file as target and draft, a ragged batch, chains (model drafter) and trees (tree
+    drafter): greedy output equals greedy target-only output, in fewer target passes."""
+    from specsample.drafters.model import ModelDrafter
+    from specsample.drafters.tree import TreeDrafter, TreeShape
+    from specsample.engine import generate
+    from specsample.warpers import SamplingConfig
+
+    def model() -> LlamaCppLM:
+        return LlamaCppLM(gguf_path, n_ctx=512, max_batch=4, threads=1, **NUMERICS["float32"][0])
+
+    prompts = [[259, 264], [5, 70, 101, 33, 7, 8, 9], [104]]
+
+    def run(drafter, rule="token"):
+        return generate(
+            model(),
+            prompts,
+            generator=torch.Generator().manual_seed(0),
+            drafter=drafter,
+            sampling=SamplingConfig(temperature=0),
+            max_new_tokens=16,
+            draft_length=3,
+            rule=rule,
+        )
+
+    alone = run(None)
+    assert [len(t) for t in alone.tokens] == [16] * len(prompts)
+    if shape is None:
+        drafted = run(ModelDrafter(model()))
+    else:
+        drafted = run(TreeDrafter(model(), TreeShape.parse(shape)))
+    assert drafted.tokens == alone.tokens
+    assert drafted.stats.drafted > 0 and drafted.stats.target_passes < alone.stats.target_passes
