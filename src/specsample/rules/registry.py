@@ -65,6 +65,8 @@ EXACT: dict[str, Rule] = {
     ),
 }
 LOSSY: dict[str, Rule] = {}
+# The torch chain rules that have a Triton kernel (specsample.kernels), by name.
+_TORCH_CHAIN_RULES = {token_rule: "token", block_rule: "block"}
 
 
 def register_lossy(rule: Rule) -> None:
@@ -123,7 +125,13 @@ def verify_draft(
     check_rule_for(rule, chain)
     if chain and rule.chain is not None:
         lengths = valid.sum(dim=1)
-        result = rule.chain(
+        chain_rule = rule.chain
+        if device.type == "cuda" and chain_rule in _TORCH_CHAIN_RULES:
+            # the one-launch Triton kernel when triton is installed (same decisions)
+            from specsample.rules import chain_rule_for
+
+            chain_rule = chain_rule_for(_TORCH_CHAIN_RULES[chain_rule], device)
+        result = chain_rule(
             tokens, draft_probs, target_probs, lengths, accept_uniforms, sample_uniforms
         )
         return _as_tree_result(result)
