@@ -133,6 +133,17 @@ def test_min_p_floor_is_taken_per_row():
     assert (probs > 0).tolist() == [[True, False, False, False], [True, True, True, False]]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_top_p_one_and_min_p_zero_keep_even_tokens_whose_mass_rounds_away(dtype):
+    """The largest probability rounds to exactly 1, so the mass before the tiny tokens is 1: top-p
+    at 1 must not run at all (it would drop them), and they keep their probability."""
+    logits = torch.tensor([0.0, -40.0, -41.0], dtype=dtype)
+    assert float(torch.softmax(logits, dim=-1)[0]) == 1.0
+    probs = logits_to_probs(logits, SamplingConfig(top_p=1.0, min_p=0.0))
+    assert kept(probs) == [0, 1, 2]
+    assert torch.equal(probs, torch.softmax(logits, dim=-1))
+
+
 def test_temperature_is_applied_before_top_p():
     """At T = 2 the probabilities (0.5, 0.3, 0.15, 0.05) flatten to about (0.38, 0.29, 0.21,
     0.12): top-p 0.75 then keeps three tokens; on the unscaled ones it would keep two."""

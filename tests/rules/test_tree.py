@@ -141,6 +141,7 @@ def test_greedy_tree_rule_emits_the_target_greedy_continuation(seed):
         assert bool((result.tokens[b, len(tokens) :] == -1).all())
         assert result.path[b, : len(path)].tolist() == path
     assert int(result.num_accepted.max()) >= 2
+    assert result.rule_used == "greedy"
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -282,6 +283,7 @@ def test_chain_parents_are_independent_chains_under_the_root():
     assert chain_parents(2, 2).tolist() == [-1, -1, 0, 1]
     assert chain_parents(1, 3).tolist() == [-1, 0, 1]
     assert chain_parents(3, 0).tolist() == []
+    assert chain_parents(3, 0).dtype == chain_parents(3, 2).dtype == torch.int64
     assert torch.equal(chain_parents(3, 4), tree_parents((3, 1, 1, 1)))
     assert node_depths(chain_parents(2, 3)).tolist() == [1, 1, 2, 2, 3, 3]
 

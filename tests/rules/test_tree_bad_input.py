@@ -262,8 +262,17 @@ def test_tree_parents_rejects_a_branching_that_is_not_positive_integers(branchin
         tree_parents(branching)
 
 
-def test_chain_parents_rejects_bad_counts():
-    with pytest.raises(ValueError, match="m"):
-        chain_parents(0, 2)
-    with pytest.raises(ValueError, match="depth"):
-        chain_parents(2, -1)
+@pytest.mark.parametrize(
+    ("m", "depth", "name"),
+    [
+        (0, 2, "m"),
+        (True, 2, "m"),
+        (2.0, 2, "m"),
+        (2, -1, "depth"),
+        (2, True, "depth"),
+        (2, 1.0, "depth"),
+    ],
+)
+def test_chain_parents_rejects_bad_counts(m, depth, name):
+    with pytest.raises(ValueError, match=f"^{name}: "):
+        chain_parents(m, depth)
