@@ -89,6 +89,7 @@ class EngineLoop:
         self._admitted = 0  # submitted and not done
         self._draining = False
         self._closing = False
+        self._abort_everything = False
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ any thread
@@ -135,9 +136,9 @@ class EngineLoop:
             self._lock.notify()
 
     def abort_all(self) -> None:
+        """Ends every admitted request at the next step."""
         with self._lock:
-            self._aborts.extend(self._inbox)
-            self._aborts.extend(self._live.values())
+            self._abort_everything = True
             self._lock.notify()
 
     def drain(self, grace: float) -> None:
@@ -167,16 +168,20 @@ class EngineLoop:
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not (self._inbox or self._aborts or self._closing) and not (
-                    self.engine.has_unfinished()
+                while (
+                    not (self._inbox or self._aborts or self._closing or self._abort_everything)
+                    and not self.engine.has_unfinished()
                 ):
                     self._lock.wait()
                 if self._closing and not self._inbox and not self.engine.has_unfinished():
                     return
                 joining, self._inbox = self._inbox, []
                 aborting, self._aborts = self._aborts, []
+                everything, self._abort_everything = self._abort_everything, False
             for handle in joining:
                 self._add(handle)
+            if everything:
+                aborting = list(self._live.values())
             for handle in aborting:
                 if handle.engine_id is not None and not handle.done:
                     self.engine.abort(handle.engine_id)
