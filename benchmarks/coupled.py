@@ -138,12 +138,12 @@ def report(results: dict[tuple[str, float], dict]) -> str:
     lines = [
         "# Coupled rule vs p/q rules vs sample-and-match (toy model pairs)",
         "",
-        f"Run {datetime.date.today().isoformat()}, `benchmarks/coupled.py`, CPU. Exact ToyLM",
-        f"pairs: target vocab {VOCAB}, logits N(0, {SCALE:g}^2) per prefix; draft = target",
-        "logits + N(0, s^2). No sampling noise in table 1 (exact probabilities averaged over the",
-        "contexts",
-        f"of {REQUESTS} target-only trajectories of {NEW_TOKENS} tokens); table 2 decodes the same",
-        f"{REQUESTS} prompts, {NEW_TOKENS} new tokens each, one chain of k = {K} drafts per step.",
+        f"Run {datetime.date.today().isoformat()}, `benchmarks/coupled.py`, CPU. Exact ToyLM "
+        f"pairs: target vocab {VOCAB}, logits N(0, {SCALE:g}^2) per prefix; draft = target "
+        "logits + N(0, s^2). No sampling noise in table 1 (exact probabilities averaged over the "
+        f"contexts of {REQUESTS} target-only trajectories of {NEW_TOKENS} tokens); table 2 "
+        f"decodes the same {REQUESTS} prompts, {NEW_TOKENS} new tokens each, one chain of "
+        f"k = {K} drafts per step.",
         "",
         "## 1. Keep probability at one position (exact)",
         "",
