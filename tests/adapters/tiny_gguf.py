@@ -90,9 +90,12 @@ def write_tiny_gguf(
     architecture: str = "qwen2",
     tokens: list[str] | None = None,
     chat_template: str | None = CHAT_TEMPLATE,
+    mix: tuple[int, float] | None = None,
 ) -> Path:
     """Write the tiny model to `path` and return it. `architecture` (only the name changes),
-    `tokens` (same length as TOKENS) and `chat_template` vary the file for error tests."""
+    `tokens` (same length as TOKENS) and `chat_template` vary the file for error tests.
+    mix=(other_seed, t): every weight moved a fraction t towards the model of other_seed (a
+    similar model, e.g. a draft for the model of `seed`)."""
     import gguf
 
     tokens = TOKENS if tokens is None else tokens
@@ -118,7 +121,13 @@ def write_tiny_gguf(
     writer.add_add_bos_token(False)
     if chat_template is not None:
         writer.add_chat_template(chat_template)
-    for name, tensor in random_weights(seed).items():
+    weights = random_weights(seed)
+    if mix is not None:
+        other, t = random_weights(mix[0]), mix[1]
+        weights = {
+            name: ((1 - t) * w + t * other[name]).astype(np.float32) for name, w in weights.items()
+        }
+    for name, tensor in weights.items():
         writer.add_tensor(name, tensor)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
