@@ -25,7 +25,12 @@ from specsample.analysis.exact import (
     prefix_errors,
 )
 from specsample.rules import draw_uniforms
-from specsample.rules.block import block_rule, cumulative_log_acceptance, pass_thresholds
+from specsample.rules.block import (
+    block_rule,
+    cumulative_log_acceptance,
+    last_pass,
+    pass_thresholds,
+)
 from specsample.rules.reference import reference_block_rule
 from specsample.rules.result import VerifyResult, assemble_tokens
 from specsample.rules.token import sample_final_tokens, token_rule
@@ -127,6 +132,42 @@ def test_block_vectorised_equals_reference_on_the_same_draws(dtype, batch, k, vo
     slow = reference_block_rule(tokens, draft, target, lengths, accept, sample)
     assert torch.equal(fast.num_accepted, slow.num_accepted)
     assert torch.equal(fast.tokens, slow.tokens)
+
+
+def test_pass_thresholds_follow_their_formula_up_to_each_row_length_and_are_zero_after():
+    """Checked directly, column by column: block_rule also masks positions past a row's length
+    in last_pass, which would hide a threshold left there."""
+    generator = torch.Generator().manual_seed(31)
+    batch, k, vocab = 10, 4, 6
+    tokens, draft, target, lengths = random_case(generator, batch, k, vocab)
+    lengths = torch.tensor([0, 1, 2, 3, 4, 4, 3, 2, 1, 0])
+    log_kept = cumulative_log_acceptance(tokens, draft, target)
+    thresholds = pass_thresholds(log_kept, draft, target, lengths)
+    kept = log_kept.exp()
+    for b in range(batch):
+        length = int(lengths[b])
+        for i in range(k):
+            if i >= length:
+                expected = 0.0
+            elif i == length - 1:
+                expected = float(kept[b, i])
+            else:
+                mass = float(
+                    torch.clamp(kept[b, i] * target[b, i + 1] - draft[b, i + 1], min=0).sum()
+                )
+                expected = mass / (mass + 1.0 - float(kept[b, i]))
+            assert float(thresholds[b, i]) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_last_pass_is_the_largest_pass_within_each_row_length():
+    thresholds = torch.tensor([[0.5, 0.2, 0.9, 1.0]] * 4, dtype=torch.float64)
+    accept = torch.tensor(
+        [[0.4, 0.3, 0.8, 0.0], [0.6, 0.1, 0.95, 0.0], [0.6, 0.3, 0.95, 0.0], [0.4, 0.3, 0.8, 0.0]],
+        dtype=torch.float64,
+    )
+    lengths = torch.tensor([2, 4, 3, 0])
+    # Row 0: passes 1 (and 3, 4 past its length). Row 1: passes 2 and 4. Row 2: none within 3.
+    assert last_pass(accept, thresholds, lengths).tolist() == [1, 4, 0, 0]
 
 
 def test_block_equals_token_at_temperature_zero():
