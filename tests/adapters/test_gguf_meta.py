@@ -80,6 +80,7 @@ def test_auto_backend_is_llamacpp_for_gguf_files_on_the_cpu(monkeypatch):
     assert resolve_backend("auto", "t.gguf", None, "cuda") == "transformers"
     assert resolve_backend("auto", "Qwen/Qwen2.5-0.5B", None, "cpu") == "transformers"
     assert resolve_backend("auto", "t.gguf", "some/folder", "cpu") == "transformers"
+    assert resolve_backend("auto", None, None, "cpu", draft_quantize="int8") == "transformers"
     monkeypatch.setattr(llamacpp, "is_available", lambda: False)
     assert resolve_backend("auto", "t.gguf", None, "cpu") == "transformers"
 

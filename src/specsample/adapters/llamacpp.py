@@ -187,9 +187,10 @@ class _Model:
 @dataclass
 class _RowTree:
     """One row's open tree. Per node id: parent (-1: the row's last token), depth (1 for a child
-    of the root), validity, and the temporary sequences whose chain passes through it (its home,
-    the one it queries with, first). `tip` maps each temporary sequence to the deepest node of
-    its chain; `first_new` is the first id of the call being fed."""
+    of the root), validity, and the temporary sequences it was fed with (its home chain, the one
+    it queries with, first; chains started through it by later calls are tagged in llama.cpp's
+    cells only, as nothing here reads them). `tip` maps each temporary sequence to the deepest
+    node of its chain."""
 
     parent: list[int] = field(default_factory=list)
     depth: list[int] = field(default_factory=list)

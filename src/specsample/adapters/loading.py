@@ -52,10 +52,17 @@ def _is_gguf(name: str | None) -> bool:
     return name is None or Path(name).suffix == ".gguf"
 
 
-def resolve_backend(backend: str, target: str | None, draft: str | None, device: str) -> str:
+def resolve_backend(
+    backend: str,
+    target: str | None,
+    draft: str | None,
+    device: str,
+    draft_quantize: str = "none",
+) -> str:
     """The backend to run: "llama.cpp" or "transformers". auto: llama.cpp on a CPU when every
-    model named is a .gguf file (None = the default pair) and llama-cpp-python is installed,
-    else transformers. An explicit choice the models cannot take raises ValueError."""
+    model named is a .gguf file (None = the default pair), no draft quantisation (a
+    transformers option) is asked for and llama-cpp-python is installed, else transformers. An
+    explicit choice the models cannot take raises ValueError."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
     on_cpu = torch.device(device).type == "cpu"
@@ -77,7 +84,8 @@ def resolve_backend(backend: str, target: str | None, draft: str | None, device:
         return backend
     from specsample.adapters.llamacpp import is_available
 
-    return "llama.cpp" if on_cpu and ggufs and is_available() else "transformers"
+    plain = draft_quantize == "none"
+    return "llama.cpp" if on_cpu and ggufs and plain and is_available() else "transformers"
 
 
 def auto_dtype(device: str) -> torch.dtype:
@@ -118,7 +126,7 @@ def load_pair(
             "draft: a draft model needs --target too (the default pair comes "
             "as a whole); got a draft with no target"
         )
-    if resolve_backend(backend, target, draft, device) == "llama.cpp":
+    if resolve_backend(backend, target, draft, device, draft_quantize) == "llama.cpp":
         return _load_llamacpp_pair(
             target, draft, use_draft, draft_quantize, threads, n_ctx, max_batch, started
         )
