@@ -26,6 +26,7 @@ from specsample.rules.coupled import (
 from specsample.rules.draft import Draft
 from specsample.rules.registry import lookup, verify_coupled, verify_draft
 from specsample.rules.tree import tree_parents
+from specsample.warpers import RowSampling, SamplingConfig
 
 ALPHA = 1e-6
 MASK = (1 << 64) - 1
@@ -301,3 +302,23 @@ def test_keep_probability_is_a_lower_bound_check_that_can_fail():
     p = torch.tensor([0.9, 0.1], dtype=torch.float64)
     independent = float((p * p).sum())
     assert independent < float(coupled_keep_bound(p, p))
+
+
+def test_row_sampling_noise_is_the_noise_of_each_rows_next_positions_however_asked():
+    """The drafter asks first (k depths), the target then (k + 1, maybe another vocabulary):
+    each answer is gumbel_noise at positions[b] + depth, made once and reused."""
+    sampling = RowSampling(
+        [SamplingConfig()] * 2,
+        [torch.Generator()] * 2,
+        coupled=True,
+        seeds=[3, 2**64 - 1],
+        positions=[5, 0],
+    )
+    expected = gumbel_noise([3, 2**64 - 1], torch.tensor([[5, 6, 7, 8], [0, 1, 2, 3]]), 12)
+    assert torch.equal(sampling.gumbel(2, 12), expected[:, :2])
+    assert torch.equal(sampling.gumbel(4, 12), expected)
+    assert torch.equal(sampling.gumbel(3, 10), expected[:, :3, :10])
+    with pytest.raises(ValueError, match="seeds, positions"):
+        RowSampling([SamplingConfig()], [torch.Generator()], coupled=True, seeds=[1])
+    with pytest.raises(ValueError, match="coupled=True"):
+        RowSampling([SamplingConfig()], [torch.Generator()]).gumbel(1, 4)

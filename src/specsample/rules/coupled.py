@@ -49,9 +49,18 @@ def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 def mix64(x: torch.Tensor) -> torch.Tensor:
     """splitmix64's finaliser on int64 words (a bijection of 64-bit words; products wrap)."""
-    x = (x ^ _shift_right(x, 30)) * _signed(_MIX1)
-    x = (x ^ _shift_right(x, 27)) * _signed(_MIX2)
-    return x ^ _shift_right(x, 31)
+    return _mix64_(x.clone())
+
+
+def _mix64_(x: torch.Tensor) -> torch.Tensor:
+    """mix64 in place (the noise tensors are large: no temporaries but one)."""
+    shifted = torch.empty_like(x)
+    for bits, multiplier in ((30, _MIX1), (27, _MIX2), (31, None)):
+        torch.bitwise_right_shift(x, bits, out=shifted)
+        x.bitwise_xor_(shifted.bitwise_and_((1 << (64 - bits)) - 1))
+        if multiplier is not None:
+            x.mul_(_signed(multiplier))
+    return x
 
 
 def as_seed_tensor(seeds, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -81,14 +90,15 @@ def uniform_noise(seeds, positions: torch.Tensor, vocab: int) -> torch.Tensor:
     seeds, positions = _check_keys(seeds, positions, vocab)
     keys = position_keys(seeds, positions)[:, :, None]  # [batch, n, 1]
     ids = torch.arange(1, vocab + 1, dtype=torch.int64, device=keys.device)
-    bits = _shift_right(mix64(keys + ids * _signed(GOLDEN)), 11)  # 53 bits
-    return (bits.to(torch.float64) + 0.5) * 2.0**-53
+    bits = _mix64_(keys + ids * _signed(GOLDEN))
+    bits.bitwise_right_shift_(11).bitwise_and_((1 << 53) - 1)  # the top 53 bits
+    return bits.to(torch.float64).add_(0.5).mul_(2.0**-53)
 
 
 def gumbel_noise(seeds, positions: torch.Tensor, vocab: int) -> torch.Tensor:
     """float64 [batch, n, vocab]: standard Gumbel noise g = -log(-log u) for every
     (seeds[b], positions[b, i], id); positions count a request's new tokens from 0."""
-    return -torch.log(-torch.log(uniform_noise(seeds, positions, vocab)))
+    return uniform_noise(seeds, positions, vocab).log_().neg_().log_().neg_()
 
 
 def coupled_scores(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -152,6 +152,7 @@ class RowSampling:
         self.coupled = bool(coupled)
         self.seeds = None if seeds is None else list(seeds)
         self.positions = None if positions is None else list(positions)
+        self._gumbel: torch.Tensor | None = None  # the noise made so far (drafter, then target)
 
     @staticmethod
     def shared(config: SamplingConfig, generator: torch.Generator, batch: int) -> RowSampling:
@@ -190,12 +191,19 @@ class RowSampling:
 
     def gumbel(self, depth: int, vocab: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """float64 [batch, depth, vocab]: the coupled rule's Gumbel noise of row b's next
-        `depth` new tokens (positions positions[b] .. positions[b] + depth - 1)."""
+        `depth` new tokens (positions positions[b] .. positions[b] + depth - 1). What was made
+        for an earlier call (the drafter's, in a step) is reused: only missing depths are made."""
         if not self.coupled:
             raise ValueError("gumbel: this RowSampling was made without coupled=True")
-        start = torch.tensor(self.positions, dtype=torch.int64, device=device)
-        positions = start[:, None] + torch.arange(depth, dtype=torch.int64, device=device)
-        return gumbel_noise(self.seeds, positions, vocab)
+        made = self._gumbel
+        if made is None or made.shape[2] != vocab or made.device != torch.device(device):
+            made = torch.zeros(len(self), 0, vocab, dtype=torch.float64, device=device)
+        if made.shape[1] < depth:
+            start = torch.tensor(self.positions, dtype=torch.int64, device=device)
+            offsets = torch.arange(made.shape[1], depth, dtype=torch.int64, device=device)
+            made = torch.cat([made, gumbel_noise(self.seeds, start[:, None] + offsets, vocab)], 1)
+            self._gumbel = made
+        return made[:, :depth]
 
 
 def warp_rows(logits: torch.Tensor, configs: list[SamplingConfig]) -> torch.Tensor:
