@@ -98,8 +98,10 @@ class Engine:
     target        the target model (LanguageModel; a TreeLanguageModel for tree drafters).
     drafter       a Drafter (ModelDrafter, NgramDrafter, TreeDrafter), or None: target-only.
     rule          a rule name from specsample.rules.registry: "auto" (block verification for
-                  chains, node by node for trees), "token", "block"; a lossy rule only when
-                  specsample.lossy was imported and it is named.
+                  chains, node by node for trees), "token", "block", "coupled" (the text of a
+                  seed equals target-only decoding with that seed, with or without a drafter;
+                  rules/coupled.py); a lossy rule only when specsample.lossy was imported and
+                  it is named.
     draft_length  "auto" (an AdaptiveDraftLength per request), an int k, or a policy object.
                   A drafter with a fixed depth (TreeDrafter) always drafts that depth.
     max_batch     requests decoded at once; later ones wait in a queue (first in, first out).
