@@ -75,6 +75,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         prompt, max_tokens, seed = body["prompt"], int(body["max_tokens"]), int(body["seed"])
+        self.seeds.append(seed)
         tokens = generate(self.mode, prompt, max_tokens, seed)
         choice = {"text": "".join(text_of(t) for t in tokens), "index": 0}
         if body.get("logprobs"):
@@ -100,7 +101,8 @@ class FakeServer:
     """Context manager: a server in `mode` on a free port; `.url` is its base URL."""
 
     def __init__(self, mode: str) -> None:
-        handler = type(f"Handler_{mode}", (Handler,), {"mode": mode})
+        self.seeds: list[int] = []  # the seed of every request served
+        handler = type(f"Handler_{mode}", (Handler,), {"mode": mode, "seeds": self.seeds})
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"

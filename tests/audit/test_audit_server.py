@@ -52,6 +52,8 @@ def test_exact_server_passes_against_a_reference_server():
         report = audit_server(config(server.url, reference_url=reference.url, max_tokens=2))
     assert report.verdict == "pass", markdown(report)
     assert report.requests == 2 * 2 * 300
+    assert not set(server.seeds) & set(reference.seeds)  # independent samples
+    assert len(set(server.seeds)) == 300
     assert all(0 < prompt.detectable_tv < 1 for prompt in report.prompts)
 
 

@@ -50,6 +50,7 @@ BUILT_IN_PROMPTS = (
 PASS, REJECTED, COULD_NOT_JUDGE = "pass", "rejected", "could not judge"
 EXIT_CODES = {PASS: 0, REJECTED: 1, COULD_NOT_JUDGE: 2}
 POWER = 0.99
+REFERENCE_SEED_OFFSET = 1_000_003  # the reference's seeds start this far from the server's
 OTHER = "<other>"  # the cell of first tokens outside the reference's top log-probabilities
 
 
@@ -271,10 +272,15 @@ def _collect(config: ServerAuditConfig, max_tokens: int) -> dict[tuple[str, int]
     for index in range(len(config.prompts)):
         for sample in range(config.samples):
             for role, url, model in servers:
-                jobs.append((role, index, url, model, config.seed + sample))
+                # The reference gets other seeds: with the same seeds, an exact server and its
+                # reference can return the very same completions, and the two samples would not
+                # be independent (the test would lose power).
+                offset = REFERENCE_SEED_OFFSET if role == "reference" else 0
+                jobs.append((role, index, url, model, config.seed + offset + sample))
     # One request to each server first: a server that is down fails fast, not once per thread.
-    for _, url, model in servers:
-        _request(config, url, model, config.prompts[0], config.seed, max_tokens)
+    for role, url, model in servers:
+        offset = REFERENCE_SEED_OFFSET if role == "reference" else 0
+        _request(config, url, model, config.prompts[0], config.seed + offset, max_tokens)
     limiter = RateLimiter(config.rate)
     progress = Progress(len(jobs), config.progress)
     outcomes: dict[tuple[str, int], list] = {}
