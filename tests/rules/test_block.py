@@ -24,6 +24,7 @@ from specsample.analysis.exact import (
     expected_accepted,
     prefix_errors,
 )
+from specsample.rules import block as block_module
 from specsample.rules import draw_uniforms
 from specsample.rules.block import (
     block_rule,
@@ -157,6 +158,21 @@ def test_pass_thresholds_follow_their_formula_up_to_each_row_length_and_are_zero
                 )
                 expected = mass / (mass + 1.0 - float(kept[b, i]))
             assert float(thresholds[b, i]) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_block_helpers_compute_in_float32_or_wider_whatever_the_input_dtype(dtype):
+    """Half-precision inputs give exactly what float32 inputs holding the same values give: the
+    logs of P_i are taken in float64 and the residual masses formed in float32."""
+    generator = torch.Generator().manual_seed(33)
+    tokens, draft, target, _ = random_case(generator, 16, 4, 300, dtype)
+    wide_draft, wide_target = draft.float(), target.float()
+    log_kept = cumulative_log_acceptance(tokens, draft, target)
+    assert torch.equal(log_kept, cumulative_log_acceptance(tokens, wide_draft, wide_target))
+    assert torch.equal(log_kept, cumulative_log_acceptance(tokens, draft.double(), target.double()))
+    kept = log_kept.exp()
+    masses = block_module.residual_masses(kept, draft, target)
+    assert torch.equal(masses, block_module.residual_masses(kept, wide_draft, wide_target))
 
 
 def test_last_pass_is_the_largest_pass_within_each_row_length():
