@@ -128,3 +128,5 @@ def test_cli_server_usage_errors(tmp_path):
     assert main([*base]) == 2  # no reference
     assert main([*base, "--reference-logprobs", "--max-tokens", "4"]) == 2
     assert main([*base, "--reference-logprobs", "--no-built-in-prompts"]) == 2
+    assert main([*base, "--reference-logprobs", "--extra-body", "[1]"]) == 2
+    assert main([*base, "--reference-logprobs", "--extra-body", "{oops"]) == 2

@@ -77,6 +77,7 @@ class ServerAuditConfig:
     timeout: float = 30.0
     max_requests: int = 20_000
     api_key: str | None = None
+    extra_body: dict | None = None  # merged into every request (e.g. {"top_k": 0})
     seed: int = 0
     progress: bool = True
 
@@ -323,6 +324,7 @@ def _request(config, url, model, prompt, seed, max_tokens):
     }
     if config.reference_logprobs:
         payload["logprobs"] = config.top_logprobs
+    payload.update(config.extra_body or {})
     choice = post_completion(
         completions_url(url), payload, timeout=config.timeout, api_key=config.api_key
     )

@@ -10,6 +10,7 @@ The work is in `specsample.audit`; this module only parses arguments and prints.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -161,6 +162,13 @@ def _register_server(kinds: argparse._SubParsersAction) -> None:
         help="refuse to start an audit that needs more requests than this (default: 20000)",
     )
     parser.add_argument("--api-key", default=None, help="sent as a bearer token when given")
+    parser.add_argument(
+        "--extra-body",
+        metavar="JSON",
+        help='a JSON object merged into every request, e.g. \'{"top_k": 0, "min_p": 0, '
+        '"repeat_penalty": 1}\' for servers whose defaults truncate or reshape the '
+        "distribution (needed with --reference-logprobs there)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="first request seed (default: 0)")
     _add_output_options(parser, "audit-server")
     parser.set_defaults(run=run_server, _parser=parser)
@@ -236,6 +244,16 @@ def run_server(args: argparse.Namespace) -> int:
         raise argparse.ArgumentTypeError(
             "--no-built-in-prompts: expected prompts from --prompt-file, got none"
         )
+    extra_body = None
+    if args.extra_body:
+        try:
+            extra_body = json.loads(args.extra_body)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"--extra-body: expected JSON ({error})") from error
+        if not isinstance(extra_body, dict):
+            raise argparse.ArgumentTypeError(
+                f"--extra-body: expected a JSON object, got {args.extra_body!r}"
+            )
     config = server.ServerAuditConfig(
         url=args.url,
         model=args.model,
@@ -252,6 +270,7 @@ def run_server(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         max_requests=args.max_requests,
         api_key=args.api_key,
+        extra_body=extra_body,
         seed=args.seed,
         progress=not args.quiet,
     )
