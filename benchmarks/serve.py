@@ -1,5 +1,6 @@
 """Serving benchmark: `specsample serve`'s app under 1, 4, 8 and 16 concurrent streaming clients,
-speculative vs target-only, on a tiny random-weight transformers pair built in-process.
+speculative (adaptive and fixed draft length) vs target-only, on a tiny random-weight
+transformers pair built in-process.
 
 The pair: a Qwen2-shaped target (8 layers, hidden 256) and, as its drafter, its own first 2
 layers with the same embeddings and head (a layer-skipping draft). The lm_head is scaled up so
@@ -86,13 +87,16 @@ def tiny_pair(
     return target, draft
 
 
-def served(tokenizer, target, draft, speculative: bool, max_batch: int) -> ServedModels:
+def served(
+    tokenizer, target, draft, speculative: bool, max_batch: int, draft_length="auto"
+) -> ServedModels:
     target_lm = HFCausalLM(target)
     draft_lm = HFCausalLM(draft)
 
     def make_engine() -> Engine:
         drafter = ModelDrafter(draft_lm) if speculative else None
-        return Engine(target_lm, drafter, draft_length="auto", max_batch=max_batch)
+        length = draft_length if speculative else "auto"
+        return Engine(target_lm, drafter, draft_length=length, max_batch=max_batch)
 
     return ServedModels(
         make_engine=make_engine,
@@ -185,6 +189,44 @@ async def run_level(url: str, clients: int, requests: int, max_tokens: int) -> d
     }
 
 
+async def soak(url: str, clients: int, seconds: float, max_tokens: int) -> list[tuple]:
+    """Clients send requests without pause for `seconds`; returns (elapsed s, RSS MiB,
+    requests done) every 5 s, and raises on any failed request."""
+    import psutil
+
+    process = psutil.Process()
+    done = 0
+    started = time.perf_counter()
+
+    async def client_task(client, c):
+        nonlocal done
+        r = 0
+        while time.perf_counter() - started < seconds:
+            body = {
+                "prompt": PROMPTS[(c + r) % len(PROMPTS)],
+                "max_tokens": max_tokens,
+                "seed": 1000 * c + r,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            await one_request(client, url, body)
+            done += 1
+            r += 1
+
+    async def sampler():
+        samples = []
+        while time.perf_counter() - started < seconds:
+            rss = process.memory_info().rss / 2**20
+            samples.append((round(time.perf_counter() - started), round(rss, 1), done))
+            await asyncio.sleep(5)
+        return samples
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        tasks = [client_task(client, c) for c in range(clients)]
+        *_, samples = await asyncio.gather(*tasks, sampler())
+    return samples
+
+
 def _quantile(values: list[float], q: float) -> float:
     """Nearest-rank quantile of sorted values."""
     return values[min(len(values) - 1, max(0, round(q * len(values) + 0.5) - 1))]
@@ -203,14 +245,33 @@ def main() -> None:
         help="torch threads (default 1: on a shared 2-core machine two threads contend and a "
         "step of the tiny models gets about 20x slower)",
     )
+    parser.add_argument(
+        "--soak",
+        type=float,
+        default=0,
+        help="instead of the levels: 8 speculative clients for this many seconds, printing the "
+        "process RSS every 5 s",
+    )
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     torch.set_num_threads(args.threads)
     tokenizer = char_tokenizer()
     target, draft = tiny_pair(len(tokenizer))
+    if args.soak:
+        app = create_app(served(tokenizer, target, draft, True, 16))
+        with Server(app) as url:
+            samples = asyncio.run(soak(url, 8, args.soak, args.max_tokens))
+        for elapsed, rss, done in samples:
+            print(f"{elapsed:5d} s  RSS {rss:8.1f} MiB  requests {done}")
+        return
     report = {"machine": cpu_info(), "args": vars(args), "modes": {}}
-    for mode, speculative in (("speculative", True), ("target-only", False)):
-        app = create_app(served(tokenizer, target, draft, speculative, max(levels)))
+    modes = (
+        ("speculative, k auto", True, "auto"),
+        ("speculative, k 4", True, 4),
+        ("target-only", False, "auto"),
+    )
+    for mode, speculative, length in modes:
+        app = create_app(served(tokenizer, target, draft, speculative, max(levels), length))
         with Server(app) as url:
             asyncio.run(run_level(url, 1, 1, 8))  # warm-up
             rows = []

@@ -17,6 +17,7 @@ from specsample.rules.registry import EXACT
 
 LOSSY_RULES = ("typical",)
 DEFAULT_PAIR_NAME = "qwen2.5-coder-1.5b-instruct"
+DEFAULT_SERVING_K = 4
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +31,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="model: the draft model; ngram: prompt lookup; none: target-only (default model)",
     )
     group.add_argument(
-        "--k", default="auto", help="draft length: an integer, or 'auto' (adaptive, default)"
+        "--k",
+        default=str(DEFAULT_SERVING_K),
+        help=f"draft length: an integer (default {DEFAULT_SERVING_K}), or 'auto' (adaptive per "
+        "request; in a batch every step drafts as deep as its deepest row, so with several "
+        "clients a fixed k served more tokens per second: benchmarks/serve.md)",
     )
     group.add_argument("--max-k", type=int, default=16, help="largest --k auto length (16)")
     group.add_argument(

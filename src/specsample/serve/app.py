@@ -109,6 +109,8 @@ def create_app(
                     "created": 0,
                     "owned_by": "specsample",
                     "max_model_len": models.context_length,
+                    "rule": models.rule,
+                    "lossy": models.lossy,
                 }
             ],
         }
