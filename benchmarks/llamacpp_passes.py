@@ -30,6 +30,7 @@ from specsample.adapters.llamacpp import LlamaCppLM, LlamaCppTokenizer
 
 KS = (1, 2, 4, 8, 16)
 OUT = Path(__file__).with_suffix(".md")
+REPACK_OUT = OUT.with_name("llamacpp_passes_repack.md")
 
 
 def pass_times(lm: LlamaCppLM, prompt: list[int], tokens: list[int], repeats: int) -> dict:
@@ -70,12 +71,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--repack", action="store_true", help="let llama.cpp repack weights (its own default)"
+    )
     args = parser.parse_args()
     target_path, draft_path = default_pair.gguf_paths()
     rows, gap_rows, loads = [], [], []
     for name, path in (("target 1.5B", target_path), ("draft 0.5B", draft_path)):
         started = time.perf_counter()
-        lm = LlamaCppLM(path, n_ctx=1024, max_batch=4, threads=args.threads)
+        lm = LlamaCppLM(path, n_ctx=1024, max_batch=4, threads=args.threads, repack=args.repack)
         loads.append(f"{name}: {time.perf_counter() - started:.1f} s")
         tok = LlamaCppTokenizer(lm)
         text = load_prompts()[0]["prompt"]
@@ -99,7 +103,8 @@ def main() -> None:
         "# llama.cpp backend: pass costs and batch numerics",
         "",
         f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC with "
-        f"`benchmarks/llamacpp_passes.py --threads {args.threads} --repeats {args.repeats}`; "
+        f"`benchmarks/llamacpp_passes.py --threads {args.threads} --repeats {args.repeats}"
+        f"{' --repack' if args.repack else ''}`; "
         f"CPU: {cpu['cpu']}, {cpu['logical_cores']} logical cores; load average "
         f"{load_average()}. Models: the default pair's Q4_K_M GGUF files through `LlamaCppLM` "
         f"(loads: {', '.join(loads)}).",
@@ -122,8 +127,9 @@ def main() -> None:
         *gap_rows,
         "",
     ]
-    OUT.write_text("\n".join(lines))
-    print(f"wrote {OUT}", file=sys.stderr)
+    out = REPACK_OUT if args.repack else OUT
+    out.write_text("\n".join(lines))
+    print(f"wrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

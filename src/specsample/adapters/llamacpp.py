@@ -15,12 +15,14 @@ How the protocol maps onto llama.cpp:
   exactly the row and its ancestors. `commit_path` tags the kept chain with the row's sequence
   and removes the temporary ones.
 
-Numerics: llama.cpp's kernels depend on how many tokens a pass holds (multi-token matrix products
-accumulate in another order, and quantised weights take other code paths), so the logits of one
-position differ slightly between a pass of 1 token and a pass of K tokens, and with the other rows
-in the pass. Decoding stays exact with respect to the distributions the verifying pass computed:
-that pass defines the target for every position it scores. tests/adapters/test_llamacpp.py
-states the tolerance the protocol's consistency properties hold to.
+Numerics: llama.cpp's kernels may depend on how many tokens a pass holds (repacked quantised
+weights take other code paths for several tokens; some attention paths accumulate in half
+precision for one token), so the logits of one position can differ between a pass of 1 token and
+a pass of K tokens. Decoding is exact with respect to the distributions the verifying pass
+computed: that pass defines the target for every position it scores. The defaults here (no
+weight repacking) make the default pair's logits identical in 1-token and K-token passes;
+tests/adapters/test_llamacpp.py states the tolerances the protocol's consistency properties hold
+to on a float32 test model.
 
 Everything llama.cpp-specific (ctypes structures, the log callback, memory calls) stays in this
 file; `specsample.adapters.gguf_meta` reads GGUF metadata without llama.cpp.
@@ -123,11 +125,14 @@ def _logged_errors() -> str:
 class _Model:
     """A loaded llama_model (freed with this object) and facts about it."""
 
-    def __init__(self, path: str | Path, argument: str, vocab_only: bool = False):
+    def __init__(
+        self, path: str | Path, argument: str, vocab_only: bool = False, repack: bool = False
+    ):
         llama = _llama()
         self.path = check_gguf_file(argument, path)
         params = llama.llama_model_default_params()
         params.vocab_only = vocab_only
+        params.use_extra_bufts = repack
         _LOG.clear()
         pointer = llama.llama_model_load_from_file(str(self.path).encode(), params)
         if not pointer:
@@ -219,6 +224,11 @@ class LlamaCppLM:
             position's logits in a 1-token pass and in a K-token pass differ by about 1e-3
             (half-precision accumulation in one of the two paths); with "f32" and
             flash_attn=False by about 5e-6 (float32 rounding).
+        repack: let llama.cpp repack quantised weights for its multi-token CPU kernels (its
+            default). Off by default here: on the default pair (Q4_K_M, AVX2) a position's
+            logits then come out bit-identical in 1-token and K-token passes, while repacked
+            kernels move them by up to 0.6 (total variation up to 0.07 at T = 1); on 2 cores
+            the pass times of up to 16 tokens were the same either way.
         argument: how error messages name this model ("target", "draft", ...).
     """
 
@@ -233,6 +243,7 @@ class LlamaCppLM:
         tree_chains: int = 64,
         kv_type: str = "f16",
         flash_attn: bool | None = None,
+        repack: bool = False,
         argument: str = "model",
     ) -> None:
         llama = _llama()
@@ -260,7 +271,7 @@ class LlamaCppLM:
         if not isinstance(n_batch, int) or n_batch < 1:
             raise ValueError(f"n_batch: expected a positive integer, got {n_batch!r}")
         self._llama = llama
-        self._model = _Model(path, argument)
+        self._model = _Model(path, argument, repack=repack)
         self.path, self.argument = self._model.path, argument
         self.n_ctx, self.max_batch, self.threads, self.n_batch = n_ctx, max_batch, threads, n_batch
         self.vocab_size = self._model.n_vocab
