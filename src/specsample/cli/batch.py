@@ -62,17 +62,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from specsample.serve.batch import read_rows, run_batch
+    from specsample.serve.batch import read_rows, run_batch, written_ids
 
     loader = ModelLoader.from_args(args)
     for option, value in (("--replicas", args.replicas), ("--ray-batch-size", args.ray_batch_size)):
         if value < 1:
             raise argparse.ArgumentTypeError(f"{option}: expected an integer >= 1, got {value}")
-    try:
-        read_rows(args.input)  # a bad input file fails before any model loads
+    try:  # a bad input file fails before any model loads; a finished job loads none
+        rows = read_rows(args.input)
+        done = written_ids(args.output)
     except (OSError, ValueError) as error:
         print(f"specsample batch: {error}", file=sys.stderr)
         return 1
+    if all(row.key in done for row in rows):
+        print(
+            f"specsample batch: wrote 0 rows to {args.output} (all {len(rows)} were there already)",
+            file=sys.stderr,
+        )
+        return 0
     warn_if_lossy(args, "batch")
     progress = not args.no_progress
     try:
