@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+from helpers import tiny_causal_lm
 from specsample.adapters.toy import ToyLM
 from specsample.drafters.model import ModelDrafter
 from specsample.drafters.ngram import NgramDrafter
@@ -56,23 +57,12 @@ def make_drafter(name: str, draft) -> tuple[ModelDrafter | NgramDrafter, int]:
 def hf_pair():
     """A 2-layer random-weight Qwen2 target and a 1-layer draft that shares its embeddings, first
     layer and head (so greedy agreement is moderate), both float32."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
 
     def build(layers: int) -> torch.nn.Module:
-        torch.manual_seed(0)
-        config = transformers.Qwen2Config(
-            vocab_size=96,
-            hidden_size=48,
-            intermediate_size=96,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
+        return tiny_causal_lm(
+            seed=0, vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=layers
         )
-        model = transformers.Qwen2ForCausalLM._from_config(
-            config, attn_implementation="sdpa", dtype=torch.float32
-        )
-        return model.eval()
 
     target, draft = build(2), build(1)
     draft.load_state_dict(target.state_dict(), strict=False)  # drops the target's layer 1
