@@ -175,6 +175,20 @@ def test_block_helpers_compute_in_float32_or_wider_whatever_the_input_dtype(dtyp
     assert torch.equal(masses, block_module.residual_masses(kept, wide_draft, wide_target))
 
 
+def test_residual_masses_are_summed_in_float64():
+    """The terms max(0, P_i p - q) are formed in float32 for float32 inputs and summed in float64:
+    the sum agrees with a float64 sum of the same float32 terms far below float32 rounding."""
+    generator = torch.Generator().manual_seed(34)
+    batch, k, vocab = 8, 3, 5000
+    tokens, draft, target, _ = random_case(generator, batch, k, vocab, torch.float32)
+    kept = cumulative_log_acceptance(tokens, draft, target).exp()
+    masses = block_module.residual_masses(kept, draft, target)
+    terms = (target[:, 1:k] * kept[:, : k - 1, None].float() - draft[:, 1:k]).clamp(min=0.0)
+    expected = terms.double().sum(dim=-1)
+    torch.testing.assert_close(masses[:, : k - 1], expected, rtol=1e-12, atol=0.0)
+    assert bool((masses[:, k - 1] == 0).all())
+
+
 def test_last_pass_is_the_largest_pass_within_each_row_length():
     thresholds = torch.tensor([[0.5, 0.2, 0.9, 1.0]] * 4, dtype=torch.float64)
     accept = torch.tensor(
