@@ -179,6 +179,9 @@ BAD_REQUESTS = [
     ({"max_tokens": 3}, 422, "prompt"),
     ({"prompt": "a", "logprobs": 5}, 400, "logprobs"),
     ({"prompt": [1, 2, 999]}, 400, "prompt"),
+    ({"prompt": "a", "top_k": -2}, 400, "top_k"),
+    ({"prompt": "a", "min_p": 1}, 400, "min_p"),
+    ({"prompt": "a", "stop": 3}, 422, "stop"),
 ]
 
 

@@ -169,7 +169,9 @@ def _sampling(body: dict) -> SamplingConfig:
     if top_k == -1:  # vLLM's spelling of "off"
         top_k = 0
     if top_k < 0:
-        raise RequestError(400, f"top_k: expected an integer >= 0 (0 or -1 = off), got {top_k}")
+        raise RequestError(
+            400, f"top_k: expected an integer >= 0 (0 or -1 = off), got {top_k}", "top_k"
+        )
     if not 0 <= min_p < 1:
         raise RequestError(400, f"min_p: expected a number in [0, 1), got {min_p}", "min_p")
     return SamplingConfig(float(temperature), top_k, float(top_p), float(min_p))
