@@ -279,3 +279,29 @@ def test_internal_error_fails_that_request_only():
         assert "error" in json.loads(events[0]) and events[-1] == "[DONE]"
         ok = httpx.post(url, json={"prompt": "fine", "max_tokens": 4})
         assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"]
+
+
+def test_same_seed_same_text_alone_or_in_a_busy_batch(server):
+    """Each request draws from its own seeded generator and the draft length is fixed, so its
+    text does not depend on which requests share its batch (ToyLM's logits do not depend on
+    the batch)."""
+    body = {"model": MODEL_NAME, "prompt": "seed", "max_tokens": 24, "seed": 77}
+
+    def text(response: httpx.Response) -> str:
+        return response.json()["choices"][0]["text"]
+
+    alone = text(httpx.post(server.url + "/v1/completions", json=body, timeout=60))
+
+    async def busy():
+        async with httpx.AsyncClient(timeout=60) as client:
+            others = [
+                client.post(
+                    server.url + "/v1/completions",
+                    json={**body, "prompt": f"other {i}", "seed": i, "max_tokens": 30},
+                )
+                for i in range(6)
+            ]
+            mine = client.post(server.url + "/v1/completions", json=body)
+            return (await asyncio.gather(mine, *others))[0]
+
+    assert text(asyncio.run(busy())) == alone
