@@ -19,10 +19,11 @@ Numerics: llama.cpp's kernels may depend on how many tokens a pass holds (repack
 weights take other code paths for several tokens; some attention paths accumulate in half
 precision for one token), so the logits of one position can differ between a pass of 1 token and
 a pass of K tokens. Decoding is exact with respect to the distributions the verifying pass
-computed: that pass defines the target for every position it scores. The defaults here (no
-weight repacking) make the default pair's logits identical in 1-token and K-token passes;
-tests/adapters/test_llamacpp.py states the tolerances the protocol's consistency properties hold
-to on a float32 test model.
+computed: that pass defines the target for every position it scores. With the defaults here (no
+weight repacking) the default pair's logits are identical in passes of 1 to 4 tokens; from 8
+tokens on, llama.cpp's multi-row matrix kernels move them by up to 0.7 (total variation up to
+0.04 at T = 1; benchmarks/llamacpp_passes.md). tests/adapters/test_llamacpp.py states the
+tolerances the protocol's consistency properties hold to on a float32 test model.
 
 Everything llama.cpp-specific (ctypes structures, the log callback, memory calls) stays in this
 file; `specsample.adapters.gguf_meta` reads GGUF metadata without llama.cpp.
@@ -226,9 +227,9 @@ class LlamaCppLM:
             flash_attn=False by about 5e-6 (float32 rounding).
         repack: let llama.cpp repack quantised weights for its multi-token CPU kernels (its
             default). Off by default here: on the default pair (Q4_K_M, AVX2) a position's
-            logits then come out bit-identical in 1-token and K-token passes, while repacked
-            kernels move them by up to 0.6 (total variation up to 0.07 at T = 1); on 2 cores
-            the pass times of up to 16 tokens were the same either way.
+            logits then come out bit-identical in passes of 1 to 4 tokens, while repacked
+            kernels move them by up to 0.6 from 4 tokens on (total variation up to 0.07 at
+            T = 1); on 2 cores the pass times of up to 16 tokens were the same either way.
         argument: how error messages name this model ("target", "draft", ...).
     """
 
