@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from specsample.cli.models import add_backend_arguments
 from specsample.drafters.model import DEFAULT_CONFIDENCE
 
 DEFAULT_PROMPT = "Write a Python function that reverses a linked list."
@@ -129,36 +130,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="send the prompt as raw text, not as a chat user turn",
     )
-    parser.add_argument(
-        "--dtype",
-        choices=["auto", "bfloat16", "float32", "float16"],
-        default="auto",
-        help="compute dtype; auto (default) = float32 on CPU (multi-token bfloat16 passes are "
-        "slow on CPUs without bfloat16 instructions), bfloat16 on CUDA",
-    )
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument(
-        "--backend",
-        choices=["auto", "llama.cpp", "transformers"],
-        default="auto",
-        help="what runs the models: llama.cpp (.gguf files as they are, CPU) or transformers "
-        "(hub ids, folders, .gguf files dequantised). auto (default): llama.cpp for .gguf files "
-        "and the default pair on the CPU when llama-cpp-python is installed, else transformers",
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="llama.cpp compute threads (default: every core this process may use)",
-    )
-    parser.add_argument(
-        "--draft-quantize",
-        choices=["none", "int8"],
-        default="none",
-        help="int8: quantise the draft model's linear layers to int8 (CPU, float32): a cheaper "
-        "draft step, usually a slightly lower acceptance rate; decoding stays exact (the drafts "
-        "are verified against the quantised draft's own probabilities). Default: none",
-    )
+    add_backend_arguments(parser)
     parser.add_argument("--stats", action="store_true", help="print decoding statistics")
     parser.add_argument(
         "--json",
@@ -179,7 +151,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from specsample.adapters.loading import load_pair
+    from specsample.drafters.model import ModelDrafter
+    from specsample.drafters.ngram import NgramDrafter
+    from specsample.drafters.tree import TreeDrafter
     from specsample.engine import generate
+    from specsample.engine.length import AdaptiveDraftLength
     from specsample.engine.text import (
         TextStream,
         encode_prompt,
@@ -187,16 +163,14 @@ def run(args: argparse.Namespace) -> int:
         stop_string_condition,
         trim_at_stop,
     )
-    from specsample.engine.length import AdaptiveDraftLength
-    from specsample.drafters.model import ModelDrafter
-    from specsample.drafters.ngram import NgramDrafter
-    from specsample.drafters.tree import TreeDrafter
 
     prompts = _prompts(args)
     sampling = _sampling(args)
     draft_length = _draft_length(args, AdaptiveDraftLength)
     tree_shape = _tree_shape(args)
     if args.rule == "typical":
+        import specsample.lossy  # noqa: F401 - registers the lossy rules (front ends only)
+
         _note(args, "note: --rule typical is LOSSY: the output is NOT distributed as the target")
     if not 0 <= args.draft_confidence < 1:
         raise argparse.ArgumentTypeError(

@@ -51,23 +51,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_CONFIDENCE,
         help=f"stop drafting a row below this top probability (default {DEFAULT_CONFIDENCE})",
     )
-    group.add_argument(
-        "--dtype",
-        choices=["auto", "bfloat16", "float32", "float16"],
-        default="auto",
-        help="transformers compute dtype (auto: float32 on CPU, bfloat16 on CUDA)",
-    )
-    group.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    group.add_argument(
-        "--backend",
-        choices=["auto", "llama.cpp", "transformers"],
-        default="auto",
-        help="llama.cpp (.gguf files, CPU) or transformers; auto as for generate",
-    )
-    group.add_argument("--threads", type=int, default=None, help="llama.cpp compute threads")
-    group.add_argument(
-        "--draft-quantize", choices=["none", "int8"], default="none", help="int8 draft (CPU)"
-    )
+    add_backend_arguments(group)
     group.add_argument(
         "--max-batch", type=int, default=16, help="requests decoded together (default 16)"
     )
@@ -84,6 +68,41 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="max_tokens of a request that gives none (default 256, within the context)",
     )
     group.add_argument("--model-name", help="the model id clients send (default: from --target)")
+
+
+def add_backend_arguments(parser) -> None:
+    """What runs the models: --dtype, --device, --backend, --threads, --draft-quantize (shared
+    with specsample generate)."""
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float32", "float16"],
+        default="auto",
+        help="compute dtype; auto (default) = float32 on CPU (multi-token bfloat16 passes are "
+        "slow on CPUs without bfloat16 instructions), bfloat16 on CUDA",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument(
+        "--backend",
+        choices=["auto", "llama.cpp", "transformers"],
+        default="auto",
+        help="what runs the models: llama.cpp (.gguf files as they are, CPU) or transformers "
+        "(hub ids, folders, .gguf files dequantised). auto (default): llama.cpp for .gguf files "
+        "and the default pair on the CPU when llama-cpp-python is installed, else transformers",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="llama.cpp compute threads (default: every core this process may use)",
+    )
+    parser.add_argument(
+        "--draft-quantize",
+        choices=["none", "int8"],
+        default="none",
+        help="int8: quantise the draft model's linear layers to int8 (CPU, float32): a cheaper "
+        "draft step, usually a slightly lower acceptance rate; decoding stays exact (the drafts "
+        "are verified against the quantised draft's own probabilities). Default: none",
+    )
 
 
 @dataclass
