@@ -600,7 +600,8 @@ class LlamaCppLM:
             raise RuntimeError("call prefill() before extend() or truncate()")
 
     def close(self) -> None:
-        """Free the context and the model (also done when the object is collected)."""
+        """Free the context now and let go of the model (also done when the object is
+        collected)."""
         llama = getattr(self, "_llama", None)
         if llama is None:
             return
@@ -610,8 +611,8 @@ class LlamaCppLM:
         if getattr(self, "_ctx", None):
             llama.llama_free(self._ctx)
             self._ctx = None
-        if getattr(self, "_model", None) is not None:
-            self._model.close()
+        # The model is freed with the last reference to it (a tokenizer may still share it).
+        self._model = None
 
     def __del__(self) -> None:
         try:
