@@ -13,6 +13,7 @@ from specsample.rules.reference import reference_tree_rule
 BATCH, VOCAB = 2, 5
 PARENTS = tree_parents((2, 1))  # [-1, -1, 0, 1]
 N = len(PARENTS)
+SHAPE = r"\[batch, n(\+1)?, vocab\]"  # in messages about draft_probs or target_probs
 
 
 def valid_inputs(dtype=torch.float32):
@@ -57,25 +58,26 @@ def test_valid_inputs_pass_and_give_the_reference_rule_result(point_mass):
 
 
 @pytest.mark.parametrize(
-    ("draft_tokens", "error"),
+    ("draft_tokens", "error", "got"),
     [
-        ([[0, 1, 2, 3], [4, 3, 2, 1]], TypeError),
-        (torch.zeros(BATCH, N), TypeError),
-        (torch.zeros(BATCH, N, dtype=torch.bool), TypeError),
-        (torch.zeros(N, dtype=torch.int64), ValueError),
+        ([[0, 1, 2, 3], [4, 3, 2, 1]], TypeError, "got list"),
+        (torch.zeros(BATCH, N), TypeError, "got torch.float32"),
+        (torch.zeros(BATCH, N, dtype=torch.bool), TypeError, "got torch.bool"),
+        (torch.zeros(N, dtype=torch.int64), ValueError, r"got shape \(4,\)"),
     ],
     ids=["list", "float", "bool", "rank-1"],
 )
-def test_draft_tokens_of_wrong_type_or_rank_are_rejected(draft_tokens, error):
-    with pytest.raises(error, match="draft_tokens"):
+def test_draft_tokens_of_wrong_type_or_rank_are_rejected(draft_tokens, error, got):
+    """The message names the argument, what it expects and what arrived."""
+    with pytest.raises(error, match=rf"^draft_tokens: expected .*\[batch, n\].*{got}$"):
         call(draft_tokens=draft_tokens)
 
 
 @pytest.mark.parametrize(
     ("parents", "error", "message"),
     [
-        ([-1, -1, 0, 1], TypeError, "parents"),
-        (torch.tensor([-1.0, -1.0, 0.0, 1.0]), TypeError, "parents"),
+        ([-1, -1, 0, 1], TypeError, r"^parents: expected .*\[n=4\].*got list$"),
+        (torch.tensor([-1.0, -1.0, 0.0, 1.0]), TypeError, r"^parents: .*got torch.float32$"),
         (torch.tensor([-1, -1, 0]), ValueError, r"parents.*\[n=4\]"),
         (torch.tensor([[-1, -1, 0, 1]]), ValueError, r"parents.*\[n=4\]"),
         (torch.tensor([-1, -1, 2, 1]), ValueError, r"parents\[2\] = 2"),
@@ -92,18 +94,22 @@ def test_parents_that_are_not_a_forest_in_topological_order_are_rejected(parents
 
 @pytest.mark.parametrize("name", ["draft_probs", "target_probs"])
 @pytest.mark.parametrize(
-    ("make", "error"),
+    ("make", "error", "message"),
     [
-        (lambda p: p.tolist(), TypeError),
-        (lambda p: (p * 100).long(), TypeError),
-        (lambda p: p[0], ValueError),
+        (
+            lambda p: p.tolist(),
+            TypeError,
+            rf"expected a float tensor {SHAPE}, got list",
+        ),
+        (lambda p: (p * 100).long(), TypeError, "expected float64, .*, got torch.int64"),
+        (lambda p: p[0], ValueError, rf"expected 3 dimensions {SHAPE}, got shape"),
     ],
     ids=["list", "int64", "rank-2"],
 )
-def test_probabilities_of_wrong_type_or_rank_are_rejected(name, make, error):
+def test_probabilities_of_wrong_type_or_rank_are_rejected(name, make, error, message):
     _, draft_probs, target_probs = valid_inputs()
     bad = make(draft_probs if name == "draft_probs" else target_probs)
-    with pytest.raises(error, match=name):
+    with pytest.raises(error, match=f"^{name}: {message}"):
         call(**{name: bad})
 
 
@@ -122,17 +128,17 @@ def test_shapes_that_do_not_fit_the_tree_are_rejected():
 
 
 @pytest.mark.parametrize(
-    ("node_valid", "error"),
+    ("node_valid", "error", "got"),
     [
-        (torch.ones(BATCH, N), TypeError),
-        ([[True] * N] * BATCH, TypeError),
-        (torch.ones(BATCH, N - 1, dtype=torch.bool), ValueError),
-        (torch.ones(N, dtype=torch.bool), ValueError),
+        (torch.ones(BATCH, N), TypeError, "got torch.float32"),
+        ([[True] * N] * BATCH, TypeError, "got list"),
+        (torch.ones(BATCH, N - 1, dtype=torch.bool), ValueError, r"got \(2, 3\)"),
+        (torch.ones(N, dtype=torch.bool), ValueError, r"got \(4,\)"),
     ],
     ids=["float", "list", "short", "rank-1"],
 )
-def test_node_valid_of_wrong_type_or_shape_is_rejected(node_valid, error):
-    with pytest.raises(error, match="node_valid"):
+def test_node_valid_of_wrong_type_or_shape_is_rejected(node_valid, error, got):
+    with pytest.raises(error, match=rf"^node_valid: expected .*{got}$"):
         call(node_valid=node_valid)
 
 
