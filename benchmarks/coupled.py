@@ -204,8 +204,10 @@ READING = """\
 - The coupled rule's text equals target-only text for every request (the `equal` column): the
   speed-up comes without changing what a seed produces. The p/q rules keep more drafts but
   change the text with the drafter and the draft length.
-- Not measured here: the default pair (transformers float32 / llama.cpp), where K-token and
-  1-token passes round differently; tokens/s (ToyLM's costs say nothing about real models)."""
+- Real models: `benchmarks/coupled_models.py` (results: `coupled_models.md`) counts the
+  seeded requests whose text on the default pair is the same with and without speculation
+  (K-token and 1-token passes round differently, which could flip a near tie). Not measured:
+  tokens/s (ToyLM's costs say nothing about real models)."""
 
 
 def main(argv: list[str] | None = None) -> int:
