@@ -115,7 +115,9 @@ def test_probabilities_of_wrong_type_or_rank_are_rejected(name, make, error, mes
 
 def test_shapes_that_do_not_fit_the_tree_are_rejected():
     _, draft_probs, target_probs = valid_inputs()
-    with pytest.raises(ValueError, match=r"target_probs.*n\+1=5"):
+    with pytest.raises(
+        ValueError, match=r"^target_probs: .*n\+1=5.*\(row 0 is the root's distribution"
+    ):
         call(target_probs=target_probs[:, :N])
     with pytest.raises(ValueError, match="target_probs"):
         call(target_probs=target_probs[:1])
@@ -151,10 +153,21 @@ def test_a_valid_node_under_an_invalid_parent_is_rejected():
     call(node_valid=node_valid)
 
 
-def test_tensors_on_different_devices_are_rejected():
-    """Without a second real device the meta device stands in for one."""
-    with pytest.raises(ValueError, match="device"):
-        call(node_valid=torch.ones(BATCH, N, dtype=torch.bool, device="meta"))
+@pytest.mark.parametrize("name", ["draft_tokens", "draft_probs", "target_probs", "node_valid"])
+def test_tensors_on_different_devices_are_rejected(name):
+    """Without a second real device the meta device stands in for one; any one of the four
+    tensors elsewhere is caught, and the message lists all four."""
+    draft_tokens, draft_probs, target_probs = valid_inputs()
+    inputs = {
+        "draft_tokens": draft_tokens,
+        "draft_probs": draft_probs,
+        "target_probs": target_probs,
+        "node_valid": torch.ones(BATCH, N, dtype=torch.bool),
+    }
+    inputs[name] = inputs[name].to("meta")
+    message = r"^draft_tokens, draft_probs, target_probs, node_valid: expected one device, got cpu"
+    with pytest.raises(ValueError, match=message):
+        call(**inputs, validate=False)
 
 
 @pytest.mark.parametrize("bad_id", [-1, VOCAB])
@@ -205,7 +218,7 @@ def test_bad_probability_values_are_rejected_and_validate_false_skips_them(name,
     _, draft_probs, target_probs = valid_inputs()
     bad = (draft_probs if name == "draft_probs" else target_probs).clone()
     corrupt(bad[1, 3])  # draft row of node 3, or target row after node 2
-    with pytest.raises(ValueError, match=f"{name}.*{message}"):
+    with pytest.raises(ValueError, match=f"^{name}: .*{message}"):
         call(**{name: bad})
     if message == "sum to 1":
         call(**{name: bad}, validate=False)
