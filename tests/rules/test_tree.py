@@ -353,3 +353,22 @@ def test_children_are_reproducible_from_the_generator_seed(mode):
     first = draw_children(q, 4, mode, torch.Generator().manual_seed(4))
     second = draw_children(q, 4, mode, torch.Generator().manual_seed(4))
     assert torch.equal(first[0], second[0]) and torch.equal(first[2], second[2])
+
+
+def test_invalid_nodes_with_any_id_work_at_a_vocabulary_of_one():
+    """Ids at invalid nodes are replaced by a valid index before anything is gathered: with one
+    token in the vocabulary only id 0 is one."""
+    parents = tree_parents((2, 1))
+    draft_tokens = torch.tensor([[0, 7, 0, -3]])
+    node_valid = torch.tensor([[True, False, True, False]])
+    ones = torch.ones(1, len(parents) + 1, 1, dtype=torch.float64)
+    result = verify_tree(
+        draft_tokens,
+        parents,
+        ones[:, 1:],
+        ones,
+        generator=torch.Generator().manual_seed(0),
+        node_valid=node_valid,
+    )
+    assert result.tokens.tolist() == [[0, 0, 0]]  # nodes 0 and 2 kept, then the bonus token
+    assert result.path.tolist() == [[0, 2]]
