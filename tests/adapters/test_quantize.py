@@ -79,3 +79,14 @@ def test_bad_quantize_arguments_name_the_argument():
     with pytest.raises(ValueError, match="draft_quantize: int8 needs a float32 draft"):
         quantize_draft(tiny(0).to(torch.bfloat16), "int8")
     assert quantize_draft(tiny(0), "none") is not None
+
+
+def test_auto_draft_quantization_is_int8_only_for_a_float32_cpu_draft():
+    """The command line's default: int8 where it applies (transformers, float32, CPU)."""
+    from specsample.adapters.loading import resolve_draft_quantize
+
+    assert resolve_draft_quantize("auto", "cpu", torch.float32) == "int8"
+    assert resolve_draft_quantize("auto", "cpu", torch.bfloat16) == "none"
+    assert resolve_draft_quantize("auto", "cuda", torch.float32) == "none"
+    assert resolve_draft_quantize("none", "cpu", torch.float32) == "none"
+    assert resolve_draft_quantize("int8", "cpu", torch.float32) == "int8"

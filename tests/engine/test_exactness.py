@@ -142,7 +142,7 @@ def exactness_p_value(
 class NeverPausedLength(AdaptiveDraftLength):
     """The per-row schedule of AdaptiveDraftLength without the cost-based pause."""
 
-    def _drafting_pays(self, costs) -> bool:
+    def _drafting_pays(self, state, costs) -> bool:
         return True
 
 

@@ -84,8 +84,16 @@ def resolve_backend(
         return backend
     from specsample.adapters.llamacpp import is_available
 
-    plain = draft_quantize == "none"
+    plain = draft_quantize in ("none", "auto")
     return "llama.cpp" if on_cpu and ggufs and plain and is_available() else "transformers"
+
+
+def resolve_draft_quantize(draft_quantize: str, device: str, dtype: torch.dtype) -> str:
+    """draft_quantize on the transformers backend: "auto" is int8 for a float32 draft on the CPU
+    (where dynamic int8 kernels exist), none elsewhere; other values stay as they are."""
+    if draft_quantize != "auto":
+        return draft_quantize
+    return "int8" if torch.device(device).type == "cpu" and dtype == torch.float32 else "none"
 
 
 def auto_dtype(device: str) -> torch.dtype:
@@ -113,13 +121,16 @@ def load_pair(
     `backend` (see resolve_backend). transformers: dtype is the compute dtype (None:
     auto_dtype(device)); the default pair's weights are cached once in bfloat16 and upcast
     exactly when another dtype is asked for; draft_quantize "int8" quantises the draft's linear
-    layers (CPU, float32; see adapters/quantize.py): a cheaper draft, still exact decoding.
+    layers (CPU, float32; see adapters/quantize.py): a cheaper draft, still exact decoding;
+    "auto" (the command line's default) is int8 for a float32 draft on the CPU on transformers
+    (the faster exact setting in the decode benchmark) and none elsewhere.
     llama.cpp: the GGUF weights run as stored (dtype is not used); threads (default: every
     core), n_ctx (KV cells shared by all rows) and max_batch (most rows) size each context."""
     started = time.perf_counter()
-    if draft_quantize not in DRAFT_QUANTIZATIONS:
+    if draft_quantize not in (*DRAFT_QUANTIZATIONS, "auto"):
         raise ValueError(
-            f"draft_quantize: expected one of {list(DRAFT_QUANTIZATIONS)}, got {draft_quantize!r}"
+            f"draft_quantize: expected one of {[*DRAFT_QUANTIZATIONS, 'auto']}, got "
+            f"{draft_quantize!r}"
         )
     if target is None and draft is not None:
         raise ValueError(
@@ -127,10 +138,12 @@ def load_pair(
             "as a whole); got a draft with no target"
         )
     if resolve_backend(backend, target, draft, device, draft_quantize) == "llama.cpp":
+        plain = "none" if draft_quantize == "auto" else draft_quantize
         return _load_llamacpp_pair(
-            target, draft, use_draft, draft_quantize, threads, n_ctx, max_batch, started
+            target, draft, use_draft, plain, threads, n_ctx, max_batch, started
         )
     dtype = dtype or auto_dtype(device)
+    draft_quantize = resolve_draft_quantize(draft_quantize, device, dtype)
     if target is None:
         from specsample.adapters import default_pair
 
