@@ -333,3 +333,27 @@ def test_pooled_stats_sum_counters_and_merge_histograms():
         counts = [r.draft_lengths.get(length, 0) for r in runs]
         assert pooled.draft_lengths[length] == sum(counts)
     assert_stats_identities(pooled)
+
+
+@pytest.mark.parametrize("drafter_name", ["model", "ngram", "tree", "chains"])
+def test_stream_labels_and_pass_sizes_agree_with_the_statistics(drafter_name):
+    """Without EOS no step is cut (drafts stop one short of the limit), so per request:
+    recovered labels = keep tests - accepted (one per rejection), bonus labels = the other row
+    steps, accepted labels = accepted; and every step with d drafted nodes recorded a target
+    pass over d + 1 tokens (one request: the pass is that row's)."""
+    target, draft = pair16()
+    engine = Engine(target, DRAFTERS[drafter_name](draft), draft_length=3)
+    request_id = engine.add_request([1, 2, 1, 2, 1], max_new_tokens=40, seed=4)
+    outs = run_to_end(engine)[request_id]
+    kinds = [k for o in outs for k in o.kinds]
+    stats = outs[-1].stats
+    assert_stats_identities(stats)
+    assert kinds.count(RECOVERED) == stats.keep_tests - stats.accepted
+    assert kinds.count(BONUS) == stats.row_steps - (stats.keep_tests - stats.accepted)
+    assert kinds.count(ACCEPTED) == stats.accepted
+    assert stats.accepted > 0 and kinds.count(RECOVERED) > 0
+    passes = {tokens: mean.count for tokens, mean in engine.costs.target_pass.items()}
+    assert sum(passes.values()) == stats.target_passes
+    if drafter_name in ("model", "ngram"):  # chains: nodes = draft length
+        for length, steps in stats.draft_lengths.items():
+            assert passes.get(length + 1, 0) == steps

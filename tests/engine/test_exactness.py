@@ -33,6 +33,7 @@ from specsample.drafters.tree import TreeDrafter, TreeShape
 from specsample.engine import generate
 from specsample.engine.length import AdaptiveDraftLength
 from specsample.warpers import SamplingConfig, logits_to_probs
+from stats_identities import assert_stats_identities
 
 ALPHA = 1e-6
 ROWS = 4000
@@ -132,6 +133,9 @@ def exactness_p_value(
         rule=rule,
     )
     assert out.stats.drafted > 0, "the drafter never drafted: nothing was tested"
+    assert_stats_identities(out.stats)
+    for request_stats in out.request_stats:
+        assert_stats_identities(request_stats)
     tests = []
     for g, prompt in enumerate(prompts):
         rows = out.tokens[g :: len(prompts)]

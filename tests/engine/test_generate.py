@@ -16,6 +16,7 @@ from specsample.drafters.ngram import NgramDrafter
 from specsample.engine import ACCEPTED, BONUS, RECOVERED, generate
 from specsample.engine.stats import DecodeStats
 from specsample.warpers import SamplingConfig
+from stats_identities import assert_stats_identities
 
 GREEDY = SamplingConfig(temperature=0)
 PROMPTS = [[5, 17, 3], [60, 2, 9, 9, 41, 7, 13], [1]]  # ragged, one of length 1
@@ -302,7 +303,17 @@ def test_generate_leaves_the_global_torch_rng_untouched():
 
 @pytest.mark.parametrize("name", DRAFTERS)
 def test_stats_are_consistent(name):
-    stats = sampled_run(0, name).stats
+    out = sampled_run(0, name)
+    stats = out.stats
+    assert_stats_identities(stats)
+    for request_stats in out.request_stats:
+        assert_stats_identities(request_stats)
+    # the engine's statistics are the sum of its requests'
+    pooled = DecodeStats.pooled(out.request_stats)
+    for field in ("row_steps", "drafted", "accepted", "keep_tests", "empty_steps", "new_tokens"):
+        assert getattr(pooled, field) == getattr(stats, field), field
+    assert pooled.drafted_by_position == stats.drafted_by_position
+    assert pooled.accepted_by_position == stats.accepted_by_position
     assert 0 < stats.accepted <= stats.keep_tests <= stats.drafted
     assert stats.new_tokens == 9 * 16
     assert stats.tokens_per_pass == stats.new_tokens / stats.row_steps
