@@ -90,3 +90,22 @@ def test_auto_draft_quantization_is_int8_only_for_a_float32_cpu_draft():
     assert resolve_draft_quantize("auto", "cuda", torch.float32) == "none"
     assert resolve_draft_quantize("none", "cpu", torch.float32) == "none"
     assert resolve_draft_quantize("int8", "cpu", torch.float32) == "int8"
+
+
+def test_cached_quantised_draft_is_written_once_and_gives_the_same_logits(tmp_path):
+    from specsample.adapters.quantize import quantize_draft_cached
+
+    cache = tmp_path / "draft-int8.pt"
+    first = quantize_draft_cached(tiny(3), "int8", cache)
+    assert cache.is_file()
+    stamp = cache.stat().st_mtime_ns
+    again = quantize_draft_cached(tiny(4), "int8", cache)  # other weights: the cache wins
+    assert cache.stat().st_mtime_ns == stamp
+    tokens = torch.tensor([[1, 2, 3]])
+    with torch.inference_mode():
+        torch.testing.assert_close(again(input_ids=tokens).logits, first(input_ids=tokens).logits)
+    cache.write_bytes(b"truncated")
+    with pytest.warns(UserWarning, match="ignoring the cached quantised draft"):
+        redone = quantize_draft_cached(tiny(3), "int8", cache)
+    with torch.inference_mode():
+        torch.testing.assert_close(redone(input_ids=tokens).logits, first(input_ids=tokens).logits)

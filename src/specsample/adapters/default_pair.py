@@ -366,6 +366,13 @@ def convert_to_cache(model: str | ModelSpec, dtype: torch.dtype = torch.bfloat16
     return final
 
 
+def quantized_draft_path(method: str, dtype: torch.dtype) -> Path:
+    """Where the default draft quantised with `method` (from `dtype` weights) is kept; the torch
+    version is part of the name (a pickled quantised module is tied to it)."""
+    folder = converted_dir("draft", dtype)
+    return folder.parent / f"{folder.name}-{method}-torch{torch.__version__}.pt"
+
+
 def load_default_model(
     which: str | ModelSpec, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
 ) -> LoadedModel:

@@ -27,7 +27,11 @@ from specsample.adapters.gguf_meta import (
 from specsample.adapters.hf import HFCausalLM
 from specsample.adapters.hf_loading import load_tokenizer
 from specsample.adapters.protocol import LanguageModel
-from specsample.adapters.quantize import DRAFT_QUANTIZATIONS, quantize_draft
+from specsample.adapters.quantize import (
+    DRAFT_QUANTIZATIONS,
+    quantize_draft,
+    quantize_draft_cached,
+)
 
 BACKENDS = ("auto", "llama.cpp", "transformers")
 
@@ -158,7 +162,8 @@ def load_pair(
         target_lm = HFCausalLM(pair.target)
         draft_lm = None
         if use_draft:
-            draft_lm = HFCausalLM(quantize_draft(pair.draft, draft_quantize))
+            cache = default_pair.quantized_draft_path(draft_quantize, dtype)
+            draft_lm = HFCausalLM(quantize_draft_cached(pair.draft, draft_quantize, cache))
         tokenizer, config = pair.tokenizer, pair.target.config
         description = "default pair: Qwen2.5-Coder-1.5B-Instruct (target), 0.5B-Instruct (draft)"
     else:

@@ -12,7 +12,9 @@ a 1-token pass of the 0.5B draft.
 
 from __future__ import annotations
 
+import os
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -41,3 +43,25 @@ def quantize_draft(model: torch.nn.Module, method: str) -> torch.nn.Module:
         return quantize_dynamic(
             model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True
         )
+
+
+def quantize_draft_cached(model: torch.nn.Module, method: str, cache: Path) -> torch.nn.Module:
+    """quantize_draft, kept in the file `cache` after the first time: later calls load the
+    quantised module from there (a few seconds instead of quantising every weight again). The
+    file is a pickled module that this function wrote into the user's own cache; its name should
+    say which model, method and torch version it holds. method "none" returns `model` as it is."""
+    if method == "none":
+        return quantize_draft(model, method)
+    if cache.is_file():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return torch.load(cache, weights_only=False)  # our own file: see above
+        except Exception as error:  # a truncated or stale file: quantise again
+            warnings.warn(f"ignoring the cached quantised draft {cache}: {error}", stacklevel=2)
+    quantized = quantize_draft(model, method)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache.with_suffix(".partial")
+    torch.save(quantized, partial)
+    os.replace(partial, cache)
+    return quantized
