@@ -12,10 +12,10 @@ import torch
 
 from specsample.adapters import default_pair
 from specsample.adapters.hf import HFCausalLM
-from specsample.engine import generate
-from specsample.engine.text import encode_prompt, eos_token_ids
 from specsample.drafters.model import ModelDrafter
 from specsample.drafters.ngram import NgramDrafter
+from specsample.engine import generate
+from specsample.engine.text import encode_prompt, eos_token_ids
 from specsample.warpers import SamplingConfig
 
 pytestmark = [pytest.mark.default_pair, pytest.mark.slow]
