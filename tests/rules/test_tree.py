@@ -372,3 +372,21 @@ def test_invalid_nodes_with_any_id_work_at_a_vocabulary_of_one():
     )
     assert result.tokens.tolist() == [[0, 0, 0]]  # nodes 0 and 2 kept, then the bonus token
     assert result.path.tolist() == [[0, 2]]
+
+
+@pytest.mark.parametrize("implementation", [tree_rule, reference_tree_rule], ids=["fast", "ref"])
+def test_a_rejection_that_leaves_no_residual_keeps_the_residual_before_it(implementation):
+    """q is larger than p at the first child's token (by a rounding-sized amount) and equal
+    elsewhere: the rejection leaves max(0, p - q) without mass, so r stays p; the second child
+    (token 1) is then tested against p, and the final token comes from p too."""
+    target = torch.tensor([[[0.25, 0.25, 0.5, 0.0], [0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 1.0]]])
+    draft = torch.tensor([[[0.25 + 1e-9, 0.25, 0.5, 0.0], [0.0, 1.0, 0.0, 0.0]]])
+    args = (torch.tensor([[0, 1]]), torch.tensor([-1, -1]), draft.double(), target.double())
+    valid = torch.ones(1, 2, dtype=torch.bool)
+    # u_0 rejects child 0 (u q >= p); child 1 is kept iff u_1 < r(1) = 1/4: 0.3 rejects it.
+    result = implementation(*args, valid, torch.tensor([[1 - 2**-40, 0.3]]), torch.tensor([0.6]))
+    assert result.num_accepted.tolist() == [0]
+    # After both rejections: max(0, p - one-hot(1)) = (1/4, 0, 1/2, 0): u = 0.6 picks token 2.
+    assert result.tokens[0, 0].item() == 2
+    kept = implementation(*args, valid, torch.tensor([[1 - 2**-40, 0.2]]), torch.tensor([0.6]))
+    assert kept.path.tolist() == [[1]] and kept.tokens[0].tolist() == [1, 3]
