@@ -18,6 +18,7 @@ real size (2^20 elements) that is 6 rows at vocab 151936. Here:
 from __future__ import annotations
 
 import functools
+import warnings
 
 import pytest
 import torch
@@ -272,3 +273,17 @@ def test_first_two_tokens_follow_the_target_across_chunk_boundaries(monkeypatch,
 def test_a_rule_drawing_from_the_first_chunk_fails_the_same_test(monkeypatch, name):
     set_chunk_rows(monkeypatch, STAT_CHUNK_ROWS, VOCAB, K)
     assert grouped_p_value(*first_two_tokens(re_reads_first_chunk(STAT_RULES[name]))) < ALPHA
+
+
+def test_the_chunk_loops_reuse_their_buffers_without_resizing(monkeypatch):
+    """The residual rows are read into buffers of one chunk's size, reused by every chunk
+    (torch warns when an output buffer of the wrong size has to be resized)."""
+    batch, k, vocab = 23, 3, 50
+    set_chunk_rows(monkeypatch, 4, vocab, k)
+    case = random_case(520, batch=batch, k=k, vocab=vocab, dtype=torch.float32, point_mass=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        token = token_rule(*case)
+        block = block_rule(*case)
+    assert torch.equal(token.tokens, reference_token_rule(*case).tokens)
+    assert torch.equal(block.tokens, reference_block_rule(*case).tokens)
