@@ -433,3 +433,32 @@ def test_residual_of_equal_distributions_is_the_target_without_nan(dtype):
     same = probs.to(value.dtype)
     assert torch.allclose(value[:, 0::2], same[:, 0::2] / same[:, 0::2].sum(-1, keepdim=True))
     assert bool((value[0, 0, :10] == 0).all())
+
+
+def test_a_row_without_residual_mass_next_to_an_ordinary_rejection():
+    """Row 0's rejection leaves max(0, p - q) without mass (q exceeds p at the drafted token by a
+    rounding-sized amount): it is redrawn alone from p; row 1, rejected with residual mass, is
+    not disturbed. The same as the loop reference."""
+    target = torch.tensor(
+        [
+            [[0.25, 0.25, 0.5, 0.0], [1.0, 0.0, 0.0, 0.0]],
+            [[0.5, 0.5, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]],
+        ],
+        dtype=torch.float64,
+    )
+    draft = torch.tensor(
+        [[[0.25 + 1e-9, 0.25, 0.5, 0.0]], [[0.0, 0.0, 0.5, 0.5]]], dtype=torch.float64
+    )
+    case = (
+        torch.tensor([[0], [2]]),
+        draft,
+        target,
+        torch.tensor([1, 1]),
+        torch.tensor([[1 - 2**-40], [0.5]], dtype=torch.float64),
+        torch.tensor([0.6, 0.6], dtype=torch.float64),
+    )
+    fast, reference = token_rule(*case), reference_token_rule(*case)
+    assert fast.num_accepted.tolist() == [0, 0]
+    assert torch.equal(fast.tokens, reference.tokens)
+    # Row 0 from p = (1/4, 1/4, 1/2, 0): u = 0.6 gives 2; row 1 from (1/2, 1/2, 0, 0): 1.
+    assert fast.tokens[:, 0].tolist() == [2, 1]
