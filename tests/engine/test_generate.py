@@ -266,6 +266,37 @@ def test_on_tokens_streams_every_committed_token_in_order(name):
         assert set(kinds_seen) == {BONUS}
     else:
         assert set(kinds_seen) == {ACCEPTED, RECOVERED, BONUS}
+    # Every label is accounted for by the statistics: an accepted label per kept draft, and one
+    # recovered label per rejection (minus those an EOS cut away: at most one per row).
+    assert kinds_seen.count(ACCEPTED) <= out.stats.accepted
+    rejections = out.stats.keep_tests - out.stats.accepted
+    assert rejections - len(prompts) <= kinds_seen.count(RECOVERED) <= rejections
+    assert len(kinds_seen) == sum(len(t) for t in out.tokens)
+
+
+class TiedModel(ToyLM):
+    """Every logit equal after every prefix: the argmax is a tie over the whole vocabulary."""
+
+    def logits_for(self, prefix):
+        return torch.zeros(self.vocab_size)
+
+
+@pytest.mark.parametrize("name", ["target-only", *DRAFTERS])
+def test_greedy_ties_go_to_the_lowest_id_through_the_loop(name):
+    """Greedy decoding breaks ties by the lowest id, target-only and speculative alike (the
+    comparison of the two cannot see a rule that breaks ties otherwise on both sides)."""
+    target = TiedModel(8, seed=1)
+    drafter, k = (None, 0) if name == "target-only" else make_drafter(name, TiedModel(8, seed=2))
+    out = generate(
+        target,
+        [[3, 5], [7]],
+        generator=seeded(),
+        drafter=drafter,
+        sampling=GREEDY,
+        max_new_tokens=6,
+        draft_length=k,
+    )
+    assert out.tokens == [[0] * 6, [0] * 6]
 
 
 def sampled_run(seed: int, drafter_name: str = "model-k3"):
