@@ -46,7 +46,7 @@ fi
 rm -rf "$WORK"
 mkdir -p "$WORK/tests"
 cp -r src "$WORK/src"
-cp -r tests/rules tests/test_warpers.py tests/helpers.py "$WORK/tests/"
+cp -r tests/rules tests/warpers tests/helpers.py "$WORK/tests/"
 cp pyproject.toml "$WORK/"
 # Each mutant runs only the tests that reached its function when every test ran once unmutated,
 # fastest first, up to the first failure, on one CPU thread, and is stopped after
@@ -61,7 +61,7 @@ source_paths = ["src"]
 only_mutate = [${ONLY%, }]
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-k", "not negative_control and not fails_the_same"]
 do_not_mutate_patterns = ['^\\s*raise ']
-pytest_add_cli_args_test_selection = ["tests/rules", "tests/test_warpers.py"]
+pytest_add_cli_args_test_selection = ["tests/rules", "tests/warpers"]
 timeout_multiplier = 2.0
 timeout_constant = 5.0
 process_isolation = "forkserver"
