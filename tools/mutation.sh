@@ -5,6 +5,8 @@
 #
 #   tools/mutation.sh                 every scoped module (about 25 minutes on 2 cores)
 #   tools/mutation.sh token block     only these (token block tree greedy sampling warpers)
+#   tools/mutation.sh engine stats    the engine's step and its statistics, against tests/engine
+#                                     (not in the default set: its statistical tests are long)
 #
 # Runs in build/mutation/ (a copy of src/ and of the tests it needs), so the working tree is
 # never touched. After a run, `cd build/mutation && ../../.venv/bin/mutmut show NAME` prints a
@@ -24,6 +26,8 @@ declare -A SOURCE=(
     [greedy]=src/specsample/rules/greedy.py
     [sampling]=src/specsample/rules/sampling.py
     [warpers]=src/specsample/warpers/__init__.py
+    [engine]=src/specsample/engine/engine.py
+    [stats]=src/specsample/engine/stats.py
 )
 MODULES=("$@")
 if [ ${#MODULES[@]} -eq 0 ]; then
@@ -46,7 +50,7 @@ fi
 rm -rf "$WORK"
 mkdir -p "$WORK/tests"
 cp -r src "$WORK/src"
-cp -r tests/rules tests/warpers tests/helpers.py "$WORK/tests/"
+cp -r tests/rules tests/warpers tests/engine tests/helpers.py tests/stats_identities.py "$WORK/tests/"
 cp pyproject.toml "$WORK/"
 # Each mutant runs only the tests that reached its function when every test ran once unmutated,
 # fastest first, up to the first failure, on one CPU thread, and is stopped after
@@ -61,7 +65,7 @@ source_paths = ["src"]
 only_mutate = [${ONLY%, }]
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-k", "not negative_control and not fails_the_same"]
 do_not_mutate_patterns = ['^\\s*raise ']
-pytest_add_cli_args_test_selection = ["tests/rules", "tests/warpers"]
+pytest_add_cli_args_test_selection = ["tests/rules", "tests/warpers", "tests/engine"]
 timeout_multiplier = 2.0
 timeout_constant = 5.0
 process_isolation = "forkserver"
