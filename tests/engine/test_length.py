@@ -250,3 +250,19 @@ def test_adaptive_rows_are_independent_and_a_joining_row_starts_from_the_prior()
     policy.forget("a")
     assert "a" not in policy.rows
     assert policy.next_lengths(["a"]).tolist() == [3]  # a forgotten row starts afresh
+
+
+def test_adaptive_asks_once_for_a_target_only_step_to_time_a_one_token_pass():
+    """Without the cost of a 1-token target pass the theory cannot tell whether drafting pays:
+    after the first drafting step the policy asks for one target-only step, once."""
+    policy = AdaptiveDraftLength(max_k=4, start_k=3)
+    measured = StepCosts()
+    assert policy.next_lengths(2).tolist() == [3, 3]
+    measured.add_target_pass(4, 1.0)  # the engine timed the 4-token pass
+    policy.update(lengths(3, 3), lengths(3, 1), measured)
+    assert policy.next_lengths(2).tolist() == [0, 0]  # the 1-token pass to time
+    measured.add_target_pass(1, 0.3)
+    policy.update(lengths(0, 0), lengths(0, 0), measured)
+    assert policy.next_lengths(2).tolist() == [4, 2]
+    policy.update(lengths(4, 2), lengths(4, 2), measured)
+    assert bool((policy.next_lengths(2) > 0).all())  # never again

@@ -137,6 +137,8 @@ class AdaptiveDraftLength:
         self.smoothing = smoothing
         self.min_tests = min_tests
         self.rows: dict[Hashable, _RowSchedule] = {}
+        self._measure_single_pass = False  # the next step is target-only, to time a 1-token pass
+        self._single_pass_requested = False
 
     def schedule(self, row: Hashable) -> _RowSchedule:
         if row not in self.rows:
@@ -148,6 +150,11 @@ class AdaptiveDraftLength:
 
     def next_lengths(self, rows: int | Sequence[Hashable]) -> torch.Tensor:
         ids = list(range(rows)) if isinstance(rows, int) else list(rows)
+        if self._measure_single_pass:
+            # One target-only step as soon as drafting has been measured: the theory needs the
+            # cost of a 1-token target pass to tell whether drafting pays at all.
+            self._measure_single_pass = False
+            return torch.zeros(len(ids), dtype=torch.int64)
         out = []
         for row in ids:
             state = self.schedule(row)
@@ -168,9 +175,14 @@ class AdaptiveDraftLength:
             rows: Sequence[Hashable] = range(len(drafted))
         else:
             rows, drafted, accepted, costs = args
+        drafted_any = False
         for row, d, a in zip(rows, drafted.tolist(), accepted.tolist(), strict=True):
             if d > 0:
+                drafted_any = True
                 self._update_row(self.schedule(row), d, a, costs)
+        if drafted_any and costs.target_pass and 1 not in costs.target_pass:
+            self._measure_single_pass = not self._single_pass_requested
+            self._single_pass_requested = True
 
     def _update_row(self, state: _RowSchedule, drafted: int, accepted: int, costs: StepCosts):
         if not state.paused:
