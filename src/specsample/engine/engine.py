@@ -251,7 +251,8 @@ class Engine:
         result = self._verify(draft, logits, sampling)
         verify_seconds = time.perf_counter() - clock
         # 5. commit
-        kinds = _step_kinds(result, draft)
+        recovered = _last_node_has_children(draft, result)  # [batch]: else bonus
+        kinds = _step_kinds(result, recovered)
         logprobs = _emitted_logprobs(logits, result)
         committed = 0
         for b, request in enumerate(rows):
@@ -260,7 +261,7 @@ class Engine:
             outputs.append(self._output(request, emitted, kinds[b], logprobs[b]))
         timing = _StepTiming(draft_seconds, target_seconds, verify_seconds, passes)
         self.stats.new_tokens += committed
-        self._record(draft, result, timing, started)
+        self._record(_StepRows.of(draft, result, recovered), draft, timing, started)
         self.policy.update(ids, draft.depths(), result.num_accepted, self.costs)
         return outputs
 
@@ -354,9 +355,7 @@ class Engine:
         stats = request.stats
         stats.new_tokens = len(request.new_tokens)
         stats.total_seconds = time.perf_counter() - request.started
-        single = self.costs.target(1)
-        if single is not None and 1 in self.costs.target_pass:
-            stats.target_single_pass_seconds = single
+        stats.target_single_pass_seconds = self._single_pass_seconds()
         return RequestOutput(
             request.id, emitted, kinds, logprobs, True, request.finish_reason, stats
         )
@@ -368,8 +367,12 @@ class Engine:
         seen, self._draft_passes_seen = self._draft_passes_seen, self.drafter.forward_passes
         return self.drafter.forward_passes - seen
 
-    def _record(self, draft: Draft, result: TreeResult, timing: _StepTiming, started) -> None:
-        step = _StepRows.of(draft, result)
+    def _single_pass_seconds(self) -> float | None:
+        """The measured mean of a 1-token target pass, None until one was timed."""
+        single = self.costs.target_pass.get(1)
+        return None if single is None else single.value
+
+    def _record(self, step: _StepRows, draft: Draft, timing: _StepTiming, started) -> None:
         step.add_to(self.stats, range(draft.batch), timing)
         for b, request in enumerate(self._running):
             step.add_to(request.stats, [b], timing)
@@ -380,9 +383,7 @@ class Engine:
         width = int(draft.valid.sum(dim=1).max()) if draft.num_nodes else 0
         self.costs.add_target_pass(width + 1, timing.target_seconds)
         self.stats.total_seconds += time.perf_counter() - started
-        single = self.costs.target(1)
-        if single is not None and 1 in self.costs.target_pass:
-            self.stats.target_single_pass_seconds = single
+        self.stats.target_single_pass_seconds = self._single_pass_seconds()
 
 
 @dataclass
@@ -406,10 +407,12 @@ class _StepRows:
     rule_used: str
 
     @staticmethod
-    def of(draft: Draft, result: TreeResult) -> _StepRows:
+    def of(draft: Draft, result: TreeResult, recovered: torch.Tensor) -> _StepRows:
+        """recovered: bool [batch], the last kept node (or the root) had valid children, so one
+        more keep test ran (and failed) below it."""
         return _StepRows(
             result.num_accepted.tolist(),
-            _tested_depth(draft, result).tolist(),
+            (result.num_accepted + recovered.long()).tolist(),
             draft.depths().tolist(),
             draft.valid.sum(dim=1).tolist(),
             not draft.is_chain,
@@ -445,12 +448,6 @@ class _StepRows:
         stats.verify_seconds += timing.verify_seconds
 
 
-def _tested_depth(draft: Draft, result: TreeResult) -> torch.Tensor:
-    """int64 [batch]: how deep the draft was tested along the accepted path: the number of
-    accepted nodes, plus one when the last of them (or the root) still had valid children."""
-    return result.num_accepted + _last_node_has_children(draft, result).long()
-
-
 def _last_node_has_children(draft: Draft, result: TreeResult) -> torch.Tensor:
     """bool [batch]: the last accepted node (the root when none was accepted) has valid
     children, i.e. the emitted token after it was recovered, not a bonus token."""
@@ -463,13 +460,12 @@ def _last_node_has_children(draft: Draft, result: TreeResult) -> torch.Tensor:
     return draft.has_children().gather(1, last[:, None])[:, 0]
 
 
-def _step_kinds(result: TreeResult, draft: Draft) -> list[list[str]]:
-    """Per row: accepted for each kept node, then bonus (the last kept node, or the root, had no
-    valid children) or recovered (drawn after a rejection)."""
-    recovered = _last_node_has_children(draft, result).tolist()
+def _step_kinds(result: TreeResult, recovered: torch.Tensor) -> list[list[str]]:
+    """Per row: accepted for each kept node, then recovered (drawn after a rejection) or bonus
+    (the last kept node, or the root, had no valid children)."""
     return [
         [ACCEPTED] * a + [RECOVERED if r else BONUS]
-        for a, r in zip(result.num_accepted.tolist(), recovered, strict=True)
+        for a, r in zip(result.num_accepted.tolist(), recovered.tolist(), strict=True)
     ]
 
 
