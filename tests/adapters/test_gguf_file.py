@@ -19,7 +19,24 @@ pytest.importorskip(
     "accelerate", reason="transformers loads a .gguf file only with accelerate (the dev extra)"
 )
 
-from transformers.convert_slow_tokenizer import bytes_to_unicode  # noqa: E402
+
+# The tiny model's shape and byte-level BPE tokenizer (256 byte symbols, a few merges, three
+# control tokens): the same as the llama.cpp backend's tests write.
+from tiny_gguf import (  # noqa: E402
+    BOS,
+    CONTROL,
+    EOS,
+    FFN,
+    HEADS,
+    HIDDEN,
+    KV_HEADS,
+    LAYERS,
+    MERGES,
+    NORMAL,
+    SPECIALS,
+    TOKENS,
+    VOCAB,
+)
 
 from helpers import tiny_config  # noqa: E402
 from specsample.adapters.hf import HFCausalLM  # noqa: E402
@@ -28,26 +45,6 @@ from specsample.cli.main import main  # noqa: E402
 from specsample.drafters.model import ModelDrafter  # noqa: E402
 from specsample.engine import generate  # noqa: E402
 from specsample.warpers import SamplingConfig  # noqa: E402
-
-LAYERS, HIDDEN, FFN, HEADS, KV_HEADS = 2, 64, 128, 4, 2
-# Byte-level BPE: the 256 byte symbols, the tokens these merges make, then three control tokens.
-MERGES = [
-    ("h", "e"),
-    ("l", "l"),
-    ("he", "ll"),
-    ("hell", "o"),
-    ("Ġ", "w"),
-    ("o", "r"),
-    ("Ġw", "or"),
-    ("l", "d"),
-    ("Ġwor", "ld"),
-]
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-BYTES = [bytes_to_unicode()[b] for b in range(256)]
-TOKENS = BYTES + ["".join(m) for m in MERGES] + SPECIALS
-VOCAB = len(TOKENS)
-BOS, EOS = TOKENS.index("<|endoftext|>"), TOKENS.index("<|im_end|>")
-NORMAL, CONTROL = 1, 3  # llama.cpp token types
 
 # transformers name part -> llama.cpp (GGUF) name part, written out here rather than taken from
 # either library so that the test checks transformers' mapping instead of reusing it.
