@@ -71,7 +71,10 @@ class ModelDrafter:
         lengths = torch.zeros(batch, dtype=torch.int64)
         survival = torch.ones(batch, dtype=torch.float64)
         greedy = sampling.greedy  # [batch]
+        # coupled rows (rule "coupled") draft with their (seed, position) noise, the others
+        # draw from their generators: a batch may hold both
         noise = sampling.gumbel(k, self.vocab_size, logits.device) if sampling.coupled else None
+        coupled = sampling.coupled_mask
         for i in range(k):
             q = sampling.warp(logits.float())  # [batch, vocab]
             if self.confidence > 0 or self.survival > 0:
@@ -89,11 +92,15 @@ class ModelDrafter:
                 break
             # Each drafting row draws one uniform from its own generator (greedy rows too, so a
             # row's draws never depend on its neighbours); a greedy row's q is one-hot.
-            if noise is not None:  # coupled: the same noise the target's token will use
-                token = coupled_sample(q, noise[:, i])
-            else:
-                uniforms = sampling.uniforms(drafting.long().tolist(), q.device)[:, 0]
+            # A coupled row draws nothing: the same noise the target's token will use.
+            drawing = drafting & ~coupled
+            token = torch.zeros(batch, dtype=torch.int64, device=q.device)
+            if bool(drawing.any()):
+                uniforms = sampling.uniforms(drawing.long().tolist(), q.device)[:, 0]
                 token = sample_from_weights(q, uniforms)
+            if noise is not None:
+                picked = coupled_sample(q, noise[:, i])
+                token = torch.where(coupled.to(q.device), picked, token)
             token = torch.where(drafting.to(token.device), token, 0)
             tokens.append(token)
             probs.append(q)
@@ -104,6 +111,7 @@ class ModelDrafter:
         if not tokens:
             return Draft.empty(batch)
         draft_tokens = torch.stack(tokens, dim=1).cpu()
-        point_masses = sampling.all_greedy or sampling.coupled
+        # coupled rows' probabilities are never read (they are verified by the coupled rule)
+        point_masses = sampling.all_greedy or sampling.all_coupled
         draft_probs = None if point_masses else torch.stack(probs, dim=1)
         return Draft.chain(draft_tokens, draft_probs, lengths)

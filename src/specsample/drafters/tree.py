@@ -154,15 +154,20 @@ class TreeDrafter:
         first = 0
         for d, branching in enumerate(self.shape.branching):
             width, vocab = frontier_q.shape[1], frontier_q.shape[2]
-            if noise is not None:
-                level_tokens, level_valid = coupled_top(frontier_q, noise[:, d, None], branching)
-                level_tokens = level_tokens.reshape(batch, -1).cpu()
-                level_valid = level_valid.reshape(batch, -1).cpu()
-                level_probs = None
-            else:
+            if not sampling.all_coupled:
                 level_tokens, level_probs, level_valid = self._draw_level(
                     frontier_q, branching, greedy, sampling
                 )
+            if noise is not None:  # the coupled rows' children: no draws from generators
+                top_tokens, top_valid = coupled_top(frontier_q, noise[:, d, None], branching)
+                top_tokens = top_tokens.reshape(batch, -1).cpu()
+                top_valid = top_valid.reshape(batch, -1).cpu()
+                if sampling.all_coupled:
+                    level_tokens, level_valid, level_probs = top_tokens, top_valid, None
+                else:
+                    coupled = sampling.coupled_mask[:, None]
+                    level_tokens = torch.where(coupled, top_tokens, level_tokens)
+                    level_valid = torch.where(coupled, top_valid, level_valid)
             level_valid &= frontier_valid.repeat_interleave(branching, dim=1)
             level_valid &= (max_lengths > d)[:, None]
             level_tokens = torch.where(level_valid, level_tokens, 0)
@@ -181,7 +186,7 @@ class TreeDrafter:
                 frontier_q = frontier_q.new_zeros(batch, size, vocab)
             first += size
         assert first == self.shape.num_nodes
-        deterministic = all(greedy) or self.children == "top" or noise is not None
+        deterministic = all(greedy) or self.children == "top" or sampling.all_coupled
         return Draft(
             torch.cat(tokens, dim=1),
             parents,
@@ -197,6 +202,12 @@ class TreeDrafter:
         [batch, width*branching, vocab] (one-hot for deterministic children) and valid."""
         tokens, probs, valid = [], [], []
         for b in range(frontier_q.shape[0]):
+            if sampling.coupled_rows[b]:  # drafted with the coupled noise, never read here
+                count = frontier_q.shape[1] * branching
+                tokens.append(torch.zeros(count, dtype=torch.int64))
+                probs.append(frontier_q.new_zeros(count, frontier_q.shape[2]))
+                valid.append(torch.zeros(count, dtype=torch.bool))
+                continue
             mode = "top" if greedy[b] else self.children
             child_tokens, child_probs, child_valid = draw_children(
                 frontier_q[b], branching, mode, sampling.generators[b]
@@ -213,8 +224,8 @@ class TreeDrafter:
 
     def _coupled_noise(self, sampling: RowSampling, device) -> torch.Tensor | None:
         """float64 [batch, depth, vocab]: the Gumbel noise of each depth's children under the
-        coupled rule (zero for greedy rows: their children are the draft's top tokens), or
-        None."""
+        coupled rule (zero for greedy rows: their children are the draft's top tokens; zero for
+        rows not under the coupled rule, whose children are drawn), or None when no row is."""
         if not sampling.coupled:
             return None
         noise = sampling.gumbel(self.shape.depth, self.vocab_size, device)

@@ -30,12 +30,14 @@ from specsample.drafters.base import Draft, Drafter
 from specsample.engine.length import AdaptiveDraftLength, FixedDraftLength, StepCosts
 from specsample.engine.stats import DecodeStats
 from specsample.rules.registry import (
+    Rule,
     check_rule_for,
     lookup,
     verify_coupled,
     verify_draft,
     verify_greedy,
 )
+from specsample.rules.result import PAD
 from specsample.rules.tree import TreeResult, node_depths
 from specsample.warpers import RowSampling, SamplingConfig
 
@@ -78,6 +80,7 @@ class _Request:
     generator: torch.Generator
     eos: frozenset[int]
     stop: StopFunction | None
+    rule: Rule
     new_tokens: list[int] = field(default_factory=list)
     stats: DecodeStats = field(default_factory=DecodeStats)
     finish_reason: str | None = None
@@ -101,7 +104,8 @@ class Engine:
                   chains, node by node for trees), "token", "block", "coupled" (the text of a
                   seed equals target-only decoding with that seed, with or without a drafter;
                   rules/coupled.py); a lossy rule only when specsample.lossy was imported and
-                  it is named.
+                  it is named. The default of every request; `add_request(rule=...)` may name
+                  another per request (a step verifies each group of rows with its rule).
     draft_length  "auto" (an AdaptiveDraftLength per request), an int k, or a policy object.
                   A drafter with a fixed depth (TreeDrafter) always drafts that depth.
     max_batch     requests decoded at once; later ones wait in a queue (first in, first out).
@@ -151,9 +155,23 @@ class Engine:
         seed: int | None = None,
         eos_token_ids: Sequence[int] = (),
         stop: StopFunction | None = None,
+        rule: str | None = None,
     ) -> int:
-        """Queues a request; it joins the batch at the next step with room. Returns its id."""
+        """Queues a request; it joins the batch at the next step with room. Returns its id.
+        rule: the request's verification rule (a name as for the Engine), None: the Engine's.
+        With a fixed draft length a request's text for a seed is the same whatever rules its
+        batch neighbours use."""
         prompt = _check_prompt(prompt_tokens, self.target.vocab_size)
+        if rule is None:
+            request_rule = self.rule
+        elif isinstance(rule, str):
+            request_rule = lookup(rule)
+            if self.drafter is not None:
+                check_rule_for(
+                    request_rule, chain=getattr(self.drafter, "fixed_depth", None) is None
+                )
+        else:
+            raise TypeError(f"rule: expected None or a rule name, got {type(rule).__name__}")
         sampling = sampling or SamplingConfig()
         if not isinstance(sampling, SamplingConfig):
             raise TypeError(f"sampling: expected a SamplingConfig, got {type(sampling).__name__}")
@@ -178,6 +196,7 @@ class Engine:
             generator=torch.Generator().manual_seed(seed % 2**63),
             eos=frozenset(int(t) for t in eos_token_ids),
             stop=stop,
+            rule=request_rule,
         )
         self._waiting.append(request)
         return request.id
@@ -230,7 +249,7 @@ class Engine:
             [r.sampling for r in rows],
             [r.generator for r in rows],
             # coupled rule: noise from (seed, new-token position), see rules/coupled.py
-            coupled=self.rule.coupled,
+            coupled=[r.rule.coupled for r in rows],
             seeds=[r.seed for r in rows],
             positions=[len(r.new_tokens) for r in rows],
         )
@@ -248,7 +267,7 @@ class Engine:
         target_seconds = time.perf_counter() - clock
         # 4. verify
         clock = time.perf_counter()
-        result = self._verify(draft, logits, sampling)
+        result, rules_used = self._verify(draft, logits, sampling, [r.rule for r in rows])
         verify_seconds = time.perf_counter() - clock
         # 5. commit
         recovered = _last_node_has_children(draft, result)  # [batch]: else bonus
@@ -261,7 +280,7 @@ class Engine:
             outputs.append(self._output(request, emitted, kinds[b], logprobs[b]))
         timing = _StepTiming(draft_seconds, target_seconds, verify_seconds, passes)
         self.stats.new_tokens += committed
-        self._record(_StepRows.of(draft, result, recovered), draft, timing, started)
+        self._record(_StepRows.of(draft, result, recovered, rules_used), draft, timing, started)
         self.policy.update(ids, draft.depths(), result.num_accepted, self.costs)
         return outputs
 
@@ -270,12 +289,39 @@ class Engine:
             return Draft.empty(len(sequences))
         return self.drafter.propose(sequences, limits, sampling)
 
-    def _verify(self, draft: Draft, logits: torch.Tensor, sampling: RowSampling) -> TreeResult:
-        """logits [batch, n+1, target vocab] -> the verified step. Probabilities of a drafter
-        with a different vocabulary size are padded with zeros (ids a model lacks have
-        probability 0)."""
+    def _verify(
+        self, draft: Draft, logits: torch.Tensor, sampling: RowSampling, rules: list[Rule]
+    ) -> tuple[TreeResult, list[str]]:
+        """logits [batch, n+1, target vocab] -> the verified step and the rule used per row.
+        Rows whose requests name different rules are verified group by group, each group with
+        its own rule on its own rows of the draft, logits and sampling (a row's result depends
+        only on its own rows and generator, so it is the same as in a batch of one rule)."""
         logits = logits[:, : draft.num_nodes + 1].float()
-        if self.rule.coupled:  # noise of depths 0..depth below the root (rules/coupled.py)
+        names = [rule.name for rule in rules]
+        if len(set(names)) == 1:
+            result = self._verify_group(draft, logits, sampling, rules[0])
+            return result, [result.rule_used] * draft.batch
+        groups: dict[str, list[int]] = {}
+        for b, name in enumerate(names):
+            groups.setdefault(name, []).append(b)
+        parts = []
+        for rows in groups.values():
+            index = torch.tensor(rows, dtype=torch.int64)
+            part = self._verify_group(
+                _draft_rows(draft, index),
+                logits.index_select(0, index.to(logits.device)),
+                sampling.select(rows),
+                rules[rows[0]],
+            )
+            parts.append((index, part))
+        return _merge_results(parts, draft.batch)
+
+    def _verify_group(
+        self, draft: Draft, logits: torch.Tensor, sampling: RowSampling, rule: Rule
+    ) -> TreeResult:
+        """The rows of one rule. Probabilities of a drafter with a different vocabulary size
+        are padded with zeros (ids a model lacks have probability 0)."""
+        if rule.coupled:  # noise of depths 0..depth below the root (rules/coupled.py)
             target_probs = sampling.warp(logits)
             depth = int(node_depths(draft.parents).max()) if draft.num_nodes else 0
             noise = sampling.gumbel(depth + 1, target_probs.shape[-1], target_probs.device)
@@ -293,7 +339,7 @@ class Engine:
             accept = sampling.uniforms(draft.used_uniforms(), device)
             accept = torch.nn.functional.pad(accept, (0, draft.num_nodes - accept.shape[1]))
             sample = sampling.uniforms([1] * draft.batch, device)[:, 0]
-            result = verify_draft(self.rule, draft, draft_probs, target_probs, accept, sample)
+            result = verify_draft(rule, draft, draft_probs, target_probs, accept, sample)
         return TreeResult(
             result.tokens.cpu(), result.num_accepted.cpu(), result.path.cpu(), result.rule_used
         )
@@ -404,28 +450,32 @@ class _StepRows:
     depths: list[int]
     nodes: list[int]
     tree: bool
-    rule_used: str
+    rules_used: list[str]  # per row
 
     @staticmethod
-    def of(draft: Draft, result: TreeResult, recovered: torch.Tensor) -> _StepRows:
+    def of(
+        draft: Draft, result: TreeResult, recovered: torch.Tensor, rules_used: list[str]
+    ) -> _StepRows:
         """recovered: bool [batch], the last kept node (or the root) had valid children, so one
-        more keep test ran (and failed) below it."""
+        more keep test ran (and failed) below it. rules_used: the rule that verified each row."""
         return _StepRows(
             result.num_accepted.tolist(),
             (result.num_accepted + recovered.long()).tolist(),
             draft.depths().tolist(),
             draft.valid.sum(dim=1).tolist(),
             not draft.is_chain,
-            result.rule_used,
+            rules_used,
         )
 
     def add_to(self, stats: DecodeStats, rows, timing: _StepTiming) -> None:
         """Adds the rows `rows` of this step to `stats`. A row "drafts at depth i" when its kept
         path reached a node with children there; alpha is the chance that one of those children
-        is kept (for a chain: the next draft)."""
+        is kept (for a chain: the next draft). The pass counts once in rules_used, under its
+        rule, or under "a+b" when its rows were verified by several."""
         stats.target_passes += 1
         stats.tree_steps += int(self.tree)
-        stats.rules_used[self.rule_used] = stats.rules_used.get(self.rule_used, 0) + 1
+        rule = "+".join(sorted({self.rules_used[b] for b in rows}))
+        stats.rules_used[rule] = stats.rules_used.get(rule, 0) + 1
         for b in rows:
             accepted, tested = self.accepted[b], self.tested_depth[b]
             depth = self.depths[b]
@@ -496,6 +546,39 @@ def _commit(request: _Request, result: TreeResult, b: int) -> list[int]:
             break
     request.new_tokens.extend(emitted)
     return emitted
+
+
+def _draft_rows(draft: Draft, index: torch.Tensor) -> Draft:
+    """The draft of rows `index` (int64 [rows], CPU), same nodes and parents."""
+    probs = draft.probs
+    if probs is not None:
+        probs = probs.index_select(0, index.to(probs.device))
+    return Draft(
+        draft.tokens.index_select(0, index),
+        draft.parents,
+        probs,
+        draft.valid.index_select(0, index),
+    )
+
+
+def _merge_results(
+    parts: list[tuple[torch.Tensor, TreeResult]], batch: int
+) -> tuple[TreeResult, list[str]]:
+    """The TreeResults of groups of rows (row indices, result) as one of the whole batch, the
+    tokens and paths padded with PAD to the widest group; and the rule used per row."""
+    width = max(part.tokens.shape[1] for _, part in parts)
+    depth = max(part.path.shape[1] for _, part in parts)
+    tokens = torch.full((batch, width), PAD, dtype=torch.int64)
+    path = torch.full((batch, depth), PAD, dtype=torch.int64)
+    accepted = torch.zeros(batch, dtype=torch.int64)
+    rules_used = [""] * batch
+    for index, part in parts:
+        tokens[index, : part.tokens.shape[1]] = part.tokens
+        path[index, : part.path.shape[1]] = part.path
+        accepted[index] = part.num_accepted
+        for b in index.tolist():
+            rules_used[b] = part.rule_used
+    return TreeResult(tokens, accepted, path, "+".join(sorted(set(rules_used)))), rules_used
 
 
 def _pad_vocab(probs: torch.Tensor, vocab: int) -> torch.Tensor:

@@ -29,7 +29,8 @@ class DecodeStats:
     total_seconds: float = 0.0
     target_single_pass_seconds: float | None = None  # measured 1-token target pass, if known
     tree_steps: int = 0  # target passes that verified a token tree
-    rules_used: dict[str, int] = field(default_factory=dict)  # rule name -> target passes
+    # rule name -> target passes ("a+b": a pass whose rows were verified by rules a and b)
+    rules_used: dict[str, int] = field(default_factory=dict)
     draft_lengths: dict[int, int] = field(default_factory=dict)  # chain drafts: length -> row steps
 
     @property

@@ -69,6 +69,7 @@ class Completion:
                 seed=self.request.choice_seed(index),
                 eos_token_ids=self.models.eos_token_ids,
                 stop=None if stop is None else (lambda tokens, stop=stop: stop(0, tokens)),
+                rule=self.request.rule,
             )
             for index in range(self.request.num_choices)
         ]
@@ -121,7 +122,7 @@ class Completion:
             "model": self.models.name,
             "choices": choices,
             "usage": self.usage(),
-            "specsample": specsample_stats(self.stats, self.models),
+            "specsample": specsample_stats(self.stats, self.models, self.request.rule),
         }
 
     def usage(self) -> dict:
@@ -155,28 +156,31 @@ class Completion:
             "choices": [choice],
         }
         if reason is not None:
-            chunk["specsample"] = specsample_stats([self.stats[index]], self.models)
+            chunk["specsample"] = specsample_stats(
+                [self.stats[index]], self.models, self.request.rule
+            )
         return chunk
 
     def usage_chunk(self) -> dict:
         chunk = self.chunk(0, [], None)
         chunk["choices"] = []
         chunk["usage"] = self.usage()
-        chunk["specsample"] = specsample_stats(self.stats, self.models)
+        chunk["specsample"] = specsample_stats(self.stats, self.models, self.request.rule)
         return chunk
 
 
-def specsample_stats(stats: list, models: ServedModels) -> dict:
-    """The `specsample` object of a response: the rule, and the acceptance statistics of the
-    request's choices together (None where a choice ended without statistics)."""
+def specsample_stats(stats: list, models: ServedModels, rule: str | None = None) -> dict:
+    """The `specsample` object of a response: the rule (the request's `rule`, exact, or the
+    server's), and the acceptance statistics of the request's choices together (None where a
+    choice ended without statistics)."""
     present = [s for s in stats if s is not None]
     accepted = sum(s.accepted for s in present)
     keep_tests = sum(s.keep_tests for s in present)
     tokens = sum(s.new_tokens for s in present)
     row_steps = sum(s.row_steps for s in present)
     return {
-        "rule": models.rule,
-        "lossy": models.lossy,
+        "rule": models.rule if rule is None else rule,
+        "lossy": models.lossy if rule is None else False,
         "speculative": models.speculative,
         "acceptance_rate": round(accepted / keep_tests, 4) if keep_tests else None,
         "tokens_per_pass": round(tokens / row_steps, 4) if row_steps else None,

@@ -48,6 +48,7 @@ class RequestSpec:
     seed: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     stop: Callable[[list[int]], bool] | None = None
+    rule: str | None = None  # None: the Engine's
 
 
 @dataclass
@@ -198,6 +199,7 @@ class EngineLoop:
                 seed=spec.seed,
                 eos_token_ids=spec.eos_token_ids,
                 stop=None if spec.stop is None else _guarded_stop(handle, spec.stop),
+                rule=spec.rule,
             )
         except Exception as error:  # noqa: BLE001 - reported to the request's own sink
             self._finish(handle, error)

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from specsample.rules.registry import EXACT
 from specsample.warpers import SamplingConfig
 
 COMPLETIONS, CHAT = "completions", "chat"
@@ -65,6 +66,7 @@ class GenerationRequest:
     include_usage: bool = False
     logprobs: bool = False
     echo: bool = False
+    rule: str | None = None  # the request's exact rule; None: the server's
 
     @property
     def num_choices(self) -> int:
@@ -138,6 +140,14 @@ def parse_request(body: Any, kind: str, model: ServedModel) -> GenerationRequest
     include_usage = options.get("include_usage", False)
     _expect_type(include_usage, bool, "stream_options.include_usage", "a boolean")
     seed = _optional(body, "seed", int, "an integer", None)
+    rule = _optional(body, "rule", str, "a string", None)
+    if rule is not None and rule not in EXACT:
+        raise RequestError(
+            400,
+            f"rule: expected one of {sorted(EXACT)} (the exact verification rules; a lossy "
+            f"rule is never taken per request), got {rule!r}",
+            "rule",
+        )
     return GenerationRequest(
         kind=kind,
         prompts=prompts,
@@ -150,6 +160,7 @@ def parse_request(body: Any, kind: str, model: ServedModel) -> GenerationRequest
         include_usage=include_usage,
         logprobs=logprobs,
         echo=echo,
+        rule=rule,
     )
 
 

@@ -14,6 +14,7 @@ asked to sample from; warping the drafter the same way keeps acceptance high.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -105,12 +106,13 @@ class RowSampling:
 
     configs     one SamplingConfig per row.
     generators  one torch.Generator per row (on the device the uniforms are drawn on).
-    coupled     the coupled rule is on: drafts and the target's tokens are Gumbel-max picks
-                with noise from (seeds[b], new-token position) (see `gumbel`), not draws from
-                the generators.
-    seeds       with coupled: one seed per row (an int in [0, 2**64)).
-    positions   with coupled: per row, the position among the request's new tokens of the
-                next token (0 before the first).
+    coupled     the rows under the coupled rule: True (every row), False (none) or one bool
+                per row (a batch whose requests ask for different rules). A coupled row's drafts
+                and target tokens are Gumbel-max picks with noise from (seeds[b], new-token
+                position) (see `gumbel`), not draws from its generator.
+    seeds       with a coupled row: one seed per row (an int in [0, 2**64)).
+    positions   with a coupled row: per row, the position among the request's new tokens of
+                the next token (0 before the first).
     """
 
     def __init__(
@@ -118,7 +120,7 @@ class RowSampling:
         configs: list[SamplingConfig],
         generators: list[torch.Generator],
         *,
-        coupled: bool = False,
+        coupled: bool | Sequence[bool] = False,
         seeds: list[int] | None = None,
         positions: list[int] | None = None,
     ):
@@ -137,19 +139,28 @@ class RowSampling:
                 raise TypeError(
                     f"generators[{b}]: expected a torch.Generator, got {type(generator).__name__}"
                 )
-        if coupled and (
+        if isinstance(coupled, bool):
+            coupled_rows = [coupled] * len(configs)
+        else:
+            coupled_rows = [bool(c) for c in coupled]
+            if len(coupled_rows) != len(configs):
+                raise ValueError(
+                    f"coupled: expected a bool or one per row, got {len(coupled_rows)} values "
+                    f"for {len(configs)} rows"
+                )
+        if any(coupled_rows) and (
             seeds is None
             or positions is None
             or len(seeds) != len(configs)
             or len(positions) != len(configs)
         ):
             raise ValueError(
-                f"seeds, positions: expected one of each per row with coupled=True, got "
+                f"seeds, positions: expected one of each per row with a coupled row, got "
                 f"{seeds!r:.60} and {positions!r:.60} for {len(configs)} rows"
             )
         self.configs = list(configs)
         self.generators = list(generators)
-        self.coupled = bool(coupled)
+        self.coupled_rows = coupled_rows
         self.seeds = None if seeds is None else list(seeds)
         self.positions = None if positions is None else list(positions)
         self._gumbel: torch.Tensor | None = None  # the noise made so far (drafter, then target)
@@ -161,6 +172,37 @@ class RowSampling:
 
     def __len__(self) -> int:
         return len(self.configs)
+
+    @property
+    def coupled(self) -> bool:
+        """Some row is under the coupled rule (`coupled_rows` says which)."""
+        return any(self.coupled_rows)
+
+    @property
+    def all_coupled(self) -> bool:
+        return bool(self.coupled_rows) and all(self.coupled_rows)
+
+    @property
+    def coupled_mask(self) -> torch.Tensor:
+        """bool [batch]: the rows under the coupled rule."""
+        return torch.tensor(self.coupled_rows, dtype=torch.bool)
+
+    def select(self, rows: Sequence[int]) -> RowSampling:
+        """The sampling of rows `rows` (indices, in that order): the same configs, generators
+        (shared objects: a row's draws go on from where they are), seeds and positions, and the
+        noise made so far."""
+        rows = list(rows)
+        picked = RowSampling(
+            [self.configs[b] for b in rows],
+            [self.generators[b] for b in rows],
+            coupled=[self.coupled_rows[b] for b in rows],
+            seeds=None if self.seeds is None else [self.seeds[b] for b in rows],
+            positions=None if self.positions is None else [self.positions[b] for b in rows],
+        )
+        if self._gumbel is not None:
+            index = torch.tensor(rows, dtype=torch.int64, device=self._gumbel.device)
+            picked._gumbel = self._gumbel.index_select(0, index)
+        return picked
 
     @property
     def greedy(self) -> torch.Tensor:
@@ -191,17 +233,26 @@ class RowSampling:
 
     def gumbel(self, depth: int, vocab: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """float64 [batch, depth, vocab]: the coupled rule's Gumbel noise of row b's next
-        `depth` new tokens (positions positions[b] .. positions[b] + depth - 1). What was made
-        for an earlier call (the drafter's, in a step) is reused: only missing depths are made."""
+        `depth` new tokens (positions positions[b] .. positions[b] + depth - 1); zeros for rows
+        that are not coupled (no noise is made for them). What was made for an earlier call
+        (the drafter's, in a step) is reused: only missing depths are made."""
         if not self.coupled:
             raise ValueError("gumbel: this RowSampling was made without coupled=True")
         made = self._gumbel
         if made is None or made.shape[2] != vocab or made.device != torch.device(device):
             made = torch.zeros(len(self), 0, vocab, dtype=torch.float64, device=device)
         if made.shape[1] < depth:
-            start = torch.tensor(self.positions, dtype=torch.int64, device=device)
+            rows = [b for b, c in enumerate(self.coupled_rows) if c]
+            positions = [self.positions[b] for b in rows]
+            start = torch.tensor(positions, dtype=torch.int64, device=device)
             offsets = torch.arange(made.shape[1], depth, dtype=torch.int64, device=device)
-            made = torch.cat([made, gumbel_noise(self.seeds, start[:, None] + offsets, vocab)], 1)
+            seeds = [self.seeds[b] for b in rows]
+            noise = gumbel_noise(seeds, start[:, None] + offsets, vocab)
+            if len(rows) < len(self):
+                full = noise.new_zeros(len(self), depth - made.shape[1], vocab)
+                full[torch.tensor(rows, dtype=torch.int64, device=device)] = noise
+                noise = full
+            made = torch.cat([made, noise], 1)
             self._gumbel = made
         return made[:, :depth]
 
