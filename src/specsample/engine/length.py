@@ -1,24 +1,41 @@
 """How many tokens to draft next, per row.
 
 - FixedDraftLength(k): always k.
-- AdaptiveDraftLength: a per-row schedule that grows by one after every draft of a row was kept
-  and shrinks by one after a rejection (within [1, max_k]), capped by the batch-wide best k of
-  the speedup theory (analysis.theory.best_draft_length) with the measured acceptance rate, the
-  measured cost ratio c and the measured cost of target passes by length (their lower envelope,
-  optimistic where a length was not measured yet: see StepCosts.relative_pass_cost). When the
-  best k is 0, drafting does not pay: rows draft nothing (target-only steps) and one step in
-  `probe_every` drafts start_k tokens to keep measuring. The draft length never depends on the
-  target's future, so every choice here keeps verification exact.
+- AdaptiveDraftLength: costs first, then acceptance.
+
+  1. Costs. The first two steps are target-only (they time 1-token target passes at no extra
+     cost), the next drafts one token per row (it times a draft pass and a 2-token target pass,
+     the cheapest drafting step there is; a second such step before a "no", so that one slow
+     first pass cannot decide). From then on the policy knows the draft cost ratio c and
+     the relative cost r(n) of a target pass over n tokens (measured lengths; longer ones
+     extrapolated along the chord from 1 to the longest measured, see
+     StepCosts.relative_pass_cost). If no draft length pays even when every draft is kept
+     (alpha = 1: (k + 1) / (k c + r(k + 1)) <= 1 for every k), drafting cannot pay on this
+     machine whatever the drafts: every row goes target-only, and one step in `recheck_every`
+     drafts one token to measure again. On a compute-bound CPU (llama.cpp on 2 cores: a 2-token
+     pass costs 1.7 times a 1-token pass and a draft pass 0.45 of it) this settles in four steps.
+  2. Acceptance. Where drafting can pay, each row keeps a schedule that grows by one after every
+     draft of a row was kept and shrinks by one after a rejection (within [1, max_k]), capped by
+     the best k of the speedup theory (analysis.theory.best_draft_length) with the row's
+     measured acceptance rate and the measured costs. When the best k is 0 the row drafts
+     nothing, and one step in `probe_every` drafts one token to keep measuring its acceptance.
+
+The draft length never depends on the target's future, so every choice here keeps verification
+exact.
 """
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from specsample.analysis.theory import best_draft_length
+
+COST_WINDOW = 16  # a measured cost is the median of its last COST_WINDOW samples
 
 
 class FixedDraftLength:
@@ -39,15 +56,16 @@ class FixedDraftLength:
 
 
 class StepCosts:
-    """Running means of measured costs (seconds): a draft forward pass, and a target pass by the
-    number of tokens it scored."""
+    """Measured costs (seconds): a draft forward pass, and a target pass by the number of tokens
+    it scored per row. Each is the median of its last COST_WINDOW samples: robust to one slow
+    pass (a warm-up, a busy machine), and it follows the machine when its speed changes."""
 
     def __init__(self):
-        self.draft_step = _Mean()
-        self.target_pass: dict[int, _Mean] = {}
+        self.draft_step = _Recent()
+        self.target_pass: dict[int, _Recent] = {}
 
     def add_target_pass(self, tokens: int, seconds: float) -> None:
-        self.target_pass.setdefault(tokens, _Mean()).add(seconds)
+        self.target_pass.setdefault(tokens, _Recent()).add(seconds)
 
     def target(self, tokens: int) -> float | None:
         if tokens in self.target_pass:
@@ -60,15 +78,19 @@ class StepCosts:
 
     def relative_pass_cost(self, tokens: int) -> float | None:
         """Cost of a target pass over `tokens` tokens divided by a pass over 1, from the measured
-        means; None before any pass.
+        costs; None before any pass.
 
         Measured costs are not a line: on CPUs matrix kernels change with the number of rows
-        (here passes over 1-3 tokens cost the same, and 13 tokens cost more than 20). So the
-        estimate is the lower envelope of the measured means (a pass over fewer tokens never
-        costs more than one over more: it could be padded), and a length not measured costs
-        what the longest measured length below it does (the shortest measured one, below all).
-        That is optimistic on purpose: the schedule tries lengths it has not measured, and
-        from then on their real cost is used.
+        (passes over 1-3 tokens may cost the same, and 13 tokens more than 20). So up to the
+        longest measured length the estimate is the lower envelope of the measured costs (a
+        pass over fewer tokens never costs more than one over more: it could be padded), and a
+        length not measured costs what the longest measured length below it does (the
+        shortest measured one, below all): optimistic, so the schedule tries it and from then
+        on its real cost is used. Past the longest measured length m the cost grows along the
+        chord from 1 token to m tokens, r(m) + (n - m) (r(m) - 1) / (m - 1): flat where the
+        measured curve is flat (a GPU), steep where every token costs (a compute-bound CPU),
+        so one measured 2-token pass is enough to see that longer drafts cannot pay there.
+        With only one length measured, or no 1-token pass, the cost is flat past m.
         """
         if not self.target_pass:
             return None
@@ -84,7 +106,11 @@ class StepCosts:
         one = cost(1)
         if one <= 0:
             return 1.0
-        return cost(tokens) / one
+        longest = sizes[-1]
+        if tokens <= longest or longest == 1 or sizes[0] != 1:
+            return cost(tokens) / one
+        slope = max(0.0, (envelope[-1] / one - 1.0) / (longest - 1))
+        return envelope[-1] / one + (tokens - longest) * slope
 
 
 PRIOR_KEPT, PRIOR_TESTS = 2.0, 3.0
@@ -92,11 +118,13 @@ PRIOR_KEPT, PRIOR_TESTS = 2.0, 3.0
 
 @dataclass
 class _RowSchedule:
-    """One request's schedule: its draft length and its decayed acceptance counts."""
+    """One request's schedule: its draft length and its decayed acceptance counts (the prior's
+    weight decays with them, so the estimate can reach any measured rate)."""
 
     k: int
     kept_weight: float = 0.0
     test_weight: float = 0.0
+    prior_weight: float = 1.0
     tests_seen: int = 0
     alpha: float | None = None
     paused: bool = False
@@ -107,10 +135,14 @@ class _RowSchedule:
 class AdaptiveDraftLength:
     """A schedule per request (rows are named by any hashable id, e.g. the engine's request ids;
     `next_lengths(batch)` with an int names them 0..batch-1). A request that joins starts from
-    the prior (start_k, PRIOR_KEPT of PRIOR_TESTS); the measured costs are shared.
+    the prior (start_k, PRIOR_KEPT of PRIOR_TESTS); the measured costs are shared, and so is
+    the verdict of the cost check (module docstring).
 
     smoothing: weight of the newest step in the acceptance estimate (older steps decay by
-    1 - smoothing each step); min_tests: keep tests to see before the theory may cap k."""
+    1 - smoothing each step); min_tests: keep tests to see before the theory may pause a row;
+    probe_every: a paused row drafts one token every probe_every steps; recheck_every: while
+    no draft length can pay, one step in recheck_every drafts one token to measure the costs
+    again."""
 
     def __init__(
         self,
@@ -118,6 +150,7 @@ class AdaptiveDraftLength:
         *,
         start_k: int | None = None,
         probe_every: int = 8,
+        recheck_every: int = 64,
         smoothing: float = 0.2,
         min_tests: int = 12,
     ):
@@ -127,18 +160,24 @@ class AdaptiveDraftLength:
             isinstance(start_k, bool) or not isinstance(start_k, int) or start_k < 1
         ):
             raise ValueError(f"start_k: expected None or an integer >= 1, got {start_k!r}")
-        if isinstance(probe_every, bool) or not isinstance(probe_every, int) or probe_every < 1:
-            raise ValueError(f"probe_every: expected an integer >= 1, got {probe_every!r}")
+        for name, value in (("probe_every", probe_every), ("recheck_every", recheck_every)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
         if not 0 < smoothing <= 1:
             raise ValueError(f"smoothing: expected a number in (0, 1], got {smoothing!r}")
         self.max_k = max_k
         self.start_k = min(start_k or 4, max_k)
         self.probe_every = probe_every
+        self.recheck_every = recheck_every
         self.smoothing = smoothing
         self.min_tests = min_tests
         self.rows: dict[Hashable, _RowSchedule] = {}
-        self._measure_single_pass = False  # the next step is target-only, to time a 1-token pass
-        self._single_pass_requested = False
+        self.steps = 0  # calls of next_lengths
+        # None until the costs are known (a 1-token pass, and a pass that scored drafts); then
+        # whether some draft length could pay if every draft were kept.
+        self.can_pay: bool | None = None
+        self._single_passes = 0  # 1-token target passes timed, as of the last update
+        self._since_check = 0
 
     def schedule(self, row: Hashable) -> _RowSchedule:
         if row not in self.rows:
@@ -150,19 +189,24 @@ class AdaptiveDraftLength:
 
     def next_lengths(self, rows: int | Sequence[Hashable]) -> torch.Tensor:
         ids = list(range(rows)) if isinstance(rows, int) else list(rows)
-        if self._measure_single_pass:
-            # One target-only step as soon as drafting has been measured: the theory needs the
-            # cost of a 1-token target pass to tell whether drafting pays at all.
-            self._measure_single_pass = False
+        self.steps += 1
+        if self.can_pay is None:
+            # Target-only steps time 1-token target passes for free (two of them); then the
+            # cheapest drafting steps, one token per row, time draft passes and 2-token passes.
+            timed = self._single_passes < 2
+            return torch.full((len(ids),), 0 if timed else 1, dtype=torch.int64)
+        if not self.can_pay:
+            self._since_check += 1
+            if self._since_check >= self.recheck_every:
+                self._since_check = 0
+                return torch.ones(len(ids), dtype=torch.int64)
             return torch.zeros(len(ids), dtype=torch.int64)
         out = []
         for row in ids:
             state = self.schedule(row)
             state.steps += 1
             if state.paused:
-                # A probe drafts start_k tokens: enough keep tests for one request's decayed
-                # estimate to climb past the prior when drafting pays again.
-                out.append(self.start_k if state.steps % self.probe_every == 0 else 0)
+                out.append(1 if state.steps % self.probe_every == 0 else 0)
             else:
                 out.append(min(state.k, state.best_k))
         return torch.tensor(out, dtype=torch.int64)
@@ -175,14 +219,34 @@ class AdaptiveDraftLength:
             rows: Sequence[Hashable] = range(len(drafted))
         else:
             rows, drafted, accepted, costs = args
-        drafted_any = False
+        single = costs.target_pass.get(1)
+        self._single_passes = 0 if single is None else single.count
+        verdict = self._cost_verdict(costs)
+        if verdict is not None:  # costs that cannot tell keep the last verdict
+            self.can_pay = verdict
         for row, d, a in zip(rows, drafted.tolist(), accepted.tolist(), strict=True):
             if d > 0:
-                drafted_any = True
                 self._update_row(self.schedule(row), d, a, costs)
-        if drafted_any and costs.target_pass and 1 not in costs.target_pass:
-            self._measure_single_pass = not self._single_pass_requested
-            self._single_pass_requested = True
+
+    def _cost_verdict(self, costs: StepCosts) -> bool | None:
+        """Whether some draft length pays when every draft is kept; None until two 1-token
+        passes and a pass that scored drafts were timed. A "no" needs two samples of every cost
+        it rests on: one slow first pass (a warm-up) must not stop drafting."""
+        single = costs.target_pass.get(1)
+        longer = [n for n in costs.target_pass if n >= 2]
+        if single is None or single.count < 2 or not longer:
+            return None
+        c = _cost_ratio(costs)
+
+        def verify_cost(k: int) -> float:
+            return costs.relative_pass_cost(k + 1) or 1.0
+
+        if any((k + 1) / (k * c + verify_cost(k)) > 1.0 for k in range(1, self.max_k + 1)):
+            return True
+        drafted = costs.draft_step.count
+        if (0 < drafted < 2) or max(costs.target_pass[n].count for n in longer) < 2:
+            return None
+        return False
 
     def _update_row(self, state: _RowSchedule, drafted: int, accepted: int, costs: StepCosts):
         if not state.paused:
@@ -192,38 +256,50 @@ class AdaptiveDraftLength:
         decay = 1 - self.smoothing
         state.kept_weight = decay * state.kept_weight + accepted
         state.test_weight = decay * state.test_weight + accepted + failed
+        state.prior_weight *= decay
         state.tests_seen += accepted + failed
-        # A weak prior (PRIOR_KEPT of PRIOR_TESTS) keeps one unlucky early step from deciding.
-        state.alpha = (state.kept_weight + PRIOR_KEPT) / (state.test_weight + PRIOR_TESTS)
+        # A weak prior (PRIOR_KEPT of PRIOR_TESTS) keeps one unlucky early step from deciding;
+        # it fades like an old step, so a row's estimate can climb to any measured rate.
+        state.alpha = (state.kept_weight + PRIOR_KEPT * state.prior_weight) / (
+            state.test_weight + PRIOR_TESTS * state.prior_weight
+        )
         if state.tests_seen >= self.min_tests:
             state.paused = not self._drafting_pays(state, costs)
 
     def _drafting_pays(self, state: _RowSchedule, costs: StepCosts) -> bool:
         """Sets the row's best_k from the theory; False when it is 0."""
-        single = costs.target(1)
-        if state.alpha is None or single is None:
+        if state.alpha is None or costs.target(1) is None:
             return True
-        # A drafter without a model (n-gram lookup) records no draft passes: its c is 0, and only
-        # the extra cost of verifying more tokens can make drafting lose.
-        c = costs.draft_step.value / single if costs.draft_step.count else 0.0
         state.best_k = best_draft_length(
             min(state.alpha, 0.999),
-            c,
+            _cost_ratio(costs),
             max_k=self.max_k,
             verify_cost=lambda k: costs.relative_pass_cost(k + 1) or 1.0,
         )
         return state.best_k > 0
 
 
-class _Mean:
+def _cost_ratio(costs: StepCosts) -> float:
+    """c = draft pass / 1-token target pass. A drafter without a model (n-gram lookup) records
+    no draft passes: its c is 0, and only the extra cost of verifying more tokens can make
+    drafting lose."""
+    single = costs.target(1)
+    if not costs.draft_step.count or not single:
+        return 0.0
+    return costs.draft_step.value / single
+
+
+class _Recent:
+    """The median of the last COST_WINDOW samples."""
+
     def __init__(self):
-        self.total = 0.0
+        self.samples: deque[float] = deque(maxlen=COST_WINDOW)
         self.count = 0
 
     def add(self, value: float) -> None:
-        self.total += value
+        self.samples.append(value)
         self.count += 1
 
     @property
     def value(self) -> float:
-        return self.total / max(self.count, 1)
+        return statistics.median(self.samples) if self.samples else 0.0
