@@ -150,9 +150,7 @@ def test_adaptive_cost_check_matches_the_theory_at_alpha_one():
                 measured.draft_step.add(c)
             policy = AdaptiveDraftLength(max_k=8)
             policy.update(lengths(1), lengths(1), measured)
-            best = max(
-                (k + 1) / (k * c + measured.relative_pass_cost(k + 1)) for k in range(1, 9)
-            )
+            best = max((k + 1) / (k * c + measured.relative_pass_cost(k + 1)) for k in range(1, 9))
             assert policy.can_pay is (best > 1.0), (c, two)
 
 
