@@ -30,6 +30,7 @@ from specsample.drafters.model import ModelDrafter
 from specsample.drafters.ngram import NgramDrafter
 from specsample.drafters.tree import TreeDrafter, TreeShape
 from specsample.engine import ACCEPTED, BONUS, RECOVERED
+from specsample.engine.length import FixedDraftLength
 from stats_identities import assert_stats_identities
 
 CONFIGS = [
@@ -357,3 +358,51 @@ def test_stream_labels_and_pass_sizes_agree_with_the_statistics(drafter_name):
     if drafter_name in ("model", "ngram"):  # chains: nodes = draft length
         for length, steps in stats.draft_lengths.items():
             assert passes.get(length + 1, 0) == steps
+
+
+# ---------------------------------------------------------------- a drafter's lazy prefill
+
+
+class ScriptedLength(FixedDraftLength):
+    """Draft lengths from a script, one per step (then `after`), the same for every row."""
+
+    def __init__(self, script: list[int], after: int):
+        super().__init__(after)
+        self.script = list(script)
+
+    def next_lengths(self, rows):
+        k = self.script.pop(0) if self.script else self.k
+        return torch.full((len(rows),), k, dtype=torch.int64)
+
+
+def test_a_drafter_never_asked_to_draft_never_prefills():
+    target, draft = pair16()
+    engine = Engine(target, ModelDrafter(draft), draft_length=ScriptedLength([], 0))
+    engine.add_request([3, 1, 4], max_new_tokens=6, seed=1)
+    engine.add_request([2, 7], max_new_tokens=4, seed=2)
+    run_to_end(engine)
+    assert draft.num_calls == 0 and target.num_calls > 0
+
+
+@pytest.mark.parametrize("drafter_name", ["model", "tree"])
+def test_a_lazy_drafter_drafts_what_an_eager_one_drafts(drafter_name):
+    """Drafting starts at step 4, after rows joined and one left (a tree drafter drafts from
+    step 1: its depth is fixed): the lazy drafter prefills every row's committed tokens then,
+    and each request's tokens and the draft model's cached tokens equal those of a drafter that
+    prefilled up front."""
+    runs = []
+    for lazy in (True, False):
+        target, draft = pair16()
+        drafter = DRAFTERS[drafter_name](draft)
+        drafter.cursor.lazy = lazy
+        engine = Engine(target, drafter, draft_length=ScriptedLength([0, 0, 0], 2), max_batch=2)
+        ids = [
+            engine.add_request([3, 1, 4], max_new_tokens=3, seed=1),
+            engine.add_request([2, 7], max_new_tokens=14, seed=2),
+            engine.add_request([5], max_new_tokens=10, seed=3, sampling=CONFIGS[1]),
+        ]
+        outputs = run_to_end(engine)
+        assert_stats_identities(engine.stats)
+        assert engine.stats.draft_passes > 0
+        runs.append(([tokens_of(outputs[i]) for i in ids], draft.sequences))
+    assert runs[0] == runs[1]

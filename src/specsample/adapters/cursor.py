@@ -34,23 +34,42 @@ class _Tree:
 
 
 class ModelCursor:
-    def __init__(self, model: LanguageModel):
+    """lazy: prefill nothing until the first `feed`/`feed_tree`, which prefills every row's
+    committed tokens as they are then (a drafter that the draft-length policy never asks to
+    draft never prefills its prompts; one asked later catches up in one pass)."""
+
+    def __init__(self, model: LanguageModel, *, lazy: bool = False):
         self.model = model
+        self.lazy = lazy
         self.cached: list[list[int]] = []  # per row: the tokens the model's cache holds
         self._tree: _Tree | None = None
         self._owns_rows = False  # False until this cursor reset the model's rows
+        self._deferred = False  # lazy and not prefilled yet
 
     @property
     def vocab_size(self) -> int:
         return self.model.vocab_size
 
     def start(self, prompts: list[list[int]]) -> None:
-        """Prefills the prompts and holds back each prompt's last token as pending."""
+        """Prefills the prompts and holds back each prompt's last token as pending (lazy: at
+        the first feed)."""
         self._tree = None
+        self._owns_rows = True
+        self._deferred = self.lazy
+        if self.lazy:
+            self.cached = []
+            return
+        self._prefill(prompts)
+
+    def _prefill(self, prompts: list[list[int]]) -> None:
         self.model.prefill(prompts)
         self.model.truncate(torch.tensor([len(p) - 1 for p in prompts], dtype=torch.int64))
         self.cached = [list(p[:-1]) for p in prompts]
-        self._owns_rows = True
+
+    def _catch_up(self, sequences: list[list[int]]) -> None:
+        if self._deferred:
+            self._deferred = False
+            self._prefill([list(seq) for seq in sequences])
 
     def set_rows(
         self, sequences: list[list[int]], keep: torch.Tensor, prompts: list[list[int]]
@@ -62,6 +81,8 @@ class ModelCursor:
         if not self._owns_rows:
             if prompts:
                 self.start(prompts)
+            return
+        if self._deferred:  # the first feed prefills the rows as they are then
             return
         if self._tree is not None:
             self._close_tree(sequences)
@@ -101,6 +122,7 @@ class ModelCursor:
         arbitrary)."""
         batch = len(sequences)
         width = 0 if extra is None else extra.shape[1]
+        self._catch_up(sequences)
         self._roll_back(sequences, active)
         tails = [
             seq[len(cached) :] if on else []
@@ -137,6 +159,7 @@ class ModelCursor:
 
         Returns logits [batch, 1+n, vocab]: [b, 0] follows the last token of sequences[b],
         [b, 1+j] follows node j (arbitrary for invalid nodes and rows that are not active)."""
+        self._catch_up(sequences)
         self._roll_back(sequences, active)
         batch, n = tokens.shape
         tails = [

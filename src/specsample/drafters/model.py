@@ -40,7 +40,7 @@ class ModelDrafter:
             raise ValueError(f"confidence: expected a number in [0, 1), got {confidence!r}")
         if not 0 <= survival < 1:
             raise ValueError(f"survival: expected a number in [0, 1), got {survival!r}")
-        self.cursor = ModelCursor(model)
+        self.cursor = ModelCursor(model, lazy=True)
         self.confidence = confidence
         self.survival = survival
         self.forward_passes = 0

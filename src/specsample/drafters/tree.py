@@ -118,7 +118,7 @@ class TreeDrafter:
             raise TypeError(f"shape: expected a TreeShape, got {type(shape).__name__}")
         if children not in CHILD_MODES:
             raise ValueError(f"children: expected one of {list(CHILD_MODES)}, got {children!r}")
-        self.cursor = ModelCursor(model)
+        self.cursor = ModelCursor(model, lazy=True)
         self.shape = shape
         self.children = children
         self.forward_passes = 0

@@ -11,14 +11,19 @@
      extrapolated along the chord from 1 to the longest measured, see
      StepCosts.relative_pass_cost). If no draft length pays even when every draft is kept
      (alpha = 1: (k + 1) / (k c + r(k + 1)) <= 1 for every k), drafting cannot pay on this
-     machine whatever the drafts: every row goes target-only, and one step in `recheck_every`
-     drafts one token to measure again. On a compute-bound CPU (llama.cpp on 2 cores: a 2-token
+     machine whatever the drafts: every row goes target-only, and after `recheck_every` steps
+     one step drafts one token to measure again (the gap doubles after every recheck that
+     confirms it, up to MAX_GAP steps: a recheck also makes the draft model catch up on every
+     token since the last one, which on a compute-bound CPU costs about half as many target
+     passes). On a compute-bound CPU (llama.cpp on 2 cores: a 2-token
      pass costs 1.7 times a 1-token pass and a draft pass 0.45 of it) this settles in four steps.
   2. Acceptance. Where drafting can pay, each row keeps a schedule that grows by one after every
      draft of a row was kept and shrinks by one after a rejection (within [1, max_k]), capped by
      the best k of the speedup theory (analysis.theory.best_draft_length) with the row's
      measured acceptance rate and the measured costs. When the best k is 0 the row drafts
-     nothing, and one step in `probe_every` drafts one token to keep measuring its acceptance.
+     nothing, and after `probe_every` steps it drafts one token to measure its acceptance again
+     (the gap doubles after every probe that leaves it paused, up to MAX_GAP steps, and starts
+     over when it drafts again).
 
 The draft length never depends on the target's future, so every choice here keeps verification
 exact.
@@ -36,6 +41,7 @@ import torch
 from specsample.analysis.theory import best_draft_length
 
 COST_WINDOW = 16  # a measured cost is the median of its last COST_WINDOW samples
+MAX_GAP = 1024  # the longest wait between probes of a paused row and between cost rechecks
 
 
 class FixedDraftLength:
@@ -130,6 +136,7 @@ class _RowSchedule:
     paused: bool = False
     best_k: int = 0
     steps: int = 0
+    probe_gap: int = 0  # steps from one probe to the next while paused (0: not paused yet)
 
 
 class AdaptiveDraftLength:
@@ -140,9 +147,9 @@ class AdaptiveDraftLength:
 
     smoothing: weight of the newest step in the acceptance estimate (older steps decay by
     1 - smoothing each step); min_tests: keep tests to see before the theory may pause a row;
-    probe_every: a paused row drafts one token every probe_every steps; recheck_every: while
-    no draft length can pay, one step in recheck_every drafts one token to measure the costs
-    again."""
+    probe_every: a newly paused row drafts one token after probe_every steps (then after twice
+    as many, ...); recheck_every: while no draft length can pay, one step drafts one token
+    after recheck_every steps to measure the costs again (then after twice as many, ...)."""
 
     def __init__(
         self,
@@ -178,6 +185,7 @@ class AdaptiveDraftLength:
         self.can_pay: bool | None = None
         self._single_passes = 0  # 1-token target passes timed, as of the last update
         self._since_check = 0
+        self._check_gap = recheck_every
 
     def schedule(self, row: Hashable) -> _RowSchedule:
         if row not in self.rows:
@@ -197,16 +205,22 @@ class AdaptiveDraftLength:
             return torch.full((len(ids),), 0 if timed else 1, dtype=torch.int64)
         if not self.can_pay:
             self._since_check += 1
-            if self._since_check >= self.recheck_every:
+            if self._since_check >= self._check_gap:
                 self._since_check = 0
+                self._check_gap = min(2 * self._check_gap, MAX_GAP)
                 return torch.ones(len(ids), dtype=torch.int64)
             return torch.zeros(len(ids), dtype=torch.int64)
+        self._check_gap = self.recheck_every
         out = []
         for row in ids:
             state = self.schedule(row)
             state.steps += 1
             if state.paused:
-                out.append(1 if state.steps % self.probe_every == 0 else 0)
+                probe = state.steps >= state.probe_gap
+                if probe:
+                    state.steps = 0
+                    state.probe_gap = min(2 * state.probe_gap, MAX_GAP)
+                out.append(1 if probe else 0)
             else:
                 out.append(min(state.k, state.best_k))
         return torch.tensor(out, dtype=torch.int64)
@@ -246,7 +260,10 @@ class AdaptiveDraftLength:
         drafted = costs.draft_step.count
         if (0 < drafted < 2) or max(costs.target_pass[n].count for n in longer) < 2:
             return None
-        return False
+        # A "no" must hold with the fastest draft pass seen too (the first one may include
+        # a lazy drafter's prefill).
+        low = costs.draft_step.low / single.value if drafted and single.value else 0.0
+        return any((k + 1) / (k * low + verify_cost(k)) > 1.0 for k in range(1, self.max_k + 1))
 
     def _update_row(self, state: _RowSchedule, drafted: int, accepted: int, costs: StepCosts):
         if not state.paused:
@@ -264,7 +281,10 @@ class AdaptiveDraftLength:
             state.test_weight + PRIOR_TESTS * state.prior_weight
         )
         if state.tests_seen >= self.min_tests:
-            state.paused = not self._drafting_pays(state, costs)
+            paused = not self._drafting_pays(state, costs)
+            if paused and not state.paused:
+                state.steps, state.probe_gap = 0, self.probe_every
+            state.paused = paused
 
     def _drafting_pays(self, state: _RowSchedule, costs: StepCosts) -> bool:
         """Sets the row's best_k from the theory; False when it is 0."""
@@ -290,7 +310,7 @@ def _cost_ratio(costs: StepCosts) -> float:
 
 
 class _Recent:
-    """The median of the last COST_WINDOW samples."""
+    """The median (and the least) of the last COST_WINDOW samples."""
 
     def __init__(self):
         self.samples: deque[float] = deque(maxlen=COST_WINDOW)
@@ -303,3 +323,7 @@ class _Recent:
     @property
     def value(self) -> float:
         return statistics.median(self.samples) if self.samples else 0.0
+
+    @property
+    def low(self) -> float:
+        return min(self.samples) if self.samples else 0.0
