@@ -4,7 +4,9 @@ bytes modulo the vocabulary.
 
 Modes: "plain" samples from the target (speculation off); "exact" runs speculative sampling
 (specsample.verify, token rule, 2 drafts from a noisy copy of the target); "wrong" samples from
-the drafter (speculation gone wrong); "error" answers HTTP 500 to everything.
+the drafter (speculation gone wrong); "error" answers HTTP 500 to everything; "plain+sampled"
+samples as "plain" and, as OpenAI's and vLLM's servers do, lists the sampled token in
+top_logprobs too when it is not among the top ones.
 """
 
 from __future__ import annotations
@@ -76,14 +78,16 @@ class Handler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         prompt, max_tokens, seed = body["prompt"], int(body["max_tokens"]), int(body["seed"])
         self.seeds.append(seed)
-        tokens = generate(self.mode, prompt, max_tokens, seed)
+        tokens = generate(self.mode.removesuffix("+sampled"), prompt, max_tokens, seed)
         choice = {"text": "".join(text_of(t) for t in tokens), "index": 0}
         if body.get("logprobs"):
             context = prefix_of(prompt)
             top = []
             for i in range(len(tokens)):
                 logprobs = TARGET.probs_for(context + tokens[:i]).double().log()
-                best = torch.argsort(logprobs, descending=True)[: int(body["logprobs"])]
+                best = torch.argsort(logprobs, descending=True)[: int(body["logprobs"])].tolist()
+                if self.mode.endswith("+sampled") and tokens[i] not in best:
+                    best.append(tokens[i])
                 top.append({text_of(int(t)): float(logprobs[t]) for t in best})
             choice["logprobs"] = {"tokens": [text_of(t) for t in tokens], "top_logprobs": top}
         self._send(200, {"choices": [choice]})

@@ -119,6 +119,38 @@ def test_audit_rejects_our_server_forced_to_a_lossy_rule(reference):
     assert report.verdict == "rejected" and report.exit_code == 1, markdown(report)
 
 
+def logprobs_audit(url: str, extra_body: dict | None = None):
+    config = ServerAuditConfig(
+        url=url,
+        model=MODEL_NAME,
+        reference_logprobs=True,
+        top_logprobs=20,
+        prompts=PROMPTS,
+        samples=SAMPLES,
+        concurrency=8,
+        rate=5000.0,
+        timeout=30.0,
+        max_requests=len(PROMPTS) * SAMPLES,
+        extra_body=extra_body,
+        progress=False,
+    )
+    return audit_server(config)
+
+
+def test_logprobs_audit_passes_our_server_and_rejects_truncated_sampling():
+    """The audit's other reference: the server's own top_logprobs (20 of the 34 tokens) for
+    the first token (max_tokens 1: a target-only step). They are the target's raw distribution,
+    which a request at temperature 1 samples from: pass. With top_k 3 the server samples from
+    the 3 most likely tokens while it still reports the raw distribution (as documented), so the
+    same audit must reject it (the negative control)."""
+    with ServerThread(create_app(served_models(max_batch=8, target=target()))) as server:
+        exact = logprobs_audit(server.url)
+        truncated = logprobs_audit(server.url, {"top_k": 3})
+    assert exact.verdict == "pass", markdown(exact)
+    assert exact.requests == len(PROMPTS) * SAMPLES
+    assert truncated.verdict == "rejected", markdown(truncated)
+
+
 @pytest.mark.slow  # two llama.cpp servers and 800 requests: about 40 s on 2 busy cores
 def test_audit_passes_the_specsample_serve_command_on_gguf_files_with_llamacpp(tmp_path):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")

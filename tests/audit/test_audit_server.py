@@ -71,6 +71,15 @@ def test_logprobs_reference_passes_exact_and_rejects_wrong():
     assert rejected.verdict == "rejected", markdown(rejected)
 
 
+def test_logprobs_reference_passes_a_server_that_also_lists_the_sampled_token():
+    """OpenAI's and vLLM's top_logprobs also hold the sampled token when it is not among the top
+    ones; the reference is built from the tokens every answer lists, so this exact server
+    passes (with 2 of 6 tokens listed, the sampled one is often outside them)."""
+    with FakeServer("plain+sampled") as server:
+        report = audit_server(config(server.url, reference_logprobs=True, top_logprobs=2))
+    assert report.verdict == "pass", markdown(report)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

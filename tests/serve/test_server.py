@@ -177,7 +177,7 @@ BAD_REQUESTS = [
     ({"prompt": "a" * CONTEXT}, 400, "prompt"),
     ({"prompt": "a", "max_tokens": "ten"}, 422, "max_tokens"),
     ({"max_tokens": 3}, 422, "prompt"),
-    ({"prompt": "a", "logprobs": 5}, 400, "logprobs"),
+    ({"prompt": "a", "logprobs": 21}, 400, "logprobs"),
     ({"prompt": [1, 2, 999]}, 400, "prompt"),
     ({"prompt": "a", "top_k": -2}, 400, "top_k"),
     ({"prompt": "a", "min_p": 1}, 400, "min_p"),

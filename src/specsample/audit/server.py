@@ -7,8 +7,8 @@ It sends many short completions (temperature 1, top_p 1, a different seed each) 
   completion's text (its first `max_tokens` tokens); a two-sample G-test on pooled cells asks
   whether both servers draw it from one distribution.
 - `reference_logprobs`: the audited server's own top log-probabilities of the first token (one
-  token per completion). A goodness-of-fit G-test compares the first tokens with them, the tokens
-  outside the top ones pooled into one "other" cell.
+  token per completion). A goodness-of-fit G-test compares the first tokens with them (the
+  tokens every answer lists), the other tokens pooled into one "other" cell.
 
 Each prompt is one test at alpha / prompts. The power is stated as the smallest total-variation
 error (between the pooled outcome distributions) detected with probability 0.99 (see `stats`).
@@ -377,12 +377,15 @@ def _two_sample(prompt: str, server: list, reference: list, alpha: float) -> Pro
 
 
 def _fit_logprobs(prompt: str, server: list, alpha: float) -> PromptResult:
-    # The reference: the mean over answers of each top token's probability (they should agree;
-    # a server whose log-probabilities vary with the seed still gets a fair reference).
-    probabilities: dict[str, float] = {}
-    for _, top in server:
-        for token, logprob in top.items():
-            probabilities[token] = probabilities.get(token, 0.0) + math.exp(logprob) / len(server)
+    # The reference: the tokens listed in every answer, each with its mean probability over the
+    # answers (they should agree; a server whose log-probabilities vary with the seed still gets
+    # a fair reference). OpenAI's and vLLM's servers also list the sampled token when it is not
+    # among the top ones: listed only in the answers that sampled it, its mean would understate
+    # it, so such tokens go to the "other" cell with the rest.
+    listed = set.intersection(*(set(top) for _, top in server)) if server else set()
+    probabilities = {
+        token: sum(math.exp(top[token]) for _, top in server) / len(server) for token in listed
+    }
     keys = sorted(probabilities, key=probabilities.get, reverse=True)
     law = np.array([probabilities[key] for key in keys] + [0.0])
     law[-1] = max(0.0, 1.0 - law[:-1].sum())

@@ -56,6 +56,9 @@ class RequestOutput:
                    "bonus" (drawn from the target after every draft was kept).
     logprobs       per token: the target's log-probability of it (log-softmax of the raw logits,
                    before temperature and truncation).
+    top_logprobs   per token, when the request asked for top_logprobs=N > 0 (else None): the N
+                   most likely ids at that position and their log-probabilities, from the same
+                   log-softmax as `logprobs`, most likely first (equal values: lower id first).
     finished       True on the request's last output; finish_reason is then one of "eos",
                    "length", "stop", "abort".
     stats          the request's DecodeStats when finished, else None.
@@ -68,6 +71,7 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None
     stats: DecodeStats | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
@@ -81,6 +85,7 @@ class _Request:
     eos: frozenset[int]
     stop: StopFunction | None
     rule: Rule
+    top_logprobs: int = 0
     new_tokens: list[int] = field(default_factory=list)
     stats: DecodeStats = field(default_factory=DecodeStats)
     finish_reason: str | None = None
@@ -156,11 +161,14 @@ class Engine:
         eos_token_ids: Sequence[int] = (),
         stop: StopFunction | None = None,
         rule: str | None = None,
+        top_logprobs: int = 0,
     ) -> int:
         """Queues a request; it joins the batch at the next step with room. Returns its id.
         rule: the request's verification rule (a name as for the Engine), None: the Engine's.
         With a fixed draft length a request's text for a seed is the same whatever rules its
-        batch neighbours use."""
+        batch neighbours use.
+        top_logprobs: report, for every emitted token, the target's N most likely ids there
+        (RequestOutput.top_logprobs; at most the vocabulary size)."""
         prompt = _check_prompt(prompt_tokens, self.target.vocab_size)
         if rule is None:
             request_rule = self.rule
@@ -185,6 +193,15 @@ class Engine:
             seed = random.SystemRandom().randrange(2**63)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
             raise ValueError(f"seed: expected None or an integer in [0, 2**64), got {seed!r}")
+        if (
+            isinstance(top_logprobs, bool)
+            or not isinstance(top_logprobs, int)
+            or not 0 <= top_logprobs <= self.target.vocab_size
+        ):
+            raise ValueError(
+                f"top_logprobs: expected an integer in [0, {self.target.vocab_size}], got "
+                f"{top_logprobs!r}"
+            )
         if stop is not None and not callable(stop):
             raise TypeError(f"stop: expected None or a callable(new_tokens), got {stop!r}")
         request = _Request(
@@ -197,6 +214,7 @@ class Engine:
             eos=frozenset(int(t) for t in eos_token_ids),
             stop=stop,
             rule=request_rule,
+            top_logprobs=top_logprobs,
         )
         self._waiting.append(request)
         return request.id
@@ -272,12 +290,12 @@ class Engine:
         # 5. commit
         recovered = _last_node_has_children(draft, result)  # [batch]: else bonus
         kinds = _step_kinds(result, recovered)
-        logprobs = _emitted_logprobs(logits, result)
+        logprobs, tops = _emitted_logprobs(logits, result, [r.top_logprobs for r in rows])
         committed = 0
         for b, request in enumerate(rows):
             emitted = _commit(request, result, b)
             committed += len(emitted)
-            outputs.append(self._output(request, emitted, kinds[b], logprobs[b]))
+            outputs.append(self._output(request, emitted, kinds[b], logprobs[b], tops[b]))
         timing = _StepTiming(draft_seconds, target_seconds, verify_seconds, passes)
         self.stats.new_tokens += committed
         self._record(_StepRows.of(draft, result, recovered, rules_used), draft, timing, started)
@@ -382,7 +400,9 @@ class Engine:
 
     # ------------------------------------------------------------------ outputs and stats
 
-    def _output(self, request: _Request, emitted: list[int], kinds, logprobs) -> RequestOutput:
+    def _output(
+        self, request: _Request, emitted: list[int], kinds, logprobs, tops=None
+    ) -> RequestOutput:
         reason = None
         if emitted and emitted[-1] in request.eos:
             reason = "eos"
@@ -391,19 +411,22 @@ class Engine:
         elif request.stop is not None and request.stop(request.new_tokens):
             reason = "stop"
         n = len(emitted)
+        tops = None if tops is None else tops[:n]
         if reason is None:
-            return RequestOutput(request.id, emitted, kinds[:n], logprobs[:n])
+            return RequestOutput(request.id, emitted, kinds[:n], logprobs[:n], top_logprobs=tops)
         request.finish_reason = reason
         self._done.append(request)
-        return self._final(request, emitted, kinds[:n], logprobs[:n])
+        return self._final(request, emitted, kinds[:n], logprobs[:n], tops)
 
-    def _final(self, request: _Request, emitted, kinds, logprobs) -> RequestOutput:
+    def _final(self, request: _Request, emitted, kinds, logprobs, tops=None) -> RequestOutput:
         stats = request.stats
         stats.new_tokens = len(request.new_tokens)
         stats.total_seconds = time.perf_counter() - request.started
         stats.target_single_pass_seconds = self._single_pass_seconds()
+        if tops is None and request.top_logprobs:
+            tops = []
         return RequestOutput(
-            request.id, emitted, kinds, logprobs, True, request.finish_reason, stats
+            request.id, emitted, kinds, logprobs, True, request.finish_reason, stats, tops
         )
 
     def _new_draft_passes(self) -> int:
@@ -519,9 +542,13 @@ def _step_kinds(result: TreeResult, recovered: torch.Tensor) -> list[list[str]]:
     ]
 
 
-def _emitted_logprobs(logits: torch.Tensor, result: TreeResult) -> list[list[float]]:
-    """Per row: the target's log-softmax (raw logits) of each emitted token. The token after
-    the i-th accepted node was scored at that node's logits row (row 0 is the root)."""
+def _emitted_logprobs(
+    logits: torch.Tensor, result: TreeResult, tops: list[int]
+) -> tuple[list[list[float]], list[list[list[tuple[int, float]]] | None]]:
+    """Per row: the target's log-softmax (raw logits) of each emitted token, and, for rows with
+    tops[b] > 0, the tops[b] most likely (id, log-probability) pairs at each emitted token's
+    position (most likely first, ties by id; else None). The token after the i-th accepted node
+    was scored at that node's logits row (row 0 is the root)."""
     batch = result.tokens.shape[0]
     width = result.tokens.shape[1]
     rows = torch.zeros(batch, width, dtype=torch.int64)
@@ -533,7 +560,27 @@ def _emitted_logprobs(logits: torch.Tensor, result: TreeResult) -> list[list[flo
     tokens = result.tokens.to(logits.device).clamp(min=0, max=logits.shape[2] - 1)
     values = log_probs.gather(2, tokens[:, :, None])[:, :, 0].cpu()
     counts = (result.num_accepted + 1).tolist()
-    return [values[b, : counts[b]].tolist() for b in range(batch)]
+    chosen = [values[b, : counts[b]].tolist() for b in range(batch)]
+    most = max(tops, default=0)
+    if most == 0:
+        return chosen, [None] * batch
+    top = torch.topk(log_probs, most, dim=-1)
+    top_values, top_ids = top.values.cpu().tolist(), top.indices.cpu().tolist()
+    alternatives: list[list[list[tuple[int, float]]] | None] = []
+    for b in range(batch):
+        if not tops[b]:
+            alternatives.append(None)
+            continue
+        row = []
+        for i in range(counts[b]):
+            pairs = sorted(zip(top_ids[b][i], top_values[b][i], strict=True), key=_by_logprob)
+            row.append(pairs[: tops[b]])
+        alternatives.append(row)
+    return chosen, alternatives
+
+
+def _by_logprob(pair: tuple[int, float]) -> tuple[float, int]:
+    return -pair[1], pair[0]
 
 
 def _commit(request: _Request, result: TreeResult, b: int) -> list[int]:

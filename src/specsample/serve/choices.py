@@ -4,7 +4,7 @@ stop string later removes)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from specsample.engine.text import TextStream
@@ -12,11 +12,13 @@ from specsample.engine.text import TextStream
 
 @dataclass
 class Piece:
-    """A released token: its text (cut at a stop string), id and target log-probability."""
+    """A released token: its text (cut at a stop string), id and target log-probability, and
+    the target's most likely (id, log-probability) pairs at its position when asked for."""
 
     text: str
     token: int
     logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 class ChoiceText:
@@ -29,13 +31,20 @@ class ChoiceText:
         self.stopped = False  # a stop string was found: nothing more is released
         self.num_tokens = 0  # tokens the engine committed (for usage)
 
-    def push(self, tokens: list[int], logprobs: list[float]) -> list[Piece]:
-        """The pieces that are safe to send after these committed tokens."""
+    def push(
+        self, tokens: list[int], logprobs: list[float], tops: list | None = None
+    ) -> list[Piece]:
+        """The pieces that are safe to send after these committed tokens (tops: per token, the
+        most likely (id, log-probability) pairs, or None)."""
         self.num_tokens += len(tokens)
         if self.stopped:
             return []
         texts = self._stream.push(0, tokens)
-        self._pending += [Piece(t, k, lp) for t, k, lp in zip(texts, tokens, logprobs, strict=True)]
+        tops = [[] for _ in tokens] if tops is None else tops
+        self._pending += [
+            Piece(t, k, lp, list(top))
+            for t, k, lp, top in zip(texts, tokens, logprobs, tops, strict=True)
+        ]
         return self._release(final=False)
 
     def finish(self) -> list[Piece]:
@@ -60,7 +69,7 @@ class ChoiceText:
             elif self.stopped or final:
                 if position < limit:
                     released.append(
-                        Piece(piece.text[: limit - position], piece.token, piece.logprob)
+                        Piece(piece.text[: limit - position], piece.token, piece.logprob, piece.top)
                     )
                     position = limit
                 self._pending.clear()

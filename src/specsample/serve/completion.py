@@ -4,6 +4,7 @@ statistics. Shared by the server (app.py) and `specsample batch`; no web framewo
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -56,6 +57,7 @@ class Completion:
         self.reasons: list[str | None] = [None] * count
         self.stats: list[Any] = [None] * count
         self.pieces: list[list[Piece]] = [[] for _ in range(count)]
+        self._texts: dict[int, str] = {}  # token id -> its text decoded alone
 
     def specs(self, sink_for: Callable[[int], Sink]) -> list[RequestSpec]:
         """One RequestSpec per choice; sink_for(index) is where that choice's outputs go."""
@@ -70,6 +72,7 @@ class Completion:
                 eos_token_ids=self.models.eos_token_ids,
                 stop=None if stop is None else (lambda tokens, stop=stop: stop(0, tokens)),
                 rule=self.request.rule,
+                top_logprobs=min(self.request.top_logprobs, self.models.vocab_size),
             )
             for index in range(self.request.num_choices)
         ]
@@ -87,7 +90,7 @@ class Completion:
             if output.stats is not None:
                 self.stats[index] = output.stats
             return [], False
-        pieces = text.push(output.tokens, output.logprobs)
+        pieces = text.push(output.tokens, output.logprobs, output.top_logprobs)
         ended = output.finished or text.stopped
         if ended:
             pieces += text.finish()
@@ -107,13 +110,15 @@ class Completion:
             entry: dict[str, Any] = {"index": index, "finish_reason": self.reasons[index]}
             if self.request.kind == CHAT:
                 entry["message"] = {"role": "assistant", "content": text}
-                entry["logprobs"] = _chat_logprobs(choice) if self.request.logprobs else None
+                entry["logprobs"] = self._chat_logprobs(choice) if self.request.logprobs else None
             else:
                 if self.request.echo:
                     prompt = self.request.choice_prompt(index)
                     text = self.models.tokenizer.decode(prompt) + text
                 entry["text"] = text
-                entry["logprobs"] = _completion_logprobs(choice) if self.request.logprobs else None
+                entry["logprobs"] = (
+                    self._completion_logprobs(choice) if self.request.logprobs else None
+                )
             choices.append(entry)
         return {
             "id": self.id,
@@ -143,10 +148,10 @@ class Completion:
             if pieces:
                 delta["content"] = text
             choice: dict[str, Any] = {"index": index, "delta": delta}
-            choice["logprobs"] = _chat_logprobs(pieces) if logprobs else None
+            choice["logprobs"] = self._chat_logprobs(pieces) if logprobs else None
         else:
             choice = {"index": index, "text": text}
-            choice["logprobs"] = _completion_logprobs(pieces) if logprobs else None
+            choice["logprobs"] = self._completion_logprobs(pieces) if logprobs else None
         choice["finish_reason"] = reason
         chunk = {
             "id": self.id,
@@ -160,6 +165,57 @@ class Completion:
                 [self.stats[index]], self.models, self.request.rule
             )
         return chunk
+
+    def token_text(self, token: int) -> str:
+        """A token's text decoded alone, as the text stream shows it (special tokens: '')."""
+        text = self._texts.get(token)
+        if text is None:
+            text = self.models.tokenizer.decode([token], skip_special_tokens=True)
+            self._texts[token] = text
+        return text
+
+    def _completion_logprobs(self, pieces: list[Piece]) -> dict:
+        """OpenAI's completions format. top_logprobs[i] maps texts to log-probabilities: the
+        request's N most likely tokens at position i and the sampled one; tokens whose texts
+        coincide share one entry, the log of their summed probabilities."""
+        offsets, position = [], 0
+        for piece in pieces:
+            offsets.append(position)
+            position += len(piece.text)
+        return {
+            "tokens": [p.text for p in pieces],
+            "token_logprobs": [p.logprob for p in pieces],
+            "top_logprobs": [self._top_dict(p) for p in pieces],
+            "text_offset": offsets,
+        }
+
+    def _top_dict(self, piece: Piece) -> dict[str, float]:
+        listed = [(self.token_text(token), logprob) for token, logprob in piece.top]
+        if all(token != piece.token for token, _ in piece.top):
+            listed.append((piece.text, piece.logprob))
+        top: dict[str, float] = {}
+        for text, logprob in listed:
+            top[text] = _log_add(top[text], logprob) if text in top else logprob
+        return top
+
+    def _chat_logprobs(self, pieces: list[Piece]) -> dict:
+        """OpenAI's chat format: per token its text, log-probability and bytes, and the
+        request's top_logprobs most likely tokens at its position (each with its own entry)."""
+        return {
+            "content": [
+                {
+                    "token": p.text,
+                    "logprob": p.logprob,
+                    "bytes": list(p.text.encode()),
+                    "top_logprobs": [self._alternative(t, lp) for t, lp in p.top],
+                }
+                for p in pieces
+            ]
+        }
+
+    def _alternative(self, token: int, logprob: float) -> dict:
+        text = self.token_text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
     def usage_chunk(self) -> dict:
         chunk = self.chunk(0, [], None)
@@ -190,28 +246,7 @@ def specsample_stats(stats: list, models: ServedModels, rule: str | None = None)
     }
 
 
-def _completion_logprobs(pieces: list[Piece]) -> dict:
-    offsets, position = [], 0
-    for piece in pieces:
-        offsets.append(position)
-        position += len(piece.text)
-    return {
-        "tokens": [p.text for p in pieces],
-        "token_logprobs": [p.logprob for p in pieces],
-        "top_logprobs": [{p.text: p.logprob} for p in pieces],
-        "text_offset": offsets,
-    }
-
-
-def _chat_logprobs(pieces: list[Piece]) -> dict:
-    return {
-        "content": [
-            {
-                "token": p.text,
-                "logprob": p.logprob,
-                "bytes": list(p.text.encode()),
-                "top_logprobs": [],
-            }
-            for p in pieces
-        ]
-    }
+def _log_add(a: float, b: float) -> float:
+    """log(exp(a) + exp(b))."""
+    high, low = max(a, b), min(a, b)
+    return high if low == -math.inf else high + math.log1p(math.exp(low - high))

@@ -49,6 +49,7 @@ class RequestSpec:
     eos_token_ids: tuple[int, ...] = ()
     stop: Callable[[list[int]], bool] | None = None
     rule: str | None = None  # None: the Engine's
+    top_logprobs: int = 0
 
 
 @dataclass
@@ -200,6 +201,7 @@ class EngineLoop:
                 eos_token_ids=spec.eos_token_ids,
                 stop=None if spec.stop is None else _guarded_stop(handle, spec.stop),
                 rule=spec.rule,
+                top_logprobs=spec.top_logprobs,
             )
         except Exception as error:  # noqa: BLE001 - reported to the request's own sink
             self._finish(handle, error)

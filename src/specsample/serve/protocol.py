@@ -19,6 +19,9 @@ COMPLETIONS, CHAT = "completions", "chat"
 # Fields that change the distribution in ways the Engine does not implement: refused when set.
 UNSUPPORTED_NONZERO = ("presence_penalty", "frequency_penalty")
 UNSUPPORTED_SET = ("logit_bias", "best_of", "suffix", "tools", "functions", "response_format")
+# The most alternatives per token (vLLM's default max_logprobs; OpenAI allows 5 for completions
+# and 20 for chat).
+MAX_TOP_LOGPROBS = 20
 
 
 class RequestError(Exception):
@@ -65,6 +68,7 @@ class GenerationRequest:
     stream: bool = False
     include_usage: bool = False
     logprobs: bool = False
+    top_logprobs: int = 0  # alternatives per token with logprobs (the target's most likely)
     echo: bool = False
     rule: str | None = None  # the request's exact rule; None: the server's
 
@@ -118,11 +122,11 @@ def parse_request(body: Any, kind: str, model: ServedModel) -> GenerationRequest
             raise RequestError(400, f"{key}: not supported by this server", key)
     if kind == CHAT:
         prompts = [_chat_prompt(body.get("messages"), model)]
-        logprobs = _chat_logprobs(body)
+        logprobs, top_logprobs = _chat_logprobs(body)
         echo = False
     else:
         prompts = _completion_prompts(body.get("prompt"), model)
-        logprobs = _completion_logprobs(body.get("logprobs"))
+        logprobs, top_logprobs = _completion_logprobs(body.get("logprobs"))
         echo = _optional(body, "echo", bool, "a boolean", False)
     n = _optional(body, "n", int, "an integer", 1)
     if n < 1:
@@ -159,6 +163,7 @@ def parse_request(body: Any, kind: str, model: ServedModel) -> GenerationRequest
         stream=stream,
         include_usage=include_usage,
         logprobs=logprobs,
+        top_logprobs=top_logprobs,
         echo=echo,
         rule=rule,
     )
@@ -324,35 +329,42 @@ def _stop(stop: Any) -> list[str]:
     return stops
 
 
-def _completion_logprobs(value: Any) -> bool:
+def _completion_logprobs(value: Any) -> tuple[bool, int]:
+    """logprobs: null/false (none), true (the sampled token's only) or N in 0..20: the sampled
+    token's and the N most likely tokens' at each position."""
     if value is None or value is False:
-        return False
+        return False, 0
     if value is True:
-        return True
+        return True, 0
     if not _is_int(value):
         raise RequestError(
             422, f"logprobs: expected an integer or null, got {_json_type(value)}", "logprobs"
         )
     _check_top(value, "logprobs")
-    return True
+    return True, value
 
 
-def _chat_logprobs(body: dict) -> bool:
+def _chat_logprobs(body: dict) -> tuple[bool, int]:
     wanted = _optional(body, "logprobs", bool, "a boolean", False)
     top = _optional(body, "top_logprobs", int, "an integer", None)
-    if top is not None:
-        _check_top(top, "top_logprobs")
-    return wanted
+    if top is None:
+        return wanted, 0
+    _check_top(top, "top_logprobs")
+    if top and not wanted:
+        raise RequestError(
+            400,
+            f"top_logprobs: needs logprobs: true, got top_logprobs {top} without it",
+            "top_logprobs",
+        )
+    return wanted, top
 
 
 def _check_top(value: int, param: str) -> None:
-    """Only the sampled token's log-probability is reported (the Engine does not keep the
-    others), so asking for more alternatives is refused rather than answered short."""
-    if not 0 <= value <= 1:
+    if not 0 <= value <= MAX_TOP_LOGPROBS:
         raise RequestError(
             400,
-            f"{param}: expected 0 or 1 (this server reports the target's log-probability of each "
-            f"sampled token only), got {value}",
+            f"{param}: expected an integer in [0, {MAX_TOP_LOGPROBS}] (the most likely tokens "
+            f"reported per position), got {value}",
             param,
         )
 
