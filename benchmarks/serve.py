@@ -1,6 +1,7 @@
-"""Serving benchmark: `specsample serve`'s app under 1, 4, 8 and 16 concurrent streaming clients,
-speculative (adaptive and fixed draft length) vs target-only, on a tiny random-weight
-transformers pair built in-process.
+"""Serving benchmark: `specsample serve` under 1, 4, 8 and 16 concurrent streaming clients.
+
+--models tiny (default): speculative (adaptive and fixed draft length) vs target-only, on a tiny
+random-weight transformers pair built in-process, the server's app in this process.
 
 The pair: a Qwen2-shaped target (8 layers, hidden 256) and, as its drafter, its own first 2
 layers with the same embeddings and head (a layer-skipping draft). The lm_head is scaled up so
@@ -10,11 +11,45 @@ sends its requests one after the other (streaming /v1/completions, temperature 1
 the server runs on 127.0.0.1 in this process (uvicorn in a thread), the clients are asyncio
 tasks (httpx).
 
+--models default-pair: the default pair's GGUF files (specsample.adapters.default_pair:
+Qwen2.5-Coder-1.5B-Instruct drafted by 0.5B-Instruct, Q4_K_M), three servers, each in its own
+process on 127.0.0.1, one after the other:
+
+- ours, speculative: `specsample serve --backend llama.cpp --target T --draft D` with its
+  defaults (--max-batch 16, --k 4, block verification);
+- ours, target-only: the same with `--drafter none`;
+- llama-cpp-python's own OpenAI server on the same target GGUF: `python -m llama_cpp.server
+  --model T --n_threads N --n_threads_batch N --n_ctx C --interrupt_requests False`. It
+  serialises requests: one global lock around its single Llama object, so one request decodes
+  at a time and the others wait for it (with its default --interrupt_requests True, a waiting
+  request would instead cut the running stream short). Requests to it also send top_k 0, top_p 1,
+  min_p 0 and repeat_penalty 1 (its defaults are 40, 0.95, 0.05 and 1.1), so that all three
+  sample the same plain temperature-T distribution.
+
+All three get the same --threads (llama.cpp threads, prompt and decode), the same context per
+request (--context: ours `--context`, llama_cpp.server `--n_ctx`), and the same clients,
+requests, prompts, seeds and max_tokens. The models may stop at EOS before max_tokens: tokens
+are the usage the response reports (ours), else max_tokens for finish_reason "length" and
+the streamed text chunks for "stop" (llama_cpp.server streams one chunk per token, without usage).
+
+llama_cpp.server needs llama-cpp-python's `server` extra. Installed here next to the existing
+llama-cpp-python (not reinstalling or upgrading it, which would compile llama.cpp again):
+
+    .venv/bin/pip install 'sse-starlette>=1.6.1' 'starlette-context>=0.3.6,<0.4' \
+        'pydantic-settings>=2.0.1'
+    .venv/bin/python -c "import llama_cpp.server.app"   # check
+
+(uvicorn, fastapi and PyYAML, the rest of the extra, are already this project's dependencies.)
+
 Measured per level: total throughput (completion tokens / wall time), p50 / p99 request latency,
-p50 / p99 time to first token (first chunk with text), and the acceptance rate the responses
-report. The issue's goal: with 8 clients, total throughput >= 2.5x one client's.
+p50 / p99 time to first token (first chunk with text), the acceptance rate the responses report
+(ours, speculative), errors, and (default pair) the server's RSS after the level. The issue's
+goals: with 8 clients, total throughput >= 2.5x one client's; ours speculative >= llama-cpp-
+python's server at every level.
 
 Run: python benchmarks/serve.py [--requests 6] [--max-tokens 64] [--json out.json]
+     python benchmarks/serve.py --models default-pair [--clients 1,4,8,16] [--requests 4]
+         [--max-tokens 128] [--threads 2] [--contenders speculative,target-only,llama_cpp.server]
 """
 
 from __future__ import annotations
@@ -22,10 +57,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import httpx
 import torch
@@ -42,6 +84,9 @@ from specsample.serve.app import create_app
 from specsample.serve.completion import ServedModels
 
 LEVELS = (1, 4, 8, 16)
+CONTENDERS = ("speculative", "target-only", "llama_cpp.server")
+# llama_cpp.server's sampling defaults turned off: plain temperature sampling, as ours does
+LLAMA_CPP_PLAIN = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0}
 PROMPTS = ["def fib(n):", "the quick brown fox", "once upon a time", "import numpy as np"]
 
 
@@ -130,38 +175,61 @@ class Server:
 
 
 async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> dict:
+    """One streaming request. Tokens: the usage chunk's completion_tokens when the server sends
+    one, else max_tokens when it finished for "length", else the text chunks streamed."""
     started = time.perf_counter()
-    first = None
+    first = finish = None
     usage = stats = None
-    async with client.stream("POST", url, json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
-                first = time.perf_counter() - started
-            if chunk.get("usage"):
-                usage, stats = chunk["usage"], chunk["specsample"]
+    chunks = 0
+    try:
+        async with client.stream("POST", url, json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk["choices"]:
+                    choice = chunk["choices"][0]
+                    if choice["text"]:
+                        chunks += 1
+                        if first is None:
+                            first = time.perf_counter() - started
+                    finish = choice.get("finish_reason") or finish
+                if chunk.get("usage"):
+                    usage, stats = chunk["usage"], chunk.get("specsample")
+    except (httpx.HTTPError, json.JSONDecodeError, KeyError) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"[:200]}
+    if usage:
+        tokens = usage["completion_tokens"]
+    else:
+        tokens = body["max_tokens"] if finish == "length" else chunks
     return {
         "latency": time.perf_counter() - started,
         "ttft": first,
-        "tokens": usage["completion_tokens"],
-        "alpha": stats["acceptance_rate"],
+        "tokens": tokens,
+        "alpha": stats.get("acceptance_rate") if stats else None,
     }
 
 
-async def run_level(url: str, clients: int, requests: int, max_tokens: int) -> dict:
+async def run_level(
+    url: str,
+    clients: int,
+    requests: int,
+    max_tokens: int,
+    temperature: float = 1.0,
+    extra: dict | None = None,
+) -> dict:
     async def client_task(client, c):
         results = []
         for r in range(requests):
             body = {
                 "prompt": PROMPTS[(c + r) % len(PROMPTS)],
                 "max_tokens": max_tokens,
-                "temperature": 1.0,
+                "temperature": temperature,
                 "seed": 1000 * c + r,
                 "stream": True,
                 "stream_options": {"include_usage": True},
+                **(extra or {}),
             }
             results.append(await one_request(client, url, body))
         return results
@@ -171,20 +239,26 @@ async def run_level(url: str, clients: int, requests: int, max_tokens: int) -> d
         started = time.perf_counter()
         done = await asyncio.gather(*(client_task(client, c) for c in range(clients)))
         wall = time.perf_counter() - started
-    results = [r for per_client in done for r in per_client]
+    everything = [r for per_client in done for r in per_client]
+    results = [r for r in everything if "error" not in r]
+    errors = [r["error"] for r in everything if "error" in r]
+    if not results:
+        raise RuntimeError(f"every request failed, e.g. {errors[0]}")
     latencies = sorted(r["latency"] for r in results)
     ttfts = sorted(r["ttft"] for r in results if r["ttft"] is not None)
     alphas = [r["alpha"] for r in results if r["alpha"] is not None]
     return {
         "clients": clients,
-        "requests": len(results),
+        "requests": len(everything),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
         "tokens": sum(r["tokens"] for r in results),
         "seconds": wall,
         "throughput": sum(r["tokens"] for r in results) / wall,
         "latency_p50": _quantile(latencies, 0.5),
         "latency_p99": _quantile(latencies, 0.99),
-        "ttft_p50": _quantile(ttfts, 0.5),
-        "ttft_p99": _quantile(ttfts, 0.99),
+        "ttft_p50": _quantile(ttfts, 0.5) if ttfts else float("nan"),
+        "ttft_p99": _quantile(ttfts, 0.99) if ttfts else float("nan"),
         "alpha": statistics.mean(alphas) if alphas else None,
     }
 
@@ -232,28 +306,114 @@ def _quantile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, round(q * len(values) + 0.5) - 1))]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=6, help="requests per client (6)")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--levels", default=",".join(map(str, LEVELS)))
-    parser.add_argument("--json", help="write the results here too")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads (default 1: on a shared 2-core machine two threads contend and a "
-        "step of the tiny models gets about 20x slower)",
-    )
-    parser.add_argument(
-        "--soak",
-        type=float,
-        default=0,
-        help="instead of the levels: 8 speculative clients for this many seconds, printing the "
-        "process RSS every 5 s",
-    )
-    args = parser.parse_args()
-    levels = [int(x) for x in args.levels.split(",")]
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """A server command (given "--host 127.0.0.1 --port P" here) in its own process: waits up to
+    start_timeout seconds until GET `ready` answers 200; on exit SIGTERM, then SIGKILL after 30 s.
+    Its output goes to a temporary file, shown when it fails to start."""
+
+    def __init__(self, command: list[str], ready: str, start_timeout: float = 600.0):
+        self.port = _free_port()
+        self.command = [*command, "--host", "127.0.0.1", "--port", str(self.port)]
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.ready, self.start_timeout = ready, start_timeout
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> ServerProcess:
+        self.process = subprocess.Popen(self.command, stdout=self.log, stderr=self.log, text=True)
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self._stop()
+                raise RuntimeError(f"{self.command[:4]} exited: {self.output()}")
+            try:
+                with urllib.request.urlopen(self.base + self.ready, timeout=5) as response:
+                    if response.status == 200:
+                        return self
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(1)
+        self._stop()
+        raise RuntimeError(f"{self.command[:4]} did not start in {self.start_timeout} s")
+
+    def rss_mib(self) -> float:
+        import psutil
+
+        return psutil.Process(self.process.pid).memory_info().rss / 2**20
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()[-3000:]
+
+    def _stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(30)
+
+    def __exit__(self, *exc) -> None:
+        self._stop()
+        self.log.close()
+
+
+def contender_command(name: str, target: str, draft: str, args) -> tuple[list[str], str, dict]:
+    """(command, readiness path, extra request fields) of one default-pair contender."""
+    if name == "llama_cpp.server":
+        command = [sys.executable, "-m", "llama_cpp.server", "--model", target]
+        command += ["--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)]
+        command += ["--n_ctx", str(args.context), "--interrupt_requests", "False"]
+        command += ["--verbose", "False"]
+        return command, "/v1/models", LLAMA_CPP_PLAIN
+    command = [sys.executable, "-m", "specsample.cli.main", "serve", "--backend", "llama.cpp"]
+    command += ["--target", target, "--threads", str(args.threads)]
+    command += ["--context", str(args.context), "--shutdown-grace", "0", "--log-level", "warning"]
+    if name == "speculative":
+        command += ["--draft", draft]
+    elif name == "target-only":
+        command += ["--drafter", "none"]
+    else:
+        raise ValueError(name)
+    return command, "/health", {}
+
+
+def run_default_pair(args, levels: list[int]) -> dict:
+    from specsample.adapters.default_pair import gguf_paths
+
+    target, draft = (str(p) for p in gguf_paths())
+    target, draft = args.target or target, args.draft or draft
+    report = {"machine": cpu_info(), "args": vars(args), "modes": {}, "commands": {}}
+    for name in args.contenders.split(","):
+        command, ready, extra = contender_command(name, target, draft, args)
+        report["commands"][name] = " ".join(
+            Path(c).name if c.endswith(".gguf") else c for c in command[1:]
+        )
+        started = time.perf_counter()
+        with ServerProcess(command, ready) as server:
+            url = server.base + "/v1/completions"
+            print(f"{name}: up in {time.perf_counter() - started:.0f} s", flush=True)
+            asyncio.run(run_level(url, 1, 1, 8, args.temperature, extra))  # warm-up
+            rows = []
+            for clients in levels:
+                row = asyncio.run(
+                    run_level(url, clients, args.requests, args.max_tokens, args.temperature, extra)
+                )
+                row["rss_mib"] = server.rss_mib()
+                rows.append(row)
+                print(name, _format(row), flush=True)
+        report["modes"][name] = rows
+    return report
+
+
+def run_tiny(args, levels: list[int]) -> dict:
     torch.set_num_threads(args.threads)
     tokenizer = char_tokenizer()
     target, draft = tiny_pair(len(tokenizer))
@@ -263,7 +423,7 @@ def main() -> None:
             samples = asyncio.run(soak(url, 8, args.soak, args.max_tokens))
         for elapsed, rss, done in samples:
             print(f"{elapsed:5d} s  RSS {rss:8.1f} MiB  requests {done}")
-        return
+        return {}
     report = {"machine": cpu_info(), "args": vars(args), "modes": {}}
     modes = (
         ("speculative, k auto", True, "auto"),
@@ -276,41 +436,104 @@ def main() -> None:
             asyncio.run(run_level(url, 1, 1, 8))  # warm-up
             rows = []
             for clients in levels:
-                row = asyncio.run(run_level(url, clients, args.requests, args.max_tokens))
+                row = asyncio.run(
+                    run_level(url, clients, args.requests, args.max_tokens, args.temperature)
+                )
                 rows.append(row)
                 print(mode, _format(row), flush=True)
         report["modes"][mode] = rows
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--models",
+        choices=("tiny", "default-pair"),
+        default="tiny",
+        help="tiny: the in-process transformers pair (default); default-pair: the default "
+        "pair's GGUF files, ours speculative and target-only vs llama_cpp.server, each a process",
+    )
+    parser.add_argument("--requests", type=int, default=6, help="requests per client (6)")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument(
+        "--clients",
+        "--levels",
+        dest="levels",
+        default=",".join(map(str, LEVELS)),
+        help="concurrent clients per level (1,4,8,16)",
+    )
+    parser.add_argument("--json", help="write the results here too")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="tiny: torch threads (default 1: on a shared 2-core machine two threads contend and "
+        "a step of the tiny models gets about 20x slower); default-pair: llama.cpp threads of "
+        "every server (default 2)",
+    )
+    parser.add_argument(
+        "--context", type=int, default=1024, help="default-pair: tokens per request (1024)"
+    )
+    parser.add_argument("--contenders", default=",".join(CONTENDERS), help="default-pair")
+    parser.add_argument("--target", help="default-pair: another target GGUF")
+    parser.add_argument("--draft", help="default-pair: another draft GGUF")
+    parser.add_argument(
+        "--soak",
+        type=float,
+        default=0,
+        help="tiny, instead of the levels: 8 speculative clients for this many seconds, printing "
+        "the process RSS every 5 s (the server in its own process: benchmarks/serve_soak.py)",
+    )
+    args = parser.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+    if args.threads is None:
+        args.threads = 2 if args.models == "default-pair" else 1
+    started = time.perf_counter()
+    report = (
+        run_default_pair(args, levels) if args.models == "default-pair" else run_tiny(args, levels)
+    )
+    if not report:
+        return
+    report["wall_seconds"] = time.perf_counter() - started
     print()
     print(markdown(report))
+    print(f"\nwall {report['wall_seconds']:.0f} s")
     if args.json:
         with open(args.json, "w") as out:
             json.dump(report, out, indent=2)
 
 
 def _format(row: dict) -> str:
+    alpha = "-" if row["alpha"] is None else f"{row['alpha']:.2f}"
     return (
         f"clients {row['clients']:2d}: {row['throughput']:7.1f} tok/s, latency p50 "
         f"{row['latency_p50']:.2f} s p99 {row['latency_p99']:.2f} s, TTFT p50 "
-        f"{row['ttft_p50']:.3f} s p99 {row['ttft_p99']:.3f} s, alpha {row['alpha']}"
+        f"{row['ttft_p50']:.3f} s p99 {row['ttft_p99']:.3f} s, alpha {alpha}, "
+        f"errors {row['errors']}"
     )
 
 
 def markdown(report: dict) -> str:
+    rss = any("rss_mib" in row for rows in report["modes"].values() for row in rows)
     lines = [
         "| mode | clients | tokens/s | x one client | latency p50 / p99 (s) | TTFT p50 / p99 (s) "
-        "| alpha |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| alpha | tokens | errors |" + (" server RSS (MiB) |" if rss else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if rss else ""),
     ]
     for mode, rows in report["modes"].items():
         single = rows[0]["throughput"]
         for row in rows:
             alpha = "-" if not row["alpha"] else f"{row['alpha']:.2f}"
-            lines.append(
+            line = (
                 f"| {mode} | {row['clients']} | {row['throughput']:.1f} | "
                 f"{row['throughput'] / single:.2f} | {row['latency_p50']:.2f} / "
                 f"{row['latency_p99']:.2f} | {row['ttft_p50']:.3f} / {row['ttft_p99']:.3f} | "
-                f"{alpha} |"
+                f"{alpha} | {row['tokens']} | {row['errors']} |"
             )
+            if rss:
+                line += f" {row['rss_mib']:.0f} |"
+            lines.append(line)
     return "\n".join(lines)
 
 
