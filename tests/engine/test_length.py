@@ -111,6 +111,11 @@ def test_adaptive_stops_drafting_in_four_steps_where_no_draft_length_can_pay():
     schedule = [int(policy.next_lengths(1)) for _ in range(7 * recheck)]
     rechecks = [step for step, k in enumerate(schedule) if k]
     assert rechecks == [recheck - 1, 3 * recheck - 1, 7 * recheck - 1]  # gaps 16, 32, 64
+    # By default the verdict stands: no recheck (each would make the draft catch up).
+    default = AdaptiveDraftLength(max_k=16)
+    default.update(lengths(1), lengths(1), measured)
+    assert default.can_pay is False
+    assert sum(int(default.next_lengths(1)) for _ in range(2000)) == 0
     # The same target costs with a cheap draft (c = 0.05: a small drafter on a fast machine).
     cheap = StepCosts()
     for _ in range(2):

@@ -11,12 +11,15 @@
      extrapolated along the chord from 1 to the longest measured, see
      StepCosts.relative_pass_cost). If no draft length pays even when every draft is kept
      (alpha = 1: (k + 1) / (k c + r(k + 1)) <= 1 for every k), drafting cannot pay on this
-     machine whatever the drafts: every row goes target-only, and after `recheck_every` steps
-     one step drafts one token to measure again (the gap doubles after every recheck that
-     confirms it, up to MAX_GAP steps: a recheck also makes the draft model catch up on every
-     token since the last one, which on a compute-bound CPU costs about half as many target
-     passes). On a compute-bound CPU (llama.cpp on 2 cores: a 2-token
-     pass costs 1.7 times a 1-token pass and a draft pass 0.45 of it) this settles in four steps.
+     machine whatever the drafts: every row goes target-only for the rest of the engine's life
+     (pass costs are the machine's, not the text's). On a compute-bound CPU (llama.cpp on 2
+     cores: a 2-token pass costs 1.7 times a 1-token pass and a draft pass 0.45 of it) this
+     settles in four steps. With `recheck_every` set, one step drafts one token after that many
+     steps to measure again (the gap doubles after every recheck that confirms the verdict, up
+     to MAX_GAP steps). Not the default: a recheck makes the draft model catch up on every
+     token since the last one, which on a compute-bound CPU costs a good part of the target's
+     time for those tokens (on the default pair on 2 cores, with rechecks from 64 steps, the
+     model drafter ran at 0.78x llama.cpp target-only where no drafter ran at 0.95x).
   2. Acceptance. Where drafting can pay, each row keeps a schedule that grows by one after every
      draft of a row was kept and shrinks by one after a rejection (within [1, max_k]), capped by
      the best k of the speedup theory (analysis.theory.best_draft_length) with the row's
@@ -148,8 +151,9 @@ class AdaptiveDraftLength:
     smoothing: weight of the newest step in the acceptance estimate (older steps decay by
     1 - smoothing each step); min_tests: keep tests to see before the theory may pause a row;
     probe_every: a newly paused row drafts one token after probe_every steps (then after twice
-    as many, ...); recheck_every: while no draft length can pay, one step drafts one token
-    after recheck_every steps to measure the costs again (then after twice as many, ...)."""
+    as many, ...); recheck_every: None (default) keeps a "drafting cannot pay" verdict; an int
+    makes one step draft one token after that many steps to measure the costs again (then
+    after twice as many, ...)."""
 
     def __init__(
         self,
@@ -157,7 +161,7 @@ class AdaptiveDraftLength:
         *,
         start_k: int | None = None,
         probe_every: int = 8,
-        recheck_every: int = 64,
+        recheck_every: int | None = None,
         smoothing: float = 0.2,
         min_tests: int = 12,
     ):
@@ -167,9 +171,16 @@ class AdaptiveDraftLength:
             isinstance(start_k, bool) or not isinstance(start_k, int) or start_k < 1
         ):
             raise ValueError(f"start_k: expected None or an integer >= 1, got {start_k!r}")
-        for name, value in (("probe_every", probe_every), ("recheck_every", recheck_every)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+        if isinstance(probe_every, bool) or not isinstance(probe_every, int) or probe_every < 1:
+            raise ValueError(f"probe_every: expected an integer >= 1, got {probe_every!r}")
+        if recheck_every is not None and (
+            isinstance(recheck_every, bool)
+            or not isinstance(recheck_every, int)
+            or recheck_every < 1
+        ):
+            raise ValueError(
+                f"recheck_every: expected None or an integer >= 1, got {recheck_every!r}"
+            )
         if not 0 < smoothing <= 1:
             raise ValueError(f"smoothing: expected a number in (0, 1], got {smoothing!r}")
         self.max_k = max_k
@@ -205,7 +216,7 @@ class AdaptiveDraftLength:
             return torch.full((len(ids),), 0 if timed else 1, dtype=torch.int64)
         if not self.can_pay:
             self._since_check += 1
-            if self._since_check >= self._check_gap:
+            if self._check_gap is not None and self._since_check >= self._check_gap:
                 self._since_check = 0
                 self._check_gap = min(2 * self._check_gap, MAX_GAP)
                 return torch.ones(len(ids), dtype=torch.int64)
