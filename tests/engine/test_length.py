@@ -233,8 +233,10 @@ def test_adaptive_pauses_with_probes_when_drafting_does_not_pay():
     slow = costs(0.9)
     policy = AdaptiveDraftLength(max_k=4, start_k=2, probe_every=probe_every, min_tests=1)
     warmed(policy, slow, rows=3)
-    assert policy.next_lengths(3).tolist() == [2, 2, 2]
-    policy.update(lengths(2, 2, 2), lengths(0, 0, 0), slow)  # nothing kept
+    # At the prior's alpha (2/3) one draft does not pay with c = 0.9 ((1 + 2/3) / 1.9 < 1), but
+    # before its own keep tests a row drafts at least one token.
+    assert policy.next_lengths(3).tolist() == [1, 1, 1]
+    policy.update(lengths(1, 1, 1), lengths(0, 0, 0), slow)  # nothing kept
     assert policy.can_pay and all(paused(policy))
     # 0 of 1 kept, with the prior's 2 of 3 after one decay step (0.8)
     assert alphas(policy) == [pytest.approx(1.6 / (1 + 2.4))] * 3
@@ -374,6 +376,20 @@ def test_relative_pass_cost_is_the_lower_envelope_then_the_chord():
     flat.add_target_pass(1, 1.0)
     flat.add_target_pass(2, 1.0)
     assert flat.relative_pass_cost(17) == pytest.approx(1.0)
+
+
+def test_adaptive_caps_a_new_row_at_the_prior_alpha_before_its_first_keep_test():
+    """A model-free drafter (c = 0) with passes costing 1 + 0.73 (n - 1), as llama.cpp's on 2
+    cores: at alpha 2/3 no draft length pays ((1 + 2/3) / 1.73 < 1 for one token, worse for
+    more), so a new row drafts one token (the floor before its own keep tests), not start_k;
+    with flat pass costs it drafts start_k."""
+    steep = StepCosts()
+    for n in (1, 1, 2, 2):
+        steep.add_target_pass(n, 1.0 + 0.73 * (n - 1))
+    policy = warmed(AdaptiveDraftLength(max_k=8, start_k=4), steep)
+    assert policy.next_lengths(2).tolist() == [1, 1]
+    flat = warmed(AdaptiveDraftLength(max_k=8, start_k=4), costs(0.0))
+    assert flat.next_lengths(2).tolist() == [4, 4]
 
 
 def test_adaptive_caps_row_lengths_at_the_theory_best_k():

@@ -23,7 +23,8 @@
   2. Acceptance. Where drafting can pay, each row keeps a schedule that grows by one after every
      draft of a row was kept and shrinks by one after a rejection (within [1, max_k]), capped by
      the best k of the speedup theory (analysis.theory.best_draft_length) with the row's
-     measured acceptance rate and the measured costs. When the best k is 0 the row drafts
+     measured acceptance rate (the prior's 2/3 before its first keep test) and the measured
+     costs; before min_tests keep tests the cap is at least 1. When the best k is 0 the row drafts
      nothing, and after `probe_every` steps it drafts one token to measure its acceptance again
      (the gap doubles after every probe that leaves it paused, up to MAX_GAP steps, and starts
      over when it drafts again).
@@ -195,12 +196,16 @@ class AdaptiveDraftLength:
         # whether some draft length could pay if every draft were kept.
         self.can_pay: bool | None = None
         self._single_passes = 0  # 1-token target passes timed, as of the last update
+        self._costs: StepCosts | None = None  # the costs of the last update
         self._since_check = 0
         self._check_gap = recheck_every
 
     def schedule(self, row: Hashable) -> _RowSchedule:
         if row not in self.rows:
-            self.rows[row] = _RowSchedule(k=self.start_k, best_k=self.max_k)
+            state = _RowSchedule(k=self.start_k, best_k=self.max_k)
+            if self._costs is not None:
+                self._drafting_pays(state, self._costs)  # the cap at the prior's alpha
+            self.rows[row] = state
         return self.rows[row]
 
     def forget(self, row: Hashable) -> None:
@@ -233,7 +238,9 @@ class AdaptiveDraftLength:
                     state.probe_gap = min(2 * state.probe_gap, MAX_GAP)
                 out.append(1 if probe else 0)
             else:
-                out.append(min(state.k, state.best_k))
+                # Before min_tests the cap (at the prior-weighted alpha) may shorten a draft to
+                # one token but not stop it: only a row's own keep tests can pause it.
+                out.append(min(state.k, max(1, state.best_k)))
         return torch.tensor(out, dtype=torch.int64)
 
     def update(self, *args: object) -> None:
@@ -246,6 +253,7 @@ class AdaptiveDraftLength:
             rows, drafted, accepted, costs = args
         single = costs.target_pass.get(1)
         self._single_passes = 0 if single is None else single.count
+        self._costs = costs
         verdict = self._cost_verdict(costs)
         if verdict is not None:  # costs that cannot tell keep the last verdict
             self.can_pay = verdict
@@ -291,18 +299,21 @@ class AdaptiveDraftLength:
         state.alpha = (state.kept_weight + PRIOR_KEPT * state.prior_weight) / (
             state.test_weight + PRIOR_TESTS * state.prior_weight
         )
+        pays = self._drafting_pays(state, costs)
         if state.tests_seen >= self.min_tests:
-            paused = not self._drafting_pays(state, costs)
+            paused = not pays
             if paused and not state.paused:
                 state.steps, state.probe_gap = 0, self.probe_every
             state.paused = paused
 
     def _drafting_pays(self, state: _RowSchedule, costs: StepCosts) -> bool:
-        """Sets the row's best_k from the theory; False when it is 0."""
-        if state.alpha is None or costs.target(1) is None:
+        """Sets the row's best_k from the theory (at the prior's alpha before any keep test);
+        False when it is 0."""
+        if costs.target(1) is None:
             return True
+        alpha = PRIOR_KEPT / PRIOR_TESTS if state.alpha is None else state.alpha
         state.best_k = best_draft_length(
-            min(state.alpha, 0.999),
+            min(alpha, 0.999),
             _cost_ratio(costs),
             max_k=self.max_k,
             verify_cost=lambda k: costs.relative_pass_cost(k + 1) or 1.0,
