@@ -406,3 +406,101 @@ def test_a_lazy_drafter_drafts_what_an_eager_one_drafts(drafter_name):
         assert engine.stats.draft_passes > 0
         runs.append(([tokens_of(outputs[i]) for i in ids], draft.sequences))
     assert runs[0] == runs[1]
+
+
+# ---------------------------------------------------------------- found by mutation testing
+
+
+class PaddedVocabDrafter:
+    """A ModelDrafter whose draft distributions have `extra` more ids than the target's
+    vocabulary, of probability 0 (a draft model with a padded embedding matrix)."""
+
+    fixed_depth = None
+
+    def __init__(self, inner: ModelDrafter, extra: int):
+        self.inner, self.extra = inner, extra
+
+    @property
+    def forward_passes(self) -> int:
+        return self.inner.forward_passes
+
+    def set_rows(self, sequences, keep, prompts):
+        self.inner.set_rows(sequences, keep, prompts)
+
+    def propose(self, sequences, max_lengths, sampling):
+        draft = self.inner.propose(sequences, max_lengths, sampling)
+        probs = torch.nn.functional.pad(draft.probs, (0, self.extra))
+        return type(draft)(draft.tokens, draft.parents, probs, draft.valid)
+
+
+def test_a_drafter_with_more_ids_than_the_target_gives_the_same_tokens():
+    """The target's probabilities are padded with zeros to the drafter's vocabulary: the ids
+    only the drafter has are never drawn, and each request's tokens are those of the same
+    drafter without the padding."""
+
+    def run(extra: int) -> list[list[int]]:
+        target, draft = pair16()
+        drafter = ModelDrafter(draft)
+        engine = Engine(
+            target, PaddedVocabDrafter(drafter, extra) if extra else drafter, draft_length=3
+        )
+        ids = [
+            engine.add_request([1, 2], sampling=CONFIGS[i % 4], max_new_tokens=12, seed=i)
+            for i in range(4)
+        ]
+        outputs = run_to_end(engine)
+        assert engine.stats.accepted > 0 and engine.stats.keep_tests > engine.stats.accepted
+        return [tokens_of(outputs[i]) for i in ids]
+
+    unpadded = run(0)
+    for extra in (1, 5):
+        padded = run(extra)
+        assert padded == unpadded
+        assert all(0 <= t < 16 for tokens in padded for t in tokens)
+
+
+def test_a_step_where_no_row_may_draft_does_not_ask_the_drafter():
+    """With one token to go a row drafts nothing (a draft stops one short of the limit): the tree
+    drafter, whose depth is fixed, is not called, and the token is the one target-only decoding
+    draws with that seed."""
+    target, draft = pair16()
+    engine = Engine(target, TreeDrafter(draft, TreeShape((2, 2))))
+    alone = Engine(target)
+    for seed in range(8):
+        ids = [
+            e.add_request([3, 1], sampling=CONFIGS[seed % 4], max_new_tokens=1, seed=seed)
+            for e in (engine, alone)
+        ]
+        assert tokens_of(run_to_end(engine)[ids[0]]) == tokens_of(run_to_end(alone)[ids[1]])
+    assert draft.num_calls == 0
+    assert engine.stats.tree_steps == 0 and engine.stats.draft_passes == 0
+
+
+def test_top_logprobs_list_equally_likely_ids_lowest_first():
+    """ids 0, 3 and 6 share the largest logit; torch.topk returns them in no particular order."""
+    from specsample.engine.engine import _emitted_logprobs
+    from specsample.rules.tree import TreeResult
+
+    logits = torch.zeros(1, 1, 8)
+    logits[0, 0, ::3] = 1.0
+    no_path = torch.zeros(1, 0, dtype=torch.int64)
+    result = TreeResult(torch.tensor([[3]]), torch.tensor([0]), no_path, "token")
+    chosen, tops = _emitted_logprobs(logits, result, [3])
+    top = torch.log_softmax(logits[0, 0], -1)
+    assert chosen == [[float(top[3])]]
+    assert tops == [[[(0, float(top[0])), (3, float(top[3])), (6, float(top[6]))]]]
+
+
+def test_a_request_aborted_while_waiting_is_reported_by_the_next_step():
+    target, _ = pair16()
+    engine = Engine(target)
+    request_id = engine.add_request([1, 2], max_new_tokens=5, seed=0)
+    assert engine.abort(request_id)
+    assert engine.num_waiting() == 0 and engine.num_running() == 0
+    assert engine.has_unfinished()  # its final output is still to come
+    outputs = engine.step()
+    assert [(o.request_id, o.finished, o.finish_reason, o.tokens) for o in outputs] == [
+        (request_id, True, "abort", [])
+    ]
+    assert not engine.has_unfinished()
+    assert engine.step() == []
