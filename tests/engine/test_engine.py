@@ -26,11 +26,14 @@ from test_exactness import (
 
 from specsample import Engine, RequestOutput, SamplingConfig
 from specsample.adapters.toy import ToyLM
+from specsample.drafters.base import Draft
 from specsample.drafters.model import ModelDrafter
 from specsample.drafters.ngram import NgramDrafter
 from specsample.drafters.tree import TreeDrafter, TreeShape
 from specsample.engine import ACCEPTED, BONUS, RECOVERED
+from specsample.engine.engine import _emitted_logprobs
 from specsample.engine.length import FixedDraftLength
+from specsample.rules.tree import TreeResult
 from stats_identities import assert_stats_identities
 
 CONFIGS = [
@@ -430,7 +433,7 @@ class PaddedVocabDrafter:
     def propose(self, sequences, max_lengths, sampling):
         draft = self.inner.propose(sequences, max_lengths, sampling)
         probs = torch.nn.functional.pad(draft.probs, (0, self.extra))
-        return type(draft)(draft.tokens, draft.parents, probs, draft.valid)
+        return Draft(draft.tokens, draft.parents, probs, draft.valid)
 
 
 def test_a_drafter_with_more_ids_than_the_target_gives_the_same_tokens():
@@ -459,6 +462,55 @@ def test_a_drafter_with_more_ids_than_the_target_gives_the_same_tokens():
         assert all(0 <= t < 16 for tokens in padded for t in tokens)
 
 
+class FewerIdsDrafter:
+    """Drafts each token from a toy model's softmax restricted to its first `ids` ids
+    (renormalised), drawn with the row's generator, and reports that distribution over `report`
+    columns (`ids`, or more: zeros after them), as a draft model with a smaller vocabulary."""
+
+    forward_passes = 0
+    fixed_depth = None
+
+    def __init__(self, model: ToyLM, ids: int, report: int):
+        self.model, self.ids, self.report = model, ids, report
+
+    def set_rows(self, sequences, keep, prompts):
+        pass
+
+    def propose(self, sequences, max_lengths, sampling):
+        batch, k = len(sequences), int(max_lengths.max())
+        tokens = torch.zeros(batch, k, dtype=torch.int64)
+        probs = torch.zeros(batch, k, self.report)
+        for b, sequence in enumerate(sequences):
+            prefix = list(sequence)
+            for i in range(int(max_lengths[b])):
+                q = torch.softmax(self.model.logits_for(prefix), -1)[: self.ids]
+                q = q / q.sum()
+                token = int(torch.multinomial(q, 1, generator=sampling.generators[b]))
+                tokens[b, i], probs[b, i, : self.ids] = token, q
+                prefix.append(token)
+        return Draft.chain(tokens, probs, max_lengths.clone())
+
+
+def test_a_drafter_with_fewer_ids_than_the_target_is_padded_with_zeros():
+    """Reports over 15 columns are padded to the target's 16: the tokens are those of the same
+    drafts reported over 16 columns, and the id only the target has is still emitted."""
+
+    def run(report: int) -> list[list[int]]:
+        target, draft = pair16()
+        engine = Engine(target, FewerIdsDrafter(draft, 15, report), draft_length=3)
+        ids = [
+            engine.add_request([1, 2], sampling=CONFIGS[i % 3], max_new_tokens=16, seed=i)
+            for i in range(6)
+        ]
+        outputs = run_to_end(engine)
+        assert engine.stats.accepted > 0 and engine.stats.keep_tests > engine.stats.accepted
+        return [tokens_of(outputs[i]) for i in ids]
+
+    padded = run(15)
+    assert padded == run(16)
+    assert 15 in {t for tokens in padded for t in tokens}
+
+
 def test_a_step_where_no_row_may_draft_does_not_ask_the_drafter():
     """With one token to go a row drafts nothing (a draft stops one short of the limit): the tree
     drafter, whose depth is fixed, is not called, and the token is the one target-only decoding
@@ -478,9 +530,6 @@ def test_a_step_where_no_row_may_draft_does_not_ask_the_drafter():
 
 def test_top_logprobs_list_equally_likely_ids_lowest_first():
     """ids 0, 3 and 6 share the largest logit; torch.topk returns them in no particular order."""
-    from specsample.engine.engine import _emitted_logprobs
-    from specsample.rules.tree import TreeResult
-
     logits = torch.zeros(1, 1, 8)
     logits[0, 0, ::3] = 1.0
     no_path = torch.zeros(1, 0, dtype=torch.int64)
