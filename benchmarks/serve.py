@@ -50,6 +50,7 @@ python's server at every level.
 Run: python benchmarks/serve.py [--requests 6] [--max-tokens 64] [--json out.json]
      python benchmarks/serve.py --models default-pair [--clients 1,4,8,16] [--requests 4]
          [--max-tokens 128] [--threads 2] [--contenders speculative,target-only,llama_cpp.server]
+     (ours with options: speculative:auto for --k auto, :repack for --repack)
 """
 
 from __future__ import annotations
@@ -366,8 +367,11 @@ class ServerProcess:
 
 
 def contender_command(name: str, target: str, draft: str, args) -> tuple[list[str], str, dict]:
-    """(command, readiness path, extra request fields) of one default-pair contender."""
-    if name == "llama_cpp.server":
+    """(command, readiness path, extra request fields) of one default-pair contender: a name of
+    CONTENDERS, ours optionally with options after colons: "speculative:auto" (--k auto),
+    "target-only:repack" (--repack), "speculative:auto:repack"."""
+    name, *options = name.split(":")
+    if name == "llama_cpp.server" and not options:
         command = [sys.executable, "-m", "llama_cpp.server", "--model", target]
         command += ["--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)]
         command += ["--n_ctx", str(args.context), "--interrupt_requests", "False"]
@@ -381,7 +385,14 @@ def contender_command(name: str, target: str, draft: str, args) -> tuple[list[st
     elif name == "target-only":
         command += ["--drafter", "none"]
     else:
-        raise ValueError(name)
+        raise ValueError(f"contender: expected one of {CONTENDERS}, got {name!r}")
+    for option in options:
+        if option == "auto" and name == "speculative":
+            command += ["--k", "auto"]
+        elif option == "repack":
+            command += ["--repack"]
+        else:
+            raise ValueError(f"contender {name}: unknown option {option!r} (auto, repack)")
     return command, "/health", {}
 
 

@@ -340,6 +340,24 @@ def test_load_pair_runs_gguf_files_on_llamacpp(gguf_path):
         load_pair(str(gguf_path), None, backend="llama.cpp", draft_quantize="int8")
 
 
+def test_load_pair_passes_repack_to_both_models_and_only_on_llamacpp(gguf_path):
+    from specsample.adapters.loading import load_pair
+
+    plain = load_pair(str(gguf_path), str(gguf_path), backend="llama.cpp", threads=1, n_ctx=256)
+    assert not plain.target.repack and not plain.draft.repack
+    assert "repacked" not in plain.description
+    pair = load_pair(
+        str(gguf_path), str(gguf_path), backend="llama.cpp", threads=1, n_ctx=256, repack=True
+    )
+    assert pair.target.repack and pair.draft.repack
+    assert pair.description.endswith(", weights repacked)")
+    # The same tokens from both: repacking changes how the weights are laid out, not the model.
+    prompt = [[1, 5, 9, 12]]
+    assert torch.allclose(plain.target.prefill(prompt), pair.target.prefill(prompt), atol=0.05)
+    with pytest.raises(ValueError, match=r"^repack: expected the llama.cpp backend"):
+        load_pair(str(gguf_path), None, backend="transformers", repack=True)
+
+
 def test_prompt_longer_than_the_context_and_too_many_rows(gguf_path):
     lm = LlamaCppLM(gguf_path, n_ctx=16, max_batch=2, threads=1)
     with pytest.raises(ValueError, match=r"^prompts\[1\]: expected at most n_ctx=16 tokens"):

@@ -176,6 +176,13 @@ def test_tokenizer_mismatch_is_an_error_before_generation(tiny_pair, capsys, tmp
     assert "draft: expected a model with the target's tokenizer" in capsys.readouterr().err
 
 
+def test_repack_on_the_transformers_backend_is_an_error_naming_it(tiny_pair, capsys):
+    target, draft = tiny_pair
+    code = main(["generate", "hi", "--target", target, "--draft", draft, "--repack"])
+    assert code == 1
+    assert "repack: expected the llama.cpp backend" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("args", "named"),
     [

@@ -10,6 +10,8 @@ same size.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from test_exactness import (
@@ -409,6 +411,53 @@ def test_a_lazy_drafter_drafts_what_an_eager_one_drafts(drafter_name):
         assert engine.stats.draft_passes > 0
         runs.append(([tokens_of(outputs[i]) for i in ids], draft.sequences))
     assert runs[0] == runs[1]
+
+
+class SlowPrefillLM(ToyLM):
+    """A toy model whose prompt prefill takes `delay` seconds more (a long prompt)."""
+
+    def __init__(self, *args, delay: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.delay = delay
+
+    def prefill(self, prompts):
+        time.sleep(self.delay)
+        return super().prefill(prompts)
+
+
+@pytest.mark.parametrize("drafter_name", ["model", "tree"])
+def test_a_lazy_prefill_counts_as_prefill_not_as_a_draft_pass(drafter_name):
+    """The draft model's prompt prefill, run at its first draft, goes to prefill_seconds: the
+    draft passes the cost model times (and DecodeStats.draft_seconds) leave it out. Each draft
+    pass of the toy model takes well under a millisecond; the prefill sleeps 0.4 s."""
+    target = ToyLM(16, seed=1, scale=1.5)
+    draft = SlowPrefillLM(16, seed=2, base=target, noise=0.8, delay=0.4)
+    engine = Engine(target, DRAFTERS[drafter_name](draft), draft_length=ScriptedLength([0], 2))
+    engine.add_request([3, 1, 4], max_new_tokens=8, seed=1)
+    run_to_end(engine)
+    assert engine.stats.draft_passes > 0 and draft.num_calls > 0
+    assert engine.stats.prefill_seconds >= 0.4
+    assert engine.stats.draft_seconds < 0.4
+    assert max(engine.costs.draft_step.samples) < 0.4 / engine.stats.draft_passes
+
+
+def test_the_cost_of_a_target_pass_includes_verifying_it(monkeypatch):
+    """A step's target cost, as the draft-length policy sees it, is the scoring pass and the
+    verification of its tokens: on a small model or a fast accelerator the rules' time is a
+    real part of a step. Verification slowed by 0.3 s shows in every timed pass."""
+    original = Engine._verify
+
+    def slow_verify(self, *args):
+        time.sleep(0.3)
+        return original(self, *args)
+
+    monkeypatch.setattr(Engine, "_verify", slow_verify)
+    target, draft = pair16()
+    engine = Engine(target, ModelDrafter(draft), draft_length=ScriptedLength([0], 2))
+    engine.add_request([3, 1, 4], max_new_tokens=5, seed=1)
+    run_to_end(engine)
+    timed = [x for recent in engine.costs.target_pass.values() for x in recent.samples]
+    assert set(engine.costs.target_pass) == {1, 3} and min(timed) >= 0.3
 
 
 # ---------------------------------------------------------------- found by mutation testing

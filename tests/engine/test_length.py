@@ -29,6 +29,10 @@ def paused(policy: AdaptiveDraftLength) -> list[bool]:
     return [policy.rows[row].paused for row in sorted(policy.rows)]
 
 
+def schedules(policy: AdaptiveDraftLength) -> list[int]:
+    return [policy.rows[row].k for row in sorted(policy.rows)]
+
+
 def alphas(policy: AdaptiveDraftLength) -> list[float | None]:
     return [policy.rows[row].alpha for row in sorted(policy.rows)]
 
@@ -83,7 +87,9 @@ def test_adaptive_first_times_target_passes_then_one_token_drafts():
     measured.add_target_pass(2, 1.0)
     policy.update(lengths(1, 1), lengths(1, 0), measured)
     assert policy.can_pay is True  # a "yes" needs one sample
-    assert policy.next_lengths(2).tolist() == [4, 2]  # the rows' schedules from start_k 3
+    assert schedules(policy) == [4, 2]  # the rows' schedules from start_k 3
+    # the step drafts within them, no deeper than the batch's best depth
+    assert (policy.next_lengths(2) <= torch.tensor([4, 2])).all()
 
 
 def test_adaptive_stops_drafting_in_four_steps_where_no_draft_length_can_pay():
@@ -180,7 +186,7 @@ def test_adaptive_grows_after_full_acceptance_and_shrinks_after_rejection():
     assert policy.next_lengths(4).tolist() == [3, 3, 3, 3]
     # rows: all kept, one rejected, the first rejected, did not draft (left as it was)
     policy.update(lengths(3, 3, 3, 0), lengths(3, 2, 0, 0), costs(0.05))
-    assert policy.next_lengths(4).tolist() == [4, 2, 2, 3]
+    assert schedules(policy) == [4, 2, 2, 3]
     assert not any(paused(policy))
 
 
@@ -253,7 +259,8 @@ def test_adaptive_pauses_with_probes_when_drafting_does_not_pay():
 
 def test_adaptive_resumes_when_one_token_probes_show_high_acceptance():
     """The prior fades like an old step, so one-token probes alone can lift a row's estimate
-    past what the theory needs with c = 0.9 (above 0.9)."""
+    past what the theory needs with c = 0.9 (above 0.9 at the first position: one draft then
+    pays, (1 + a_0) / 1.9 > 1)."""
     policy = AdaptiveDraftLength(max_k=8, start_k=2, probe_every=2, min_tests=1)
     slow = costs(0.9)
     policy.update(lengths(0, 0), lengths(0, 0), slow)
@@ -263,7 +270,7 @@ def test_adaptive_resumes_when_one_token_probes_show_high_acceptance():
     for _ in range(1000):
         k = policy.next_lengths(2)
         if not any(paused(policy)):
-            resumed_at_alpha = min(alphas(policy))
+            resumed_at_alpha = min(policy.rates(policy.rows[row], 1)[0] for row in (0, 1))
             break
         assert int(k.max()) <= 1
         policy.update(k, k, slow)  # every probe kept
@@ -427,3 +434,152 @@ def test_adaptive_rows_are_independent_and_a_joining_row_starts_from_the_prior()
     policy.forget("a")
     assert "a" not in policy.rows
     assert policy.next_lengths(["a"]).tolist() == [3]  # a forgotten row starts afresh
+
+
+# ---------------------------------------------------------------- adaptive: acceptance by position
+
+
+def brute_best_k(rates: list[float], c: float, r) -> int:
+    """argmax over k of E(k) / (k c + r(k + 1)), E(k) = 1 + a_0 + a_0 a_1 + ..., ties to the
+    smaller k: written out here, apart from the policy's code."""
+    best, best_value = 0, 1.0 / r(1)
+    for k in range(1, len(rates) + 1):
+        survive, tokens = 1.0, 1.0
+        for a in rates[:k]:
+            survive *= a
+            tokens += survive
+        value = tokens / (k * c + r(k + 1))
+        if value > best_value + 1e-12:
+            best, best_value = k, value
+    return best
+
+
+def test_position_rates_count_each_position_given_the_ones_before_were_kept():
+    """Smoothing 1 (only the newest step counts) and the prior faded to nothing: a step that
+    drafted 5 and kept 2 tested positions 0, 1, 2 and passed 0 and 1; positions 3 and 4 were
+    not tested and follow the position before them (weight DEPTH_PRIOR_TESTS = 1 against no
+    tests). Rates are capped at 0.999."""
+    policy = warmed(AdaptiveDraftLength(max_k=5, start_k=5, smoothing=1.0), costs(0.05), rows=1)
+    policy.update(lengths(5), lengths(2), costs(0.05))
+    state = policy.rows[0]
+    assert state.prior_weight == 0.0
+    assert state.position_tests == [1.0, 1.0, 1.0] and state.position_kept == [1.0, 1.0, 0.0]
+    rates = state.position_rates(5)
+    # position 0: 1 kept of 1 test and no prior weight left; 1 likewise (its prior, the rate
+    # before it, weighs 1); position 2: 0 kept of 1 test, and the prior 0.999 weighs 1
+    assert rates[0] == pytest.approx(0.999) and rates[1] == pytest.approx(0.999)
+    assert rates[2] == pytest.approx((0 + 0.999) / 2)
+    assert rates[3] == pytest.approx(rates[2]) and rates[4] == pytest.approx(rates[2])
+
+
+def test_best_k_follows_long_runs_of_kept_drafts():
+    """A row whose first draft is kept about half the time but which, once past it, keeps
+    every draft (code: a line either matches or not). Its overall rate per keep test is about
+    0.9, and at flat pass costs with c = 0.3 the i.i.d. theory would cap it lower than the
+    runs pay for; the policy's best k is the brute-force optimum over its position rates, and
+    deeper than the i.i.d. one."""
+    from specsample.analysis.theory import best_draft_length
+
+    c = 0.3
+    policy = warmed(AdaptiveDraftLength(max_k=8, start_k=8, min_tests=1), costs(c), rows=1)
+    for step in range(40):
+        kept = 8 if step % 2 else 0
+        policy.update(lengths(8), lengths(kept), costs(c))
+    state = policy.rows[0]
+    rates = policy.rates(state, 8)
+    assert rates[0] < 0.7 and min(rates[1:]) > 0.9
+    assert state.best_k == brute_best_k(rates, c, lambda n: 1.0)
+    iid = best_draft_length(min(state.alpha, 0.999), c, max_k=8)
+    assert state.best_k == 8 and iid < 8
+
+
+def test_a_new_row_starts_from_the_pooled_rates():
+    """Rows that kept every draft lift the pooled rates; a row that joins then starts from
+    them (its own counts empty), not from the fixed 2/3 prior."""
+    policy = warmed(AdaptiveDraftLength(max_k=4, start_k=4), costs(0.05), rows=2)
+    for _ in range(10):
+        policy.update(lengths(4, 4), lengths(4, 4), costs(0.05))
+    joined = policy.schedule("new")
+    assert joined.position_tests == []
+    fresh = AdaptiveDraftLength(max_k=4).schedule("new").position_rates(4)
+    assert fresh == pytest.approx([2 / 3] * 4)
+    assert min(policy.rates(joined, 4)) > 0.9
+
+
+# ---------------------------------------------------------------- adaptive: a batch's depth
+
+
+def test_a_batch_drafts_to_the_depth_with_the_most_tokens_per_cost():
+    """Two rows: one kept all its drafts for a long time (wants 8), seven rejected at once
+    (their schedules 1). Drafting 8 would make the seven wait through 8 draft passes for their
+    one token: the step's depth is the brute-force best of sum_b E_b(min(k_b, D)) / (D c +
+    r(D + 1)), here less than 8, and rows shorter than it keep their own length."""
+    c = 0.5
+    steep = StepCosts()
+    for _ in range(3):
+        steep.draft_step.add(c)
+        for n in range(1, 10):
+            steep.add_target_pass(n, 1.0 + 0.1 * (n - 1))
+    rows = list(range(8))
+    policy = warmed(AdaptiveDraftLength(max_k=8, start_k=8, min_tests=100), steep, rows=rows)
+    for _ in range(12):
+        policy.update(rows, lengths(*[8] * 8), lengths(8, *[0] * 7), steep)
+    wanted = [min(policy.rows[r].k, max(1, policy.rows[r].best_k)) for r in rows]
+    assert wanted[0] == 8 and wanted[1:] == [1] * 7
+    step = policy.next_lengths(rows).tolist()
+
+    def batch_rate(depth: int) -> float:
+        tokens = 0.0
+        for r, k in zip(rows, wanted, strict=True):
+            survive, e = 1.0, 1.0
+            for a in policy.rates(policy.rows[r], 8)[: min(k, depth)]:
+                survive *= a
+                e += survive
+            tokens += e
+        return tokens / (depth * c + steep.relative_pass_cost(depth + 1, 3))
+
+    best = max(range(1, 9), key=lambda d: (batch_rate(d), -d))
+    assert 1 <= best < 8
+    assert step == [best] + [1] * 7
+
+
+def test_a_single_row_keeps_its_own_length_and_a_batch_never_stops_drafting():
+    """One row is never cut by the batch rule; in a batch whose rows all asked to draft, the
+    depth is at least 1 (each row's own theory said yes, and rows keep being measured)."""
+    policy = warmed(AdaptiveDraftLength(max_k=6, start_k=6), costs(0.05), rows=1)
+    step = policy.next_lengths(1).tolist()
+    state = policy.rows[0]
+    assert step == [min(state.k, max(1, state.best_k))] and step[0] > 1
+    expensive = StepCosts()
+    for _ in range(3):
+        expensive.draft_step.add(0.2)
+        for n in range(1, 8):
+            expensive.add_target_pass(n, 1.0 + 0.5 * (n - 1))
+    policy = warmed(AdaptiveDraftLength(max_k=6, start_k=3), expensive, rows=3)
+    assert min(policy.next_lengths(3).tolist()) >= 1
+
+
+# ---------------------------------------------------------------- adaptive: costs to trust
+
+
+def test_one_slow_pass_does_not_price_a_length_out():
+    """Passes of 1 and 2 tokens timed three times each (1.0 and 1.1), a 3-token pass once, at a
+    moment the machine was busy (2.0). For the schedule the 3-token pass costs what the curve
+    through the trusted lengths predicts (the chord: 1.2), the lesser of that and its own 2.0,
+    so it is tried again; after two more samples at 1.15 its median is trusted. The cost check
+    (min_samples 1) uses every sample."""
+    measured = StepCosts()
+    for _ in range(3):
+        measured.add_target_pass(1, 1.0)
+        measured.add_target_pass(2, 1.1)
+    measured.add_target_pass(3, 2.0)
+    assert measured.relative_pass_cost(3) == pytest.approx(2.0)
+    assert measured.relative_pass_cost(3, 3) == pytest.approx(1.2)
+    assert measured.relative_pass_cost(5, 3) == pytest.approx(1.4)  # the chord, past 3
+    measured.add_target_pass(3, 1.15)
+    assert measured.relative_pass_cost(3, 3) == pytest.approx(1.2)  # min(chord, median 1.575)
+    measured.add_target_pass(3, 1.15)
+    assert measured.relative_pass_cost(3, 3) == pytest.approx(1.15)  # trusted: its median
+    # An untrusted length that is cheaper than the curve keeps its own (lower) median.
+    measured.add_target_pass(4, 1.0)
+    assert measured.relative_pass_cost(4, 3) == pytest.approx(1.0)

@@ -13,6 +13,7 @@ path is exact, whichever node the verification accepted.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,7 @@ class ModelCursor:
         self._tree: _Tree | None = None
         self._owns_rows = False  # False until this cursor reset the model's rows
         self._deferred = False  # lazy and not prefilled yet
+        self.prefill_seconds = 0.0  # time spent in deferred (lazy) prefills, in all
 
     @property
     def vocab_size(self) -> int:
@@ -69,7 +71,9 @@ class ModelCursor:
     def _catch_up(self, sequences: list[list[int]]) -> None:
         if self._deferred:
             self._deferred = False
+            clock = time.perf_counter()
             self._prefill([list(seq) for seq in sequences])
+            self.prefill_seconds += time.perf_counter() - clock
 
     def set_rows(
         self, sequences: list[list[int]], keep: torch.Tensor, prompts: list[list[int]]

@@ -275,6 +275,7 @@ class LlamaCppLM:
         self._model = _Model(path, argument, repack=repack)
         self.path, self.argument = self._model.path, argument
         self.n_ctx, self.max_batch, self.threads, self.n_batch = n_ctx, max_batch, threads, n_batch
+        self.repack = repack
         self.vocab_size = self._model.n_vocab
         params = llama.llama_context_default_params()
         params.n_ctx = n_ctx

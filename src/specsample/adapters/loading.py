@@ -120,6 +120,7 @@ def load_pair(
     threads: int | None = None,
     n_ctx: int = 4096,
     max_batch: int = 64,
+    repack: bool = False,
 ) -> LoadedPair:
     """Loads the named models, or the embedded default pair when `target` is None, on
     `backend` (see resolve_backend). transformers: dtype is the compute dtype (None:
@@ -129,7 +130,8 @@ def load_pair(
     "auto" (the command line's default) is int8 for a float32 draft on the CPU on transformers
     (the faster exact setting in the decode benchmark) and none elsewhere.
     llama.cpp: the GGUF weights run as stored (dtype is not used); threads (default: every
-    core), n_ctx (KV cells shared by all rows) and max_batch (most rows) size each context."""
+    core), n_ctx (KV cells shared by all rows) and max_batch (most rows) size each context;
+    repack lets llama.cpp repack quantised weights for its multi-token kernels (LlamaCppLM)."""
     started = time.perf_counter()
     if draft_quantize not in (*DRAFT_QUANTIZATIONS, "auto"):
         raise ValueError(
@@ -144,7 +146,12 @@ def load_pair(
     if resolve_backend(backend, target, draft, device, draft_quantize) == "llama.cpp":
         plain = "none" if draft_quantize == "auto" else draft_quantize
         return _load_llamacpp_pair(
-            target, draft, use_draft, plain, threads, n_ctx, max_batch, started
+            target, draft, use_draft, plain, threads, n_ctx, max_batch, repack, started
+        )
+    if repack:
+        raise ValueError(
+            "repack: expected the llama.cpp backend (it repacks llama.cpp's quantised weights); "
+            f"got --repack with the transformers backend (--backend {backend})"
         )
     dtype = dtype or auto_dtype(device)
     draft_quantize = resolve_draft_quantize(draft_quantize, device, dtype)
@@ -195,6 +202,7 @@ def _load_llamacpp_pair(
     threads: int | None,
     n_ctx: int,
     max_batch: int,
+    repack: bool,
     started: float,
 ) -> LoadedPair:
     """Both GGUF files on llama.cpp, their tokenizers checked to match first (from the files'
@@ -220,10 +228,11 @@ def _load_llamacpp_pair(
         check_same_gguf_tokenizer(
             read_gguf_tokenizer(target_path, "target"), read_gguf_tokenizer(draft_path, "draft")
         )
-    sizes = dict(threads=threads, n_ctx=n_ctx, max_batch=max_batch)
+    sizes = dict(threads=threads, n_ctx=n_ctx, max_batch=max_batch, repack=repack)
     target_lm = LlamaCppLM(target_path, argument="target", **sizes)
     draft_lm = None if draft_path is None else LlamaCppLM(draft_path, argument="draft", **sizes)
-    description += f" on llama.cpp ({target_lm.threads} threads, n_ctx {n_ctx})"
+    description += f" on llama.cpp ({target_lm.threads} threads, n_ctx {n_ctx}"
+    description += ", weights repacked)" if repack else ")"
     return LoadedPair(
         target_lm,
         draft_lm,

@@ -46,6 +46,11 @@ class ModelDrafter:
         self.forward_passes = 0
 
     @property
+    def prefill_seconds(self) -> float:
+        """Time spent prefilling prompts (lazily, at the first draft), in all."""
+        return self.cursor.prefill_seconds
+
+    @property
     def vocab_size(self) -> int:
         return self.cursor.vocab_size
 

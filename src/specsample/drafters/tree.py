@@ -125,6 +125,11 @@ class TreeDrafter:
         self.fixed_depth = shape.depth
 
     @property
+    def prefill_seconds(self) -> float:
+        """Time spent prefilling prompts (lazily, at the first draft), in all."""
+        return self.cursor.prefill_seconds
+
+    @property
     def vocab_size(self) -> int:
         return self.cursor.vocab_size
 

@@ -143,6 +143,7 @@ class Engine:
         self.stats = DecodeStats()
         self.costs = StepCosts()
         self._draft_passes_seen = getattr(drafter, "forward_passes", 0)
+        self._draft_prefill_seen = getattr(drafter, "prefill_seconds", 0.0)
         self._ids = itertools.count()
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []  # the model rows, in order
@@ -279,6 +280,11 @@ class Engine:
         draft = self._propose(sequences, limits, sampling)
         draft_seconds = time.perf_counter() - clock
         passes = self._new_draft_passes()
+        # A lazy drafter prefills its prompts at its first draft: prefill time, not a draft
+        # pass's (it would inflate the measured draft cost the draft-length policy uses).
+        prefill = self._new_draft_prefill_seconds()
+        draft_seconds = max(0.0, draft_seconds - prefill)
+        self.stats.prefill_seconds += prefill
         # 3. score
         clock = time.perf_counter()
         logits = self.target.score(sequences, [True] * len(rows), draft)
@@ -436,6 +442,12 @@ class Engine:
         seen, self._draft_passes_seen = self._draft_passes_seen, self.drafter.forward_passes
         return self.drafter.forward_passes - seen
 
+    def _new_draft_prefill_seconds(self) -> float:
+        """Seconds the drafter spent in lazy prompt prefills since the last call."""
+        total = getattr(self.drafter, "prefill_seconds", 0.0) if self.drafter else 0.0
+        seen, self._draft_prefill_seen = self._draft_prefill_seen, total
+        return total - seen
+
     def _single_pass_seconds(self) -> float | None:
         """The measured mean of a 1-token target pass, None until one was timed."""
         single = self.costs.target_pass.get(1)
@@ -450,7 +462,8 @@ class Engine:
         for _ in range(timing.draft_passes):
             self.costs.draft_step.add(timing.draft_seconds / timing.draft_passes)
         width = int(draft.valid.sum(dim=1).max()) if draft.num_nodes else 0
-        self.costs.add_target_pass(width + 1, timing.target_seconds)
+        # scoring and verifying: what a step with these many tokens per row costs beyond drafting
+        self.costs.add_target_pass(width + 1, timing.target_seconds + timing.verify_seconds)
         self.stats.total_seconds += time.perf_counter() - started
         self.stats.target_single_pass_seconds = self._single_pass_seconds()
 

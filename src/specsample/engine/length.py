@@ -22,12 +22,20 @@
      model drafter ran at 0.78x llama.cpp target-only where no drafter ran at 0.95x).
   2. Acceptance. Where drafting can pay, each row keeps a schedule that grows by one after every
      draft of a row was kept and shrinks by one after a rejection (within [1, max_k]), capped by
-     the best k of the speedup theory (analysis.theory.best_draft_length) with the row's
-     measured acceptance rate (the prior's 2/3 before its first keep test) and the measured
-     costs; before min_tests keep tests the cap is at least 1. When the best k is 0 the row drafts
-     nothing, and after `probe_every` steps it drafts one token to measure its acceptance again
-     (the gap doubles after every probe that leaves it paused, up to MAX_GAP steps, and starts
-     over when it drafts again).
+     the row's best k: the most expected tokens per unit of step cost, with the acceptance
+     counted by draft position (a_i: the rate at position i given the drafts before it were
+     kept; runs of near-certain tokens make deeper positions likelier to pass, which a single
+     rate misses), each position's prior the rates pooled over all rows (2/3 before any keep
+     test). Before min_tests keep tests the cap is at least 1. When the best k is 0 the row
+     drafts nothing, and after `probe_every` steps it drafts one token to measure its
+     acceptance again (the gap doubles after every probe that leaves it paused, up to MAX_GAP
+     steps, and starts over when it drafts again).
+  3. Batch depth. A step drafts as deep as its deepest row, so the rows' lengths are cut to the
+     depth with the most expected tokens over the batch per unit of step cost (at least 1).
+
+Costs: a target pass's cost includes verifying its tokens; the schedule trusts a pass length
+after TRUST_SAMPLES timings (before that, one slow pass cannot price it out); see
+docs/theory.md.
 
 The draft length never depends on the target's future, so every choice here keeps verification
 exact.
@@ -38,14 +46,15 @@ from __future__ import annotations
 import statistics
 from collections import deque
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from specsample.analysis.theory import best_draft_length
-
 COST_WINDOW = 16  # a measured cost is the median of its last COST_WINDOW samples
 MAX_GAP = 1024  # the longest wait between probes of a paused row and between cost rechecks
+# The schedule trusts a target pass length's cost once it was timed this many times (its median
+# then ignores one slow pass); until then the length is priced optimistically, so it is tried again.
+TRUST_SAMPLES = 3
 
 
 class FixedDraftLength:
@@ -86,7 +95,7 @@ class StepCosts:
         nearest = min(known, key=lambda n: abs(n - tokens))
         return self.target_pass[nearest].value
 
-    def relative_pass_cost(self, tokens: int) -> float | None:
+    def relative_pass_cost(self, tokens: int, min_samples: int = 1) -> float | None:
         """Cost of a target pass over `tokens` tokens divided by a pass over 1, from the measured
         costs; None before any pass.
 
@@ -101,10 +110,22 @@ class StepCosts:
         measured curve is flat (a GPU), steep where every token costs (a compute-bound CPU),
         so one measured 2-token pass is enough to see that longer drafts cannot pay there.
         With only one length measured, or no 1-token pass, the cost is flat past m.
+
+        min_samples: lengths (other than 1) timed fewer times than this are left out of the
+        curve, and such a length costs the lesser of the curve's estimate and its own median:
+        one slow pass (the machine busy for a moment) must not price a length out for good,
+        since a length the schedule stops choosing is never timed again. Until some length
+        of 2 or more was timed that often, every measured length is used.
         """
         if not self.target_pass:
             return None
-        sizes = sorted(self.target_pass)
+        sizes = [
+            n
+            for n in sorted(self.target_pass)
+            if n == 1 or self.target_pass[n].count >= min_samples
+        ]
+        if not any(n >= 2 for n in sizes):  # no longer pass timed often enough: use them all
+            sizes = sorted(self.target_pass)
         envelope = [self.target_pass[n].value for n in sizes]
         for i in range(len(envelope) - 2, -1, -1):
             envelope[i] = min(envelope[i], envelope[i + 1])
@@ -118,12 +139,17 @@ class StepCosts:
             return 1.0
         longest = sizes[-1]
         if tokens <= longest or longest == 1 or sizes[0] != 1:
-            return cost(tokens) / one
-        slope = max(0.0, (envelope[-1] / one - 1.0) / (longest - 1))
-        return envelope[-1] / one + (tokens - longest) * slope
+            estimate = cost(tokens) / one
+        else:
+            slope = max(0.0, (envelope[-1] / one - 1.0) / (longest - 1))
+            estimate = envelope[-1] / one + (tokens - longest) * slope
+        if tokens in self.target_pass and tokens not in sizes:
+            estimate = min(estimate, self.target_pass[tokens].value / one)
+        return estimate
 
 
 PRIOR_KEPT, PRIOR_TESTS = 2.0, 3.0
+DEPTH_PRIOR_TESTS = 1.0  # the weight of a deeper position's prior (module docstring)
 
 
 @dataclass
@@ -141,6 +167,35 @@ class _RowSchedule:
     best_k: int = 0
     steps: int = 0
     probe_gap: int = 0  # steps from one probe to the next while paused (0: not paused yet)
+    # decayed keep tests run and passed at each draft position (position i is tested when the
+    # row drafted past i and kept every draft before it)
+    position_tests: list[float] = field(default_factory=list)
+    position_kept: list[float] = field(default_factory=list)
+
+    def position_rates(self, max_k: int, priors: list[float] | None = None) -> list[float]:
+        """Acceptance rate at each draft position 0..max_k-1, given every draft before it was
+        kept. Acceptance is not independent from one position to the next (code has long runs
+        of near-certain tokens: a row that kept three drafts likely keeps the fourth), so each
+        position has its own estimate. Position 0 starts from its prior (priors[0], else
+        PRIOR_KEPT / PRIOR_TESTS) with PRIOR_TESTS tests' weight, fading as the row's alpha
+        does; a deeper position from priors[i] (else the estimate of the position before it)
+        with DEPTH_PRIOR_TESTS tests' weight, so a position tested rarely follows its prior
+        and one tested a few times follows its own counts (with smoothing 0.2 a position's
+        decayed tests never exceed 5)."""
+        rates = []
+        before = None
+        for i in range(max_k):
+            tests = self.position_tests[i] if i < len(self.position_tests) else 0.0
+            kept = self.position_kept[i] if i < len(self.position_kept) else 0.0
+            if before is None:
+                prior = PRIOR_KEPT / PRIOR_TESTS if priors is None else priors[0]
+                weight = PRIOR_TESTS * self.prior_weight
+            else:
+                prior, weight = before if priors is None else priors[i], DEPTH_PRIOR_TESTS
+            rate = (kept + prior * weight) / (tests + weight) if tests + weight > 0 else prior
+            before = min(rate, 0.999)
+            rates.append(before)
+        return rates
 
 
 class AdaptiveDraftLength:
@@ -199,6 +254,13 @@ class AdaptiveDraftLength:
         self._costs: StepCosts | None = None  # the costs of the last update
         self._since_check = 0
         self._check_gap = recheck_every
+        # every row's keep tests by position, pooled: the prior of a row's position rates (a
+        # request that joins starts from what recent requests kept, not from a fixed 2/3)
+        self.pooled = _RowSchedule(k=0)
+
+    def rates(self, state: _RowSchedule, positions: int) -> list[float]:
+        """The row's acceptance rate at positions 0..positions-1, its prior the pooled rates."""
+        return state.position_rates(positions, self.pooled.position_rates(positions))
 
     def schedule(self, row: Hashable) -> _RowSchedule:
         if row not in self.rows:
@@ -241,7 +303,32 @@ class AdaptiveDraftLength:
                 # Before min_tests the cap (at the prior-weighted alpha) may shorten a draft to
                 # one token but not stop it: only a row's own keep tests can pause it.
                 out.append(min(state.k, max(1, state.best_k)))
+        if len(out) > 1 and self._costs is not None:
+            depth = self._batch_depth(ids, out, self._costs)
+            out = [min(k, depth) for k in out]
         return torch.tensor(out, dtype=torch.int64)
+
+    def _batch_depth(self, ids: list[Hashable], lengths: list[int], costs: StepCosts) -> int:
+        """The deepest draft of a batch step. A step drafts as deep as its deepest row (the
+        draft model runs once per depth for the whole batch) and its target pass is as wide as
+        its widest row, so one row that wants 10 tokens makes every row wait for 10 draft
+        passes. The depth D in 1..max(lengths) kept is the one with the most expected tokens
+        per unit of step cost over the batch, sum_b E(alpha_b, min(k_b, D)) / (D c + r(D + 1)),
+        E(alpha, k) = 1 + alpha + ... + alpha^k (at least 1: every row that asked for a draft
+        has its own theory's yes, so the batch never stops drafting here and rows keep being
+        measured). A single row keeps its own length."""
+        deepest = max(lengths)
+        if deepest <= 1:
+            return deepest
+        c = _cost_ratio(costs)
+        expected = [_expected_tokens(self.rates(self.schedule(row), deepest)) for row in ids]
+
+        def rate(depth: int) -> float:
+            tokens = sum(e[min(k, depth)] for e, k in zip(expected, lengths, strict=True))
+            verify = costs.relative_pass_cost(depth + 1, TRUST_SAMPLES) or 1.0
+            return tokens / (depth * c + verify)
+
+        return max(range(1, deepest + 1), key=lambda depth: (rate(depth), -depth))
 
     def update(self, *args: object) -> None:
         """update(rows, drafted, accepted, costs), or update(drafted, accepted, costs) for rows
@@ -294,6 +381,9 @@ class AdaptiveDraftLength:
         state.test_weight = decay * state.test_weight + accepted + failed
         state.prior_weight *= decay
         state.tests_seen += accepted + failed
+        for counts in (state, self.pooled):
+            _count_positions(counts, drafted, accepted, decay)
+        self.pooled.prior_weight *= decay
         # A weak prior (PRIOR_KEPT of PRIOR_TESTS) keeps one unlucky early step from deciding;
         # it fades like an old step, so a row's estimate can climb to any measured rate.
         state.alpha = (state.kept_weight + PRIOR_KEPT * state.prior_weight) / (
@@ -307,18 +397,43 @@ class AdaptiveDraftLength:
             state.paused = paused
 
     def _drafting_pays(self, state: _RowSchedule, costs: StepCosts) -> bool:
-        """Sets the row's best_k from the theory (at the prior's alpha before any keep test);
-        False when it is 0."""
+        """Sets the row's best_k: the k in 0..max_k with the most expected tokens per unit of
+        step cost, E(k) / (k c + r(k + 1)), E(k) = 1 + a_0 + a_0 a_1 + ... (a_i the row's
+        acceptance rate at position i given the drafts before it kept; the prior's at first).
+        With the same rate at every position this is the speedup theory's best k
+        (analysis.theory.best_draft_length). False when it is 0."""
         if costs.target(1) is None:
             return True
-        alpha = PRIOR_KEPT / PRIOR_TESTS if state.alpha is None else state.alpha
-        state.best_k = best_draft_length(
-            min(alpha, 0.999),
-            _cost_ratio(costs),
-            max_k=self.max_k,
-            verify_cost=lambda k: costs.relative_pass_cost(k + 1) or 1.0,
-        )
+        c = _cost_ratio(costs)
+        tokens = _expected_tokens(self.rates(state, self.max_k))
+
+        def rate(k: int) -> float:
+            return tokens[k] / (k * c + (costs.relative_pass_cost(k + 1, TRUST_SAMPLES) or 1.0))
+
+        state.best_k = max(range(self.max_k + 1), key=lambda k: (rate(k), -k))
         return state.best_k > 0
+
+
+def _count_positions(state: _RowSchedule, drafted: int, accepted: int, decay: float) -> None:
+    """Decays the per-position counts and adds one step's: position i was tested when the row
+    drafted past i and kept every draft before it, and passed when i < accepted."""
+    tested = min(drafted, accepted + 1)
+    while len(state.position_tests) < tested:
+        state.position_tests.append(0.0)
+        state.position_kept.append(0.0)
+    for i in range(len(state.position_tests)):
+        state.position_tests[i] = decay * state.position_tests[i] + (i < tested)
+        state.position_kept[i] = decay * state.position_kept[i] + (i < accepted)
+
+
+def _expected_tokens(rates: list[float]) -> list[float]:
+    """E(k) for k = 0..len(rates): expected tokens a step with k drafts emits (the kept drafts
+    and one more), 1 + a_0 + a_0 a_1 + ... + a_0 ... a_(k-1)."""
+    out, survive = [1.0], 1.0
+    for a in rates:
+        survive *= a
+        out.append(out[-1] + survive)
+    return out
 
 
 def _cost_ratio(costs: StepCosts) -> float:
