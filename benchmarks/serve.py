@@ -16,7 +16,9 @@ Qwen2.5-Coder-1.5B-Instruct drafted by 0.5B-Instruct, Q4_K_M), three servers, ea
 process on 127.0.0.1, one after the other:
 
 - ours, speculative: `specsample serve --backend llama.cpp --target T --draft D` with its
-  defaults (--max-batch 16, --k 4, block verification);
+  defaults (--max-batch 16, block verification; on llama.cpp --k auto and --repack; before
+  2026-11-29 evening --k 4 and no repacking); "speculative:4" gives --k 4, ":no-repack"
+  --no-repack;
 - ours, target-only: the same with `--drafter none`;
 - llama-cpp-python's own OpenAI server on the same target GGUF: `python -m llama_cpp.server
   --model T --n_threads N --n_threads_batch N --n_ctx C --interrupt_requests False`. It
@@ -50,7 +52,8 @@ python's server at every level.
 Run: python benchmarks/serve.py [--requests 6] [--max-tokens 64] [--json out.json]
      python benchmarks/serve.py --models default-pair [--clients 1,4,8,16] [--requests 4]
          [--max-tokens 128] [--threads 2] [--contenders speculative,target-only,llama_cpp.server]
-     (ours with options: speculative:auto for --k auto, :repack for --repack)
+     (ours with options after colons: speculative:auto or speculative:4 for --k, :repack or
+     :no-repack)
 """
 
 from __future__ import annotations
@@ -369,7 +372,7 @@ class ServerProcess:
 def contender_command(name: str, target: str, draft: str, args) -> tuple[list[str], str, dict]:
     """(command, readiness path, extra request fields) of one default-pair contender: a name of
     CONTENDERS, ours optionally with options after colons: "speculative:auto" (--k auto),
-    "target-only:repack" (--repack), "speculative:auto:repack"."""
+    "target-only:repack" (--repack), "speculative:4:no-repack" (--k 4 --no-repack)."""
     name, *options = name.split(":")
     if name == "llama_cpp.server" and not options:
         command = [sys.executable, "-m", "llama_cpp.server", "--model", target]
@@ -387,12 +390,15 @@ def contender_command(name: str, target: str, draft: str, args) -> tuple[list[st
     else:
         raise ValueError(f"contender: expected one of {CONTENDERS}, got {name!r}")
     for option in options:
-        if option == "auto" and name == "speculative":
-            command += ["--k", "auto"]
-        elif option == "repack":
-            command += ["--repack"]
+        if name == "speculative" and (option == "auto" or option.isdigit()):
+            command += ["--k", option]
+        elif option in ("repack", "no-repack"):
+            command += [f"--{option}"]
         else:
-            raise ValueError(f"contender {name}: unknown option {option!r} (auto, repack)")
+            raise ValueError(
+                f"contender {name}: unknown option {option!r} (auto, an integer k, repack, "
+                "no-repack)"
+            )
     return command, "/health", {}
 
 

@@ -427,13 +427,65 @@ def test_adaptive_needs_min_tests_before_pausing():
 
 
 def test_adaptive_rows_are_independent_and_a_joining_row_starts_from_the_prior():
-    policy = warmed(AdaptiveDraftLength(max_k=8, start_k=3), costs(0.05), rows=["a", "b"])
-    assert policy.next_lengths(["a", "b"]).tolist() == [3, 3]
-    policy.update(["a", "b"], lengths(3, 3), lengths(3, 0), StepCosts())
-    assert policy.next_lengths(["a", "b", "c"]).tolist() == [4, 2, 3]  # c joins at start_k
+    """Row "x" leaves and "c" joins (the batch keeps its size, so its costs and verdict): c
+    starts at start_k, a and b keep their schedules; a forgotten row starts afresh."""
+    policy = warmed(AdaptiveDraftLength(max_k=8, start_k=3), costs(0.05), rows=["a", "b", "x"])
+    assert policy.next_lengths(["a", "b", "x"]).tolist() == [3, 3, 3]
+    policy.update(["a", "b", "x"], lengths(3, 3, 3), lengths(3, 0, 3), costs(0.05))
+    policy.forget("x")
+    policy.next_lengths(["a", "b", "c"])
+    assert [policy.rows[r].k for r in ("a", "b", "c")] == [4, 2, 3]  # c joins at start_k
     policy.forget("a")
     assert "a" not in policy.rows
-    assert policy.next_lengths(["a"]).tolist() == [3]  # a forgotten row starts afresh
+    policy.next_lengths(["a", "b", "c"])
+    assert policy.rows["a"].k == 3  # a forgotten row starts afresh
+
+
+def test_each_batch_size_has_its_own_costs_and_verdict():
+    """Costs are kept per batch size (1, 2, 4, 8, ...): one row on flat passes can draft, while
+    eight rows, whose 2-token-per-row pass costs 1.9 times their 1-token pass (a compute-bound
+    CPU), cannot. A batch size first seen starts its own cost check: two target-only steps."""
+    solo, rows = ["solo"], list(range(8))
+    policy = warmed(AdaptiveDraftLength(max_k=8, start_k=3), costs(0.05), rows=solo)
+    assert policy.next_lengths(solo).tolist() == [3] and policy.can_pay is True
+    eight, none, ones = StepCosts(), lengths(*[0] * 8), lengths(*[1] * 8)
+    assert policy.next_lengths(rows).tolist() == [0] * 8 and policy.can_pay is None
+    eight.add_target_pass(1, 8.0)
+    policy.update(rows, none, none, eight)
+    assert policy.next_lengths(rows).tolist() == [0] * 8  # one 1-token pass timed: one more
+    eight.add_target_pass(1, 8.0)
+    policy.update(rows, none, none, eight)
+    for _ in range(2):  # a "no" needs two samples
+        assert policy.next_lengths(rows).tolist() == [1] * 8
+        eight.draft_step.add(3.0)
+        eight.add_target_pass(2, 15.2)
+        policy.update(rows, ones, ones, eight)
+    assert policy.verdicts == {1: True, 8: False}
+    assert policy.next_lengths(rows).tolist() == [0] * 8
+    assert policy.next_lengths(solo).tolist() == [3] and policy.can_pay is True
+    assert policy.next_lengths(rows[:5]).tolist() == [0] * 5  # 5 rows: with the 8s
+
+
+def test_a_bigger_batch_takes_a_no_from_a_smaller_one_but_not_a_yes():
+    """Drafting pays less in bigger batches, never more: once one row was found unable to pay,
+    2, 4, 8 rows decode target-only without a cost check of their own; a "yes" for one row
+    does not carry over (8 rows still run their own check)."""
+    steep = StepCosts()
+    for _ in range(2):
+        steep.draft_step.add(0.45)
+        steep.add_target_pass(1, 1.0)
+        steep.add_target_pass(2, 1.73)
+    policy = AdaptiveDraftLength(max_k=8)
+    policy.next_lengths(1)
+    policy.update(lengths(1), lengths(1), steep)
+    assert policy.verdicts == {1: False}
+    for rows in (2, 3, 8, 16):
+        assert policy.next_lengths(rows).tolist() == [0] * rows and policy.can_pay is False
+    flat = AdaptiveDraftLength(max_k=8)
+    flat.next_lengths(1)
+    flat.update(lengths(1), lengths(1), costs(0.05))
+    assert flat.verdicts == {1: True}
+    assert flat.next_lengths(8).tolist() == [0] * 8 and flat.can_pay is None
 
 
 # ---------------------------------------------------------------- adaptive: acceptance by position

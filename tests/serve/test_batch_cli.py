@@ -58,3 +58,52 @@ def test_serve_command_checks_options_before_loading(capsys):
     assert "--max-queue" in capsys.readouterr().err
     assert main(["serve", "--k", "many"]) == 2
     assert "--k" in capsys.readouterr().err
+
+
+def _loaded_engine(*options: str):
+    import argparse
+
+    from specsample.cli.models import ModelLoader, add_model_arguments
+
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    served = ModelLoader.from_args(parser.parse_args(list(options)))()
+    return served.make_engine()
+
+
+def _loaded_policy(*options: str):
+    return _loaded_engine(*options).policy
+
+
+def test_serving_draft_length_defaults_to_four_on_transformers(tiny_pair):
+    from specsample.engine.length import AdaptiveDraftLength, FixedDraftLength
+
+    target, draft = tiny_pair
+    policy = _loaded_policy("--target", target, "--draft", draft, "--max-batch", "2")
+    assert isinstance(policy, FixedDraftLength) and policy.k == 4
+    policy = _loaded_policy("--target", target, "--draft", draft, "--k", "auto")
+    assert isinstance(policy, AdaptiveDraftLength)
+
+
+def test_serving_defaults_on_llamacpp_are_auto_length_and_repacked_weights(tmp_path):
+    """On llama.cpp (CPUs) the default is the adaptive length (its cost check finds out per
+    batch size whether drafting can pay at all; --k still fixes it), and weights repacked for
+    multi-token passes (--no-repack turns it off)."""
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("gguf")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "adapters"))
+    from tiny_gguf import write_tiny_gguf
+
+    from specsample.engine.length import AdaptiveDraftLength, FixedDraftLength
+
+    gguf = str(write_tiny_gguf(tmp_path / "tiny.gguf"))
+    common = ["--target", gguf, "--draft", gguf, "--threads", "1", "--context", "64"]
+    engine = _loaded_engine(*common, "--max-batch", "2")
+    assert isinstance(engine.policy, AdaptiveDraftLength)
+    assert engine.target.model.repack and engine.drafter.cursor.model.repack
+    engine = _loaded_engine(*common, "--max-batch", "2", "--k", "3", "--no-repack")
+    assert isinstance(engine.policy, FixedDraftLength) and engine.policy.k == 3
+    assert not engine.target.model.repack

@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
             draft_quantize=args.draft_quantize,
             backend=args.backend,
             threads=args.threads,
-            repack=args.repack,
+            repack=bool(args.repack),  # default off: one request, 1-token passes
         )
     except (ValueError, OSError) as error:
         print(f"specsample generate: {error}", file=sys.stderr)

@@ -32,10 +32,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--k",
-        default=str(DEFAULT_SERVING_K),
-        help=f"draft length: an integer (default {DEFAULT_SERVING_K}), or 'auto' (adaptive per "
-        "request; in a batch every step drafts as deep as its deepest row, so with several "
-        "clients a fixed k served more tokens per second: benchmarks/serve.md)",
+        default=None,
+        help="draft length: an integer, or 'auto' (adaptive: per request, and per batch size it "
+        "first checks whether drafting can pay at all on this machine). Default: auto on "
+        f"llama.cpp (on CPUs a fixed k served fewer tokens per second than target-only), "
+        f"{DEFAULT_SERVING_K} on transformers (on the tiny benchmark pair a fixed k served more "
+        "than auto with several clients): benchmarks/serve.md",
     )
     group.add_argument("--max-k", type=int, default=16, help="largest --k auto length (16)")
     group.add_argument(
@@ -97,13 +99,15 @@ def add_backend_arguments(parser) -> None:
     )
     parser.add_argument(
         "--repack",
-        action="store_true",
-        help="llama.cpp: let it repack quantised weights for its multi-token CPU kernels (off "
-        "by default). Faster passes over several tokens (a batch of requests, long drafts: on "
-        "2 cores a 4-token pass cost 2.4x a 1-token pass instead of 3.2x, a 1-token pass 8%% "
-        "more); exact all the same (each token follows the distribution its verifying pass "
-        "computed), but a position's logits then differ slightly with the pass's size, so "
-        "seeded text is less often the same with and without speculation",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="llama.cpp: let it repack quantised weights for its multi-token CPU kernels. "
+        "Faster passes over several tokens (a batch of requests, long drafts: on 2 cores a "
+        "4-token pass cost 2.4x a 1-token pass instead of 3.2x); exact all the same (each token "
+        "follows the distribution its verifying pass computed), but a position's logits then "
+        "differ slightly with the pass's size, so seeded text is less often the same with and "
+        "without speculation. Default: on for serve and batch (several requests per pass), off "
+        "for generate (one request: 1-token passes)",
     )
     parser.add_argument(
         "--draft-quantize",
@@ -136,7 +140,7 @@ class ModelLoader:
     def __call__(self):
         import torch
 
-        from specsample.adapters.loading import load_pair
+        from specsample.adapters.loading import load_pair, resolve_backend
         from specsample.cli.generate import _draft_length
         from specsample.engine import AdaptiveDraftLength, Engine
         from specsample.engine.text import eos_token_ids
@@ -148,6 +152,10 @@ class ModelLoader:
             import specsample.lossy  # noqa: F401 - registers the lossy rules
 
         context = o.context or 4096
+        repack = o.repack
+        if repack is None:  # serving: several rows per pass, where repacked kernels are faster
+            backend = resolve_backend(o.backend, o.target, o.draft, o.device, o.draft_quantize)
+            repack = backend == "llama.cpp"
         pair = load_pair(
             o.target,
             o.draft,
@@ -159,12 +167,14 @@ class ModelLoader:
             threads=o.threads,
             n_ctx=context * o.max_batch,
             max_batch=o.max_batch,
-            repack=getattr(o, "repack", False),
+            repack=repack,
         )
         if o.drafter == "model" and pair.draft is None:
             raise ValueError("--drafter model needs --draft when --target is given")
         if o.context is None:
             context = min(context, getattr(pair.target_config, "max_position_embeddings", context))
+        if o.k is None:
+            o.k = "auto" if pair.backend == "llama.cpp" else str(DEFAULT_SERVING_K)
         draft_length = _draft_length(o, AdaptiveDraftLength)
 
         def make_engine() -> Engine:
@@ -218,7 +228,8 @@ def check_model_arguments(args: argparse.Namespace) -> None:
     from specsample.cli.generate import _draft_length
     from specsample.engine.length import AdaptiveDraftLength
 
-    _draft_length(args, AdaptiveDraftLength)  # raises for a bad --k
+    if args.k is not None:
+        _draft_length(args, AdaptiveDraftLength)  # raises for a bad --k
 
 
 def warn_if_lossy(args: argparse.Namespace, command: str) -> None:

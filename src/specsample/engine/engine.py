@@ -27,7 +27,12 @@ import torch
 from specsample.adapters.cursor import ModelCursor
 from specsample.adapters.protocol import LanguageModel
 from specsample.drafters.base import Draft, Drafter
-from specsample.engine.length import AdaptiveDraftLength, FixedDraftLength, StepCosts
+from specsample.engine.length import (
+    AdaptiveDraftLength,
+    FixedDraftLength,
+    StepCosts,
+    batch_bucket,
+)
 from specsample.engine.stats import DecodeStats
 from specsample.rules.registry import (
     Rule,
@@ -141,7 +146,11 @@ class Engine:
         self.policy = _draft_length_policy(draft_length, drafter, fixed_depth)
         self.max_batch = max_batch
         self.stats = DecodeStats()
-        self.costs = StepCosts()
+        self.costs = StepCosts()  # every step's costs (reported in DecodeStats)
+        # the same by batch size (batch_bucket: 1, 2, 4, 8, ...), what the draft-length policy
+        # decides with: a pass over 8 rows costs more than one over 1, and on a compute-bound
+        # CPU drafting can pay for one row and not for eight, or the other way round
+        self.costs_by_batch: dict[int, StepCosts] = {}
         self._draft_passes_seen = getattr(drafter, "forward_passes", 0)
         self._draft_prefill_seen = getattr(drafter, "prefill_seconds", 0.0)
         self._ids = itertools.count()
@@ -305,7 +314,8 @@ class Engine:
         timing = _StepTiming(draft_seconds, target_seconds, verify_seconds, passes)
         self.stats.new_tokens += committed
         self._record(_StepRows.of(draft, result, recovered, rules_used), draft, timing, started)
-        self.policy.update(ids, draft.depths(), result.num_accepted, self.costs)
+        costs = self.costs_by_batch[batch_bucket(len(ids))]
+        self.policy.update(ids, draft.depths(), result.num_accepted, costs)
         return outputs
 
     def _propose(self, sequences, limits, sampling) -> Draft:
@@ -459,11 +469,14 @@ class Engine:
             step.add_to(request.stats, [b], timing)
             request.stats.draft_passes += timing.draft_passes
         self.stats.draft_passes += timing.draft_passes
-        for _ in range(timing.draft_passes):
-            self.costs.draft_step.add(timing.draft_seconds / timing.draft_passes)
         width = int(draft.valid.sum(dim=1).max()) if draft.num_nodes else 0
-        # scoring and verifying: what a step with these many tokens per row costs beyond drafting
-        self.costs.add_target_pass(width + 1, timing.target_seconds + timing.verify_seconds)
+        bucket = self.costs_by_batch.setdefault(batch_bucket(draft.batch), StepCosts())
+        for costs in (self.costs, bucket):
+            for _ in range(timing.draft_passes):
+                costs.draft_step.add(timing.draft_seconds / timing.draft_passes)
+            # scoring and verifying: what a step with these many tokens per row costs beyond
+            # drafting
+            costs.add_target_pass(width + 1, timing.target_seconds + timing.verify_seconds)
         self.stats.total_seconds += time.perf_counter() - started
         self.stats.target_single_pass_seconds = self._single_pass_seconds()
 

@@ -33,9 +33,10 @@
   3. Batch depth. A step drafts as deep as its deepest row, so the rows' lengths are cut to the
      depth with the most expected tokens over the batch per unit of step cost (at least 1).
 
-Costs: a target pass's cost includes verifying its tokens; the schedule trusts a pass length
-after TRUST_SAMPLES timings (before that, one slow pass cannot price it out); see
-docs/theory.md.
+Costs: kept per batch size (batch_bucket: 1, 2, 4, 8, ... rows), each with its own cost check
+and verdict (the engine's costs_by_batch), a "no" carried to bigger batches; a target pass's
+cost includes verifying its tokens; the schedule trusts a pass length after TRUST_SAMPLES
+timings (before that, one slow pass cannot price it out); see docs/theory.md.
 
 The draft length never depends on the target's future, so every choice here keeps verification
 exact.
@@ -72,6 +73,12 @@ class FixedDraftLength:
 
     def forget(self, row: Hashable) -> None:
         pass
+
+
+def batch_bucket(rows: int) -> int:
+    """The batch sizes whose costs are kept together: 1, 2, 4, 8, ... (rows rounded up to a
+    power of two)."""
+    return 1 << max(0, rows - 1).bit_length()
 
 
 class StepCosts:
@@ -247,11 +254,13 @@ class AdaptiveDraftLength:
         self.min_tests = min_tests
         self.rows: dict[Hashable, _RowSchedule] = {}
         self.steps = 0  # calls of next_lengths
-        # None until the costs are known (a 1-token pass, and a pass that scored drafts); then
-        # whether some draft length could pay if every draft were kept.
-        self.can_pay: bool | None = None
-        self._single_passes = 0  # 1-token target passes timed, as of the last update
-        self._costs: StepCosts | None = None  # the costs of the last update
+        # Per batch size (batch_bucket): None until the costs are known (two 1-token passes, and
+        # a pass that scored drafts); then whether some draft length could pay if every draft
+        # were kept. The costs are those the update of a step of that size brought.
+        self.verdicts: dict[int, bool | None] = {}
+        self.bucket_costs: dict[int, StepCosts] = {}
+        self.can_pay: bool | None = None  # the verdict for the batch size of the last call
+        self._costs: StepCosts | None = None  # the costs for the batch size of the last call
         self._since_check = 0
         self._check_gap = recheck_every
         # every row's keep tests by position, pooled: the prior of a row's position rates (a
@@ -273,13 +282,28 @@ class AdaptiveDraftLength:
     def forget(self, row: Hashable) -> None:
         self.rows.pop(row, None)
 
+    def _use_bucket(self, rows: int) -> int:
+        """Selects the costs and verdict of this batch size. A batch size not settled yet
+        takes a "no" from any smaller one: a bigger batch makes every pass more compute-bound,
+        and drafting pays less, never more (so a server that found drafting cannot pay for one
+        client does not try again for 2, 4, 8, ... clients)."""
+        bucket = batch_bucket(rows)
+        verdict = self.verdicts.get(bucket)
+        if verdict is None and any(v is False for b, v in self.verdicts.items() if b < bucket):
+            verdict = False
+        self.can_pay = verdict
+        self._costs = self.bucket_costs.get(bucket)
+        return bucket
+
     def next_lengths(self, rows: int | Sequence[Hashable]) -> torch.Tensor:
         ids = list(range(rows)) if isinstance(rows, int) else list(rows)
         self.steps += 1
+        self._use_bucket(len(ids))
         if self.can_pay is None:
             # Target-only steps time 1-token target passes for free (two of them); then the
             # cheapest drafting steps, one token per row, time draft passes and 2-token passes.
-            timed = self._single_passes < 2
+            single = None if self._costs is None else self._costs.target_pass.get(1)
+            timed = single is None or single.count < 2
             return torch.full((len(ids),), 0 if timed else 1, dtype=torch.int64)
         if not self.can_pay:
             self._since_check += 1
@@ -338,12 +362,11 @@ class AdaptiveDraftLength:
             rows: Sequence[Hashable] = range(len(drafted))
         else:
             rows, drafted, accepted, costs = args
-        single = costs.target_pass.get(1)
-        self._single_passes = 0 if single is None else single.count
-        self._costs = costs
+        bucket = self._use_bucket(len(rows))
+        self.bucket_costs[bucket] = self._costs = costs
         verdict = self._cost_verdict(costs)
         if verdict is not None:  # costs that cannot tell keep the last verdict
-            self.can_pay = verdict
+            self.verdicts[bucket] = self.can_pay = verdict
         for row, d, a in zip(rows, drafted.tolist(), accepted.tolist(), strict=True):
             if d > 0:
                 self._update_row(self.schedule(row), d, a, costs)
