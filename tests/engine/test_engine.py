@@ -560,6 +560,78 @@ def test_a_drafter_with_fewer_ids_than_the_target_is_padded_with_zeros():
     assert 15 in {t for tokens in padded for t in tokens}
 
 
+class ExtraIdsDrafter:
+    """Drafts from a toy model's softmax over its 16 ids and `extra` more whose logit is the
+    mean of the others: a draft model with a bigger vocabulary that gives ids the target does
+    not have real probability, and draws them."""
+
+    forward_passes = 0
+    fixed_depth = None
+
+    def __init__(self, model: ToyLM, extra: int):
+        self.model, self.extra = model, extra
+
+    def set_rows(self, sequences, keep, prompts):
+        pass
+
+    def propose(self, sequences, max_lengths, sampling):
+        batch, k = len(sequences), int(max_lengths.max())
+        vocab = 16 + self.extra
+        tokens = torch.zeros(batch, k, dtype=torch.int64)
+        probs = torch.zeros(batch, k, vocab)
+        lengths = max_lengths.clone()
+        for b, sequence in enumerate(sequences):
+            prefix = list(sequence)
+            for i in range(int(max_lengths[b])):
+                logits = self.model.logits_for(prefix)
+                logits = torch.cat([logits, logits.mean().repeat(self.extra)])
+                q = torch.softmax(logits, -1)
+                token = int(torch.multinomial(q, 1, generator=sampling.generators[b]))
+                tokens[b, i], probs[b, i] = token, q
+                if token >= 16:  # its own model cannot go on after an id the toy lacks
+                    lengths[b] = i + 1
+                    break
+                prefix.append(token)
+        return Draft.chain(tokens, probs, lengths)
+
+
+def test_drafts_of_ids_the_target_does_not_have_are_rejected():
+    """Draft ids 16 and 17 (probability about 1/9 each step) have target probability 0: they
+    are never kept and never emitted; the rows go on with the target's tokens."""
+    target, draft = pair16()
+    engine = Engine(target, ExtraIdsDrafter(draft, 2), draft_length=3)
+    ids = [
+        engine.add_request([1, 2], sampling=CONFIGS[i % 3], max_new_tokens=24, seed=i)
+        for i in range(6)
+    ]
+    outputs = run_to_end(engine)
+    assert_stats_identities(engine.stats)
+    emitted = [tokens_of(outputs[i]) for i in ids]
+    assert all(len(tokens) == 24 for tokens in emitted)
+    assert all(0 <= t < 16 for tokens in emitted for t in tokens)
+    assert engine.stats.keep_tests > engine.stats.accepted > 0
+
+
+class ZeroProbabilityDrafter(ExtraIdsDrafter):
+    """Reports probability 0 for every token after the first of its draft (a broken drafter)."""
+
+    def propose(self, sequences, max_lengths, sampling):
+        draft = super().propose(sequences, max_lengths, sampling)
+        draft.probs[:, 1:] = 0.0
+        return Draft.chain(draft.tokens, draft.probs, max_lengths.clone())
+
+
+def test_a_drafter_that_reports_probability_zero_for_its_own_draft_is_an_error():
+    """q(x) = 0 for a drafted x cannot be: the rules would divide 0 by 0 (block verification
+    then kept an id the target does not have and emitted -19). The step says which draft and
+    stops instead."""
+    target, draft = pair16()
+    engine = Engine(target, ZeroProbabilityDrafter(draft, 0), draft_length=3)
+    engine.add_request([1, 2], max_new_tokens=24, seed=0)
+    with pytest.raises(ValueError, match=r"^draft_probs: the drafted token draft_tokens\[0, 1\]"):
+        run_to_end(engine)
+
+
 def test_a_step_where_no_row_may_draft_does_not_ask_the_drafter():
     """With one token to go a row drafts nothing (a draft stops one short of the limit): the tree
     drafter, whose depth is fixed, is not called, and the token is the one target-only decoding

@@ -14,6 +14,7 @@ lengths react to measured times, so the same seed may give different (equally ex
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import operator
 import random
@@ -296,7 +297,7 @@ class Engine:
         self.stats.prefill_seconds += prefill
         # 3. score
         clock = time.perf_counter()
-        logits = self.target.score(sequences, [True] * len(rows), draft)
+        logits = self.target.score(sequences, [True] * len(rows), _scorable(draft, self.target))
         target_seconds = time.perf_counter() - clock
         # 4. verify
         clock = time.perf_counter()
@@ -652,6 +653,20 @@ def _merge_results(
         for b in index.tolist():
             rules_used[b] = part.rule_used
     return TreeResult(tokens, accepted, path, "+".join(sorted(set(rules_used)))), rules_used
+
+
+def _scorable(draft: Draft, target: ModelCursor) -> Draft:
+    """The draft as the target scores it. A draft model with a bigger vocabulary can draft an id
+    the target does not have; the target scores a placeholder (id 0) in its place. That is
+    exact: the target's distribution at the id's position comes from the tokens before it, the
+    keep test rejects the id for certain (its target probability is 0, the rules pad the
+    target's distributions with zeros), and so nothing scored after it is ever kept."""
+    if not draft.num_nodes:
+        return draft
+    outside = draft.tokens >= target.vocab_size
+    if not bool(outside.any()):
+        return draft
+    return dataclasses.replace(draft, tokens=torch.where(outside, 0, draft.tokens))
 
 
 def _pad_vocab(probs: torch.Tensor, vocab: int) -> torch.Tensor:

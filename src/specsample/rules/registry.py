@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from specsample.rules import checks
 from specsample.rules.block import block_rule
 from specsample.rules.coupled import coupled_rule
 from specsample.rules.draft import Draft
@@ -123,6 +124,10 @@ def verify_draft(
             f"rule: {rule.name!r} is verified with verify_coupled (noise, no uniforms)"
         )
     check_rule_for(rule, chain)
+    if draft_probs is not None and draft.num_nodes:
+        # one gather: a drafter that reports q(x) = 0 for a token x it drafted breaks the rules'
+        # arithmetic (0/0), so it is an error, not a silently wrong token
+        checks.check_drafted_tokens_possible(torch.where(valid, tokens, 0), draft_probs, valid)
     if chain and rule.chain is not None:
         lengths = valid.sum(dim=1)
         chain_rule = rule.chain
