@@ -437,6 +437,8 @@ def test_a_lazy_prefill_counts_as_prefill_not_as_a_draft_pass(drafter_name):
     run_to_end(engine)
     assert engine.stats.draft_passes > 0 and draft.num_calls > 0
     assert engine.stats.prefill_seconds >= 0.4
+    # counted once: the target's prompt pass takes milliseconds
+    assert engine.stats.prefill_seconds < engine.drafter.prefill_seconds + 0.3
     assert engine.stats.draft_seconds < 0.4
     assert max(engine.costs.draft_step.samples) < 0.4 / engine.stats.draft_passes
 
@@ -461,6 +463,32 @@ def test_the_cost_of_a_target_pass_includes_verifying_it(monkeypatch):
 
 
 # ---------------------------------------------------------------- found by mutation testing
+
+
+@pytest.mark.parametrize("drafter_name", ["none", "model", "ngram", "tree"])
+def test_draft_passes_and_prefill_time_are_counted_once(drafter_name):
+    """The engine's and each request's draft passes are the drafter's own count (one request);
+    prefill time is the target's prompt pass and the drafter's lazy prefill, nothing more (the
+    toy models take milliseconds; a miscount of a second shows). Target passes are recorded
+    under the widest row's tokens, not the batch's total (two rows drafting 2 each: 3)."""
+    target, draft = pair16()
+    drafter = DRAFTERS[drafter_name](draft)
+    engine = Engine(target, drafter, draft_length=2)
+    request = engine.add_request([3, 1, 4], max_new_tokens=10, seed=1)
+    final = run_to_end(engine)[request][-1]
+    passes = getattr(drafter, "forward_passes", 0)
+    assert final.finished and final.stats is not None
+    assert engine.stats.draft_passes == passes and final.stats.draft_passes == passes
+    own = getattr(drafter, "prefill_seconds", 0.0)
+    assert own <= engine.stats.prefill_seconds < own + 0.5
+    if drafter_name in ("model", "tree"):
+        assert passes > 0
+    target, draft = pair16()
+    batch = Engine(target, ModelDrafter(draft), draft_length=2)
+    for seed in (1, 2):
+        batch.add_request([3, 1, 4], max_new_tokens=3, seed=seed)
+    run_to_end(batch)
+    assert set(batch.costs.target_pass) <= {1, 2, 3}
 
 
 class PaddedVocabDrafter:
