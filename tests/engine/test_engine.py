@@ -468,14 +468,28 @@ def test_the_cost_of_a_target_pass_includes_verifying_it(monkeypatch):
 @pytest.mark.parametrize("drafter_name", ["none", "model", "ngram", "tree"])
 def test_draft_passes_and_prefill_time_are_counted_once(drafter_name):
     """The engine's and each request's draft passes are the drafter's own count (one request);
-    prefill time is the target's prompt pass and the drafter's lazy prefill, nothing more (the
-    toy models take milliseconds; a miscount of a second shows). Target passes are recorded
-    under the widest row's tokens, not the batch's total (two rows drafting 2 each: 3)."""
+    step times add up; prefill time is the target's prompt pass and the drafter's lazy
+    prefill, nothing more (the toy models take milliseconds; a miscount of a second shows).
+    Target passes are recorded under the widest row's tokens, not the batch's total (two rows
+    drafting 2 each: 3)."""
     target, draft = pair16()
     drafter = DRAFTERS[drafter_name](draft)
     engine = Engine(target, drafter, draft_length=2)
     request = engine.add_request([3, 1, 4], max_new_tokens=10, seed=1)
+    started = time.perf_counter()
     final = run_to_end(engine)[request][-1]
+    wall = time.perf_counter() - started
+    stats = engine.stats
+    # seconds: the parts within the total, the total within the wall time (summed over steps)
+    parts = stats.draft_seconds + stats.target_seconds + stats.verify_seconds
+    assert parts <= stats.total_seconds <= wall
+    # each draft pass is timed as its share of the step's drafting time (fewer than 16 samples;
+    # steps that made no draft pass, an n-gram lookup, add time but no sample)
+    assert engine.costs.draft_step.count <= 16
+    assert sum(engine.costs.draft_step.samples) <= stats.draft_seconds + 1e-9
+    single = engine.costs.target_pass.get(1)  # none with a tree drafter: its depth is fixed
+    assert stats.target_single_pass_seconds == (None if single is None else single.value)
+    assert single is not None or drafter_name == "tree"
     passes = getattr(drafter, "forward_passes", 0)
     assert final.finished and final.stats is not None
     assert engine.stats.draft_passes == passes and final.stats.draft_passes == passes
