@@ -27,6 +27,8 @@ by a. From that alone:
 13. tree_steps <= target_passes
 14. sum(draft_lengths.values()) == row_steps        (chain runs: every row step has one length)
 15. every count and every time >= 0
+16. drafted_by_position is empty or its last entry is > 0  (it is as long as the deepest
+                                                    position any row step tested)
 
 The recovered / bonus stream labels and the size of each target pass are not fields of
 DecodeStats; the engine tests check those against the RequestOutputs.
@@ -133,6 +135,11 @@ def stats_identity_violations(stats) -> list[str]:
             "14. sum(draft_lengths.values()) == row_steps (chain runs)",
             stats.tree_steps > 0 or sum(stats.draft_lengths.values()) == stats.row_steps,
             f"{dict(stats.draft_lengths)} against {stats.row_steps}",
+        ),
+        (
+            "16. drafted_by_position ends at the deepest tested position (last entry > 0)",
+            not drafted_at or drafted_at[-1] > 0,
+            f"{drafted_at}",
         ),
     ]
     negative = [name for name in COUNTS + SECONDS if getattr(stats, name) < 0]

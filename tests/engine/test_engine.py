@@ -10,6 +10,7 @@ same size.
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import pytest
@@ -463,6 +464,67 @@ def test_the_cost_of_a_target_pass_includes_verifying_it(monkeypatch):
 
 
 # ---------------------------------------------------------------- found by mutation testing
+
+
+def test_has_unfinished_is_exact_around_aborts_and_the_last_step():
+    """A running request aborted: the engine has an unreported final output (True) until the
+    next step reports it, with an empty top-logprob list when the request asked for them;
+    after the step that reports every final output, nothing is unfinished (False)."""
+    target, draft = pair16()
+    engine = Engine(target, ModelDrafter(draft), draft_length=ScriptedLength([0, 0], 2))
+    aborted = engine.add_request([3, 1, 4], max_new_tokens=20, seed=1, top_logprobs=2)
+    engine.step()
+    assert engine.abort(aborted) and engine.has_unfinished()
+    (final,) = engine.step()
+    assert final.finished and final.finish_reason == "abort" and final.tokens == []
+    assert final.top_logprobs == []
+    assert not engine.has_unfinished()
+    request = engine.add_request([2, 7], max_new_tokens=4, seed=2)
+    started = time.perf_counter()
+    last = []
+    while not last:
+        last = [o for o in engine.step() if o.request_id == request and o.finished]
+    wall = time.perf_counter() - started
+    assert not engine.has_unfinished()
+    # the request's own statistics: its time within the wall time, the engine's 1-token pass
+    assert 0 < last[0].stats.total_seconds <= wall
+    # (as of its last step: that step's own pass may have been a 1-token pass too)
+    singles = list(engine.costs.target_pass[1].samples)
+    medians = {statistics.median(singles), statistics.median(singles[:-1])}
+    assert last[0].stats.target_single_pass_seconds in medians
+
+
+class TargetlessDrafter:
+    """Drafts id 16, which a 16-id target does not have, with draft probability 1: every draft
+    is rejected at its first position."""
+
+    forward_passes = 0
+    fixed_depth = None
+
+    def set_rows(self, sequences, keep, prompts):
+        pass
+
+    def propose(self, sequences, max_lengths, sampling):
+        batch, k = len(sequences), int(max_lengths.max())
+        tokens = torch.full((batch, k), 16, dtype=torch.int64)
+        probs = torch.zeros(batch, k, 17)
+        probs[:, :, 16] = 1.0
+        return Draft.chain(tokens, probs, max_lengths.clone())
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_token_drawn_after_a_rejection_is_recovered_whatever_the_draft_length(k):
+    """Every step rejects its first draft, so every token it emits is drawn from the residual:
+    "recovered", also with one-token drafts (whose first node has no children). The last
+    token, with one to go, is drawn by a step without a draft: "bonus"."""
+    target, _ = pair16()
+    engine = Engine(target, TargetlessDrafter(), draft_length=k)
+    request = engine.add_request([1, 2], max_new_tokens=6, seed=3)
+    outputs = run_to_end(engine)[request]
+    kinds = [kind for o in outputs for kind in o.kinds]
+    assert kinds == [RECOVERED] * 5 + [BONUS]
+    assert engine.stats.accepted == 0 and engine.stats.empty_steps == engine.stats.row_steps - 1
+    assert_stats_identities(engine.stats)
 
 
 @pytest.mark.parametrize("drafter_name", ["none", "model", "ngram", "tree"])

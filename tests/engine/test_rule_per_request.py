@@ -104,6 +104,10 @@ def test_each_row_of_a_mixed_batch_gives_its_text_alone(name):
     assert engine.stats.accepted > 0
     # the steps that mixed rules count once under "a+b"; each request under its own rule
     assert any("+" in key for key in engine.stats.rules_used)
+    for key in engine.stats.rules_used:  # "a+b": the rules' own names, sorted, each once
+        parts = key.split("+")
+        assert parts == sorted(set(parts))
+        assert set(parts) <= {"block", "token", "tree", "greedy", "coupled"}
     assert_stats_identities(engine.stats)
     for i, rule in enumerate(rules):
         assert_stats_identities(stats[i])

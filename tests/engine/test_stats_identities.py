@@ -88,6 +88,7 @@ BREAKS = {
     13: lambda stats: setattr(stats, "tree_steps", stats.target_passes + 1),
     14: set_item("draft_lengths", 7, 1),
     15: add("verify_seconds", -1.0),
+    16: lambda stats: (stats.drafted_by_position.append(0), stats.accepted_by_position.append(0)),
 }
 
 
