@@ -227,6 +227,8 @@ def test_max_batch_bounds_the_running_requests_and_the_queue_drains_in_order():
         ({"prompt_tokens": []}, ValueError, "prompt_tokens"),
         ({"prompt_tokens": "abc"}, TypeError, "prompt_tokens"),
         ({"prompt_tokens": [99]}, ValueError, "prompt_tokens[0]"),
+        ({"prompt_tokens": [1, 16]}, ValueError, "prompt_tokens[1]"),  # the vocabulary is 16
+        ({"prompt_tokens": [-1]}, ValueError, "prompt_tokens[0]"),
         ({"max_new_tokens": 0}, ValueError, "max_new_tokens"),
         ({"seed": -1}, ValueError, "seed"),
         ({"sampling": {"temperature": 1}}, TypeError, "sampling"),
@@ -549,6 +551,10 @@ def test_draft_passes_and_prefill_time_are_counted_once(drafter_name):
     # steps that made no draft pass, an n-gram lookup, add time but no sample)
     assert engine.costs.draft_step.count <= 16
     assert sum(engine.costs.draft_step.samples) <= stats.draft_seconds + 1e-9
+    # each step's scoring and verification is one target-pass sample (fewer than 16 per length)
+    timed = [x for recent in engine.costs.target_pass.values() for x in recent.samples]
+    assert all(recent.count <= 16 for recent in engine.costs.target_pass.values())
+    assert sum(timed) == pytest.approx(stats.target_seconds + stats.verify_seconds)
     single = engine.costs.target_pass.get(1)  # none with a tree drafter: its depth is fixed
     assert stats.target_single_pass_seconds == (None if single is None else single.value)
     assert single is not None or drafter_name == "tree"
