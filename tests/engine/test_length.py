@@ -92,27 +92,29 @@ def test_adaptive_first_times_target_passes_then_one_token_drafts():
     assert (policy.next_lengths(2) <= torch.tensor([4, 2])).all()
 
 
-def test_adaptive_stops_drafting_in_four_steps_where_no_draft_length_can_pay():
+def test_adaptive_stops_drafting_in_five_steps_where_no_draft_length_can_pay():
     """The pass costs measured with llama.cpp on 2 CPU cores (1.5B target, 0.5B draft): a
     draft pass 0.45 of a 1-token target pass and a 2-token pass 1.73 of it. Even with every
     draft kept, k drafts give (k + 1) / (0.45 k + r(k + 1)) < 1 for every k: after two
-    target-only steps and two one-token drafting steps (a "no" needs two samples) the policy
-    goes target-only, whatever the acceptance, and drafts one token after recheck_every steps
-    to measure again, then after twice as many."""
+    target-only steps, two one-token drafting steps (a "no" needs two samples) and one step
+    of four drafts (a "no" needs a 5-token pass too: 3.9x here) the policy goes target-only,
+    whatever the acceptance, and drafts one token after recheck_every steps to measure again,
+    then after twice as many."""
     recheck = 16
     policy = AdaptiveDraftLength(max_k=16, recheck_every=recheck)
     measured = StepCosts()
     schedule = []
-    for _ in range(4):
+    for _ in range(5):
         k = int(policy.next_lengths(1))
         schedule.append(k)
-        if k:
+        for _ in range(k):
             measured.draft_step.add(0.0215)
-            measured.add_target_pass(2, 0.083)
+        if k:
+            measured.add_target_pass(k + 1, {1: 0.083, 4: 0.187}[k])
         else:
             measured.add_target_pass(1, 0.048)
         policy.update(lengths(k), lengths(k), measured)  # every draft kept: does not matter
-    assert schedule == [0, 0, 1, 1]
+    assert schedule == [0, 0, 1, 1, 4]
     assert policy.can_pay is False
     schedule = [int(policy.next_lengths(1)) for _ in range(7 * recheck)]
     rechecks = [step for step, k in enumerate(schedule) if k]
@@ -159,6 +161,9 @@ def test_adaptive_cost_check_needs_two_samples_to_say_no():
         slow.add_target_pass(2, 1.05)
         slow.draft_step.add(2.0)
     policy.update(lengths(1), lengths(1), slow)
+    assert policy.can_pay is not False  # no 5-token pass yet: a "no" waits for one
+    slow.add_target_pass(5, 1.2)
+    policy.update(lengths(1), lengths(1), slow)
     assert policy.can_pay is False
 
 
@@ -172,9 +177,13 @@ def test_adaptive_cost_check_matches_the_theory_at_alpha_one():
                 measured.add_target_pass(1, 1.0)
                 measured.add_target_pass(2, two)
                 measured.draft_step.add(c)
+            measured.add_target_pass(5, 1.0 + 4 * (two - 1.0))  # the probe, on the chord
             policy = AdaptiveDraftLength(max_k=8)
             policy.update(lengths(1), lengths(1), measured)
-            best = max((k + 1) / (k * c + measured.relative_pass_cost(k + 1)) for k in range(1, 9))
+            best = max(
+                (k + 1) / (k * c + measured.relative_pass_cost(k + 1, interpolate=True))
+                for k in range(1, 9)
+            )
             assert policy.can_pay is (best > 1.0), (c, two)
 
 
@@ -460,6 +469,9 @@ def test_each_batch_size_has_its_own_costs_and_verdict():
         eight.draft_step.add(3.0)
         eight.add_target_pass(2, 15.2)
         policy.update(rows, ones, ones, eight)
+    assert policy.next_lengths(rows).tolist() == [4] * 8  # and a pass over 5 tokens per row
+    eight.add_target_pass(5, 36.0)
+    policy.update(rows, lengths(*[4] * 8), lengths(*[4] * 8), eight)
     assert policy.verdicts == {1: True, 8: False}
     assert policy.next_lengths(rows).tolist() == [0] * 8
     assert policy.next_lengths(solo).tolist() == [3] and policy.can_pay is True
@@ -475,6 +487,7 @@ def test_a_bigger_batch_takes_a_no_from_a_smaller_one_but_not_a_yes():
         steep.draft_step.add(0.45)
         steep.add_target_pass(1, 1.0)
         steep.add_target_pass(2, 1.73)
+    steep.add_target_pass(5, 3.9)
     policy = AdaptiveDraftLength(max_k=8)
     policy.next_lengths(1)
     policy.update(lengths(1), lengths(1), steep)
