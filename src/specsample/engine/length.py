@@ -3,26 +3,25 @@
 - FixedDraftLength(k): always k.
 - AdaptiveDraftLength: costs first, then acceptance.
 
-  1. Costs. The first two steps are target-only (they time 1-token target passes at no extra
-     cost), the next drafts one token per row (it times a draft pass and a 2-token target pass,
-     the cheapest drafting step there is; a second such step before a "no", so that one slow
-     first pass cannot decide). From then on the policy knows the draft cost ratio c and
-     the relative cost r(n) of a target pass over n tokens (measured lengths; longer ones
-     extrapolated along the chord from 1 to the longest measured, see
-     StepCosts.relative_pass_cost). If no draft length pays even when every draft is kept
-     (alpha = 1: (k + 1) / (k c + r(k + 1)) <= 1 for every k), drafting cannot pay on this
-     machine whatever the drafts: every row goes target-only for the rest of the engine's life
-     (pass costs are the machine's, not the text's). On a compute-bound CPU (llama.cpp on 2
-     cores: a 2-token pass costs 1.7 times a 1-token pass and a draft pass 0.45 of it) this
-     settles in five steps: before a "no", one step drafts PROBE_LENGTH - 1 = 4 tokens, since
-     where a 2-token pass costs a jump over 1 token and longer ones little more (transformers
-     on CPUs: 1.7x for 2 tokens, 2.1x for 5) the chord from 1 to 2 would say no wrongly; the
-     verdict interpolates between measured lengths. With `recheck_every` set, one step drafts one token after that many
-     steps to measure again (the gap doubles after every recheck that confirms the verdict, up
-     to MAX_GAP steps). Not the default: a recheck makes the draft model catch up on every
-     token since the last one, which on a compute-bound CPU costs a good part of the target's
-     time for those tokens (on the default pair on 2 cores, with rechecks from 64 steps, the
-     model drafter ran at 0.78x llama.cpp target-only where no drafter ran at 0.95x).
+  1. Costs. The first two steps are target-only (they time 1-token target passes at no extra cost),
+     the next drafts one token per row (it times a draft pass and a 2-token target pass, the
+     cheapest drafting step there is; a second such step before a "no", so that one slow first pass
+     cannot decide). From then on the policy knows the draft cost ratio c and the relative cost r(n)
+     of a target pass over n tokens (measured lengths; longer ones extrapolated along the chord from
+     1 to the longest measured, see StepCosts.relative_pass_cost). If no draft length pays even when
+     every draft is kept (alpha = 1: (k + 1) / (k c + r(k + 1)) <= 1 for every k), drafting cannot
+     pay on this machine whatever the drafts: every row goes target-only for the rest of the
+     engine's life (pass costs are the machine's, not the text's). On a compute-bound CPU (llama.cpp
+     on 2 cores: a 2-token pass costs 1.7 times a 1-token pass and a draft pass 0.45 of it) this
+     settles in five steps: before a "no", one step drafts PROBE_LENGTH - 1 = 4 tokens, since where
+     a 2-token pass costs a jump over 1 token and longer ones little more (transformers on CPUs:
+     1.7x for 2 tokens, 2.1x for 5) the chord from 1 to 2 would say no wrongly; the verdict
+     interpolates between measured lengths. With `recheck_every` set, one step drafts one token
+     after that many steps to measure again (the gap doubles after every recheck that confirms the
+     verdict, up to MAX_GAP steps). Not the default: a recheck makes the draft model catch up on
+     every token since the last one, which on a compute-bound CPU costs a good part of the target's
+     time for those tokens (on the default pair on 2 cores, with rechecks from 64 steps, the model
+     drafter ran at 0.78x llama.cpp target-only where no drafter ran at 0.95x).
   2. Acceptance. Where drafting can pay, each row keeps a schedule that grows by one after every
      draft of a row was kept and shrinks by one after a rejection (within [1, max_k]), capped by
      the row's best k: the most expected tokens per unit of step cost, with the acceptance
