@@ -63,6 +63,22 @@ def tokens_of(outputs: list[RequestOutput]) -> list[int]:
     return [t for o in outputs for t in o.tokens]
 
 
+def seeded_tokens(engine: Engine, requests: int, configs: int, max_new_tokens: int):
+    """Runs `requests` requests on the prompt [1, 2] (request i: CONFIGS[i % configs], seed i)
+    to the end; each request's tokens, in order. The engine's statistics must hold and show
+    drafts both kept and rejected."""
+    ids = [
+        engine.add_request(
+            [1, 2], sampling=CONFIGS[i % configs], max_new_tokens=max_new_tokens, seed=i
+        )
+        for i in range(requests)
+    ]
+    outputs = run_to_end(engine)
+    assert_stats_identities(engine.stats)
+    assert engine.stats.keep_tests > engine.stats.accepted > 0
+    return [tokens_of(outputs[i]) for i in ids]
+
+
 def pair16() -> tuple[ToyLM, ToyLM]:
     target = ToyLM(16, seed=1, scale=1.5)
     return target, ToyLM(16, seed=2, base=target, noise=0.8)
@@ -606,13 +622,7 @@ def test_a_drafter_with_more_ids_than_the_target_gives_the_same_tokens():
         engine = Engine(
             target, PaddedVocabDrafter(drafter, extra) if extra else drafter, draft_length=3
         )
-        ids = [
-            engine.add_request([1, 2], sampling=CONFIGS[i % 4], max_new_tokens=12, seed=i)
-            for i in range(4)
-        ]
-        outputs = run_to_end(engine)
-        assert engine.stats.accepted > 0 and engine.stats.keep_tests > engine.stats.accepted
-        return [tokens_of(outputs[i]) for i in ids]
+        return seeded_tokens(engine, requests=4, configs=4, max_new_tokens=12)
 
     unpadded = run(0)
     for extra in (1, 5):
@@ -657,13 +667,7 @@ def test_a_drafter_with_fewer_ids_than_the_target_is_padded_with_zeros():
     def run(report: int) -> list[list[int]]:
         target, draft = pair16()
         engine = Engine(target, FewerIdsDrafter(draft, 15, report), draft_length=3)
-        ids = [
-            engine.add_request([1, 2], sampling=CONFIGS[i % 3], max_new_tokens=16, seed=i)
-            for i in range(6)
-        ]
-        outputs = run_to_end(engine)
-        assert engine.stats.accepted > 0 and engine.stats.keep_tests > engine.stats.accepted
-        return [tokens_of(outputs[i]) for i in ids]
+        return seeded_tokens(engine, requests=6, configs=3, max_new_tokens=16)
 
     padded = run(15)
     assert padded == run(16)
@@ -710,16 +714,9 @@ def test_drafts_of_ids_the_target_does_not_have_are_rejected():
     are never kept and never emitted; the rows go on with the target's tokens."""
     target, draft = pair16()
     engine = Engine(target, ExtraIdsDrafter(draft, 2), draft_length=3)
-    ids = [
-        engine.add_request([1, 2], sampling=CONFIGS[i % 3], max_new_tokens=24, seed=i)
-        for i in range(6)
-    ]
-    outputs = run_to_end(engine)
-    assert_stats_identities(engine.stats)
-    emitted = [tokens_of(outputs[i]) for i in ids]
+    emitted = seeded_tokens(engine, requests=6, configs=3, max_new_tokens=24)
     assert all(len(tokens) == 24 for tokens in emitted)
     assert all(0 <= t < 16 for tokens in emitted for t in tokens)
-    assert engine.stats.keep_tests > engine.stats.accepted > 0
 
 
 class ZeroProbabilityDrafter(ExtraIdsDrafter):
