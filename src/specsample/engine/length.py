@@ -366,7 +366,10 @@ class AdaptiveDraftLength:
         if deepest <= 1:
             return deepest
         c = _cost_ratio(costs)
-        expected = [_expected_tokens(self.rates(self.schedule(row), deepest)) for row in ids]
+        priors = self.pooled.position_rates(deepest)  # the same for every row of the step
+        expected = [
+            _expected_tokens(self.schedule(row).position_rates(deepest, priors)) for row in ids
+        ]
 
         def rate(depth: int) -> float:
             tokens = sum(e[min(k, depth)] for e, k in zip(expected, lengths, strict=True))
