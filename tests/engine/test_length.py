@@ -134,6 +134,32 @@ def test_adaptive_stops_drafting_in_five_steps_where_no_draft_length_can_pay():
     assert policy.can_pay is True
 
 
+def test_a_no_stands_while_the_target_only_passes_drift():
+    """After a "no" only 1-token passes are timed; when the machine slows down for a while
+    their median rises and the same costs, checked afresh, would say yes (each flip makes the
+    draft catch up). The verdict stands until a step drafts again (a recheck)."""
+    measured = StepCosts()
+    policy = AdaptiveDraftLength(max_k=16)
+    for k in (0, 0, 1, 1, 4):
+        assert int(policy.next_lengths(1)) == k
+        for _ in range(k):
+            measured.draft_step.add(0.0215)
+        measured.add_target_pass(k + 1, {0: 0.048, 1: 0.083, 4: 0.187}[k])
+        policy.update(lengths(k), lengths(k), measured)
+    assert policy.can_pay is False
+    for _ in range(40):  # the machine slows down: 1-token passes now take 70 ms
+        assert int(policy.next_lengths(1)) == 0
+        measured.add_target_pass(1, 0.070)
+        policy.update(lengths(0), lengths(0), measured)
+    assert policy.can_pay is False
+    fresh = AdaptiveDraftLength(max_k=16)
+    fresh.update(lengths(1), lengths(1), measured)
+    assert fresh.can_pay is True  # the drifted costs alone would say yes
+    # a step that drafts (a recheck) lets the costs decide again
+    policy.update(lengths(1), lengths(1), measured)
+    assert policy.can_pay is True
+
+
 def test_adaptive_cost_check_needs_two_samples_to_say_no():
     """One slow first draft pass (a warm-up, or a lazy drafter's prefill) would make drafting
     look hopeless: a "no" waits for a second sample and must hold with the fastest draft pass

@@ -388,7 +388,12 @@ class AdaptiveDraftLength:
             rows, drafted, accepted, costs = args
         bucket = self._use_bucket(len(rows))
         self.bucket_costs[bucket] = self._costs = costs
-        verdict = self._cost_verdict(costs)
+        # A "no" stands until a step drafts again (only a recheck does): the target-only steps
+        # after it time nothing new about drafting, and their 1-token passes drift with the
+        # machine, which would flip a verdict near the break-even (the first pass of each
+        # flip makes the draft model catch up on every token since).
+        settled = self.verdicts.get(bucket) is False and not any(d > 0 for d in drafted.tolist())
+        verdict = None if settled else self._cost_verdict(costs)
         if verdict is not None:  # costs that cannot tell keep the last verdict
             self.verdicts[bucket] = self.can_pay = verdict
         for row, d, a in zip(rows, drafted.tolist(), accepted.tolist(), strict=True):
