@@ -149,6 +149,31 @@ def test_ragged_prefill_and_extend_match_the_reference(lm, reference):
     assert lm.lengths.tolist() == [len(s) for s in seqs]
 
 
+def test_advance_appends_like_extend_without_logits(lm, reference):
+    """advance (a drafter catching up on tokens it skipped) keeps what extend keeps: every
+    row continues from its tokens, ragged counts and empty rows included."""
+    rng = random.Random(4)
+    seqs = [random_seq(rng, 1, 6) for _ in range(3)]
+    lm.prefill(seqs)
+    tokens = torch.tensor([[rng.randrange(VOCAB) for _ in range(7)] for _ in seqs])
+    num_valid = torch.tensor([7, 0, 3])
+    calls = lm.num_calls
+    assert lm.advance(tokens, num_valid) is None
+    assert lm.num_calls == calls + 1  # one pass for every row
+    for b, seq in enumerate(seqs):
+        seq += tokens[b, : int(num_valid[b])].tolist()
+    assert lm.lengths.tolist() == [len(s) for s in seqs]
+    probe = torch.tensor([[rng.randrange(VOCAB)] for _ in seqs])
+    logits = lm.extend(probe, torch.ones(3, dtype=torch.int64))
+    for b, seq in enumerate(seqs):
+        seq.append(int(probe[b, 0]))
+        torch.testing.assert_close(logits[b, 0], reference(seq)[-1], atol=ATOL, rtol=0)
+    lm.advance(torch.zeros(3, 1, dtype=torch.int64), torch.zeros(3, dtype=torch.int64))
+    assert lm.lengths.tolist() == [len(s) for s in seqs]
+    with pytest.raises(ValueError, match="num_valid"):
+        lm.advance(torch.tensor([[1], [2], [3]]), torch.tensor([2, 0, 0]))
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_any_sequence_of_calls_equals_a_fresh_prefill(gguf_path, numerics, seed):
     """extend / truncate / add_rows / remove_rows in random order: each row's logits always equal
@@ -274,6 +299,7 @@ def test_open_tree_refuses_linear_calls(lm):
     lm.extend_tree(torch.tensor([[4, 5, 6]]), torch.tensor([[-1, -1, 0]]), torch.ones(1, 3) > 0)
     for call in (
         lambda: lm.extend(torch.tensor([[1]]), torch.tensor([1])),
+        lambda: lm.advance(torch.tensor([[1]]), torch.tensor([1])),
         lambda: lm.truncate(torch.tensor([1])),
         lambda: lm.add_rows([[1]]),
         lambda: lm.remove_rows(torch.tensor([0])),

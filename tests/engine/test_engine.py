@@ -462,6 +462,50 @@ def test_a_lazy_prefill_counts_as_prefill_not_as_a_draft_pass(drafter_name):
     assert max(engine.costs.draft_step.samples) < 0.4 / engine.stats.draft_passes
 
 
+class CatchUpLM(ToyLM):
+    """A toy model that records how many tokens each extend call fed per row, and sleeps
+    `delay` seconds in a call that feeds more than two tokens to a row (a long catch-up)."""
+
+    def __init__(self, *args, delay: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.delay = delay
+        self.fed: list[list[int]] = []
+
+    def extend(self, tokens, num_valid):
+        self.fed.append(num_valid.tolist())
+        if int(num_valid.max()) > 2:
+            time.sleep(self.delay)
+        return super().extend(tokens, num_valid)
+
+
+def test_a_drafter_catches_up_on_skipped_steps_in_a_pass_timed_as_prefill():
+    """A row that drafted nothing for three steps lacks those steps' tokens in the draft
+    model. It catches up on them (all but the last) in a pass of its own, timed as prefill,
+    before its draft pass: the draft passes the cost model times stay one-token passes. The
+    text equals that of a drafter that fed them with its draft pass (an eager cursor)."""
+    runs = []
+    for lazy in (True, False):
+        target = ToyLM(16, seed=1, scale=1.5)
+        draft = CatchUpLM(16, seed=2, base=target, noise=0.8, delay=0.3)
+        drafter = ModelDrafter(draft)
+        drafter.cursor.lazy = lazy
+        engine = Engine(target, drafter, draft_length=ScriptedLength([1, 0, 0, 0, 1], 0))
+        engine.add_request([3, 1, 4], max_new_tokens=12, seed=5, sampling=CONFIGS[1])
+        outputs = run_to_end(engine)
+        assert_stats_identities(engine.stats)
+        runs.append((tokens_of(next(iter(outputs.values()))), draft.sequences))
+        if lazy:
+            # step 1: the pending token; step 5: a catch-up of 3 or 4 tokens, then 1
+            assert draft.fed[0] == [1] and draft.fed[-1] == [1], draft.fed
+            assert len(draft.fed) == 3 and draft.fed[1][0] in (3, 4), draft.fed
+            assert engine.stats.prefill_seconds >= 0.3
+            assert engine.stats.draft_seconds < 0.3
+            assert max(engine.costs.draft_step.samples) < 0.3
+        else:  # one pass: the skipped tokens and the pending one
+            assert len(draft.fed) == 2 and draft.fed[1][0] in (4, 5), draft.fed
+    assert runs[0] == runs[1]
+
+
 def test_the_cost_of_a_target_pass_includes_verifying_it(monkeypatch):
     """A step's target cost, as the draft-length policy sees it, is the scoring pass and the
     verification of its tokens: on a small model or a fast accelerator the rules' time is a

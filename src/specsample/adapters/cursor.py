@@ -34,10 +34,17 @@ class _Tree:
     columns: int  # model node ids used so far
 
 
+# After a usual step a drafter's row lacks at most the last two committed tokens (the last kept
+# draft, never fed to the draft model, and the bonus token); more means it skipped steps.
+CATCH_UP_TAIL = 2
+
+
 class ModelCursor:
     """lazy: prefill nothing until the first `feed`/`feed_tree`, which prefills every row's
     committed tokens as they are then (a drafter that the draft-length policy never asks to
-    draft never prefills its prompts; one asked later catches up in one pass)."""
+    draft never prefills its prompts; one asked later catches up in one pass; a row that
+    skipped drafting steps catches up on the tokens it missed in a pass of its own, timed as
+    prefill)."""
 
     def __init__(self, model: LanguageModel, *, lazy: bool = False):
         self.model = model
@@ -74,6 +81,34 @@ class ModelCursor:
             clock = time.perf_counter()
             self._prefill([list(seq) for seq in sequences])
             self.prefill_seconds += time.perf_counter() - clock
+
+    def _catch_up_tails(self, sequences: list[list[int]], active: list[bool]) -> None:
+        """A drafter's row that skipped steps (paused, or its batch drafted nothing) holds
+        fewer tokens than it has committed; a usual step leaves it at most CATCH_UP_TAIL
+        behind. The tokens beyond that, all but the last, are fed first in a pass of their
+        own, without logits where the model can (`advance`), and timed as prefill: reading
+        skipped tokens is not a draft pass, and its time would make the draft look costlier
+        per pass than it is (the draft-length policy divides a step's draft time by its
+        passes)."""
+        rows = [
+            seq[len(cached) : -1] if on and len(seq) - len(cached) > CATCH_UP_TAIL else []
+            for seq, cached, on in zip(sequences, self.cached, active, strict=True)
+        ]
+        if not any(rows):
+            return
+        clock = time.perf_counter()
+        width = max(len(r) for r in rows)
+        tokens = torch.zeros(len(rows), width, dtype=torch.int64)
+        for b, row in enumerate(rows):
+            tokens[b, : len(row)] = torch.tensor(row, dtype=torch.int64)
+            self.cached[b].extend(row)
+        num_valid = torch.tensor([len(r) for r in rows], dtype=torch.int64)
+        advance = getattr(self.model, "advance", None)
+        if advance is not None:
+            advance(tokens, num_valid)
+        else:
+            self.model.extend(tokens, num_valid)
+        self.prefill_seconds += time.perf_counter() - clock
 
     def set_rows(
         self, sequences: list[list[int]], keep: torch.Tensor, prompts: list[list[int]]
@@ -128,6 +163,8 @@ class ModelCursor:
         width = 0 if extra is None else extra.shape[1]
         self._catch_up(sequences)
         self._roll_back(sequences, active)
+        if self.lazy:
+            self._catch_up_tails(sequences, active)
         tails = [
             seq[len(cached) :] if on else []
             for seq, cached, on in zip(sequences, self.cached, active, strict=True)

@@ -404,6 +404,25 @@ class LlamaCppLM:
         self._lengths = [length + k for length, k in zip(self._lengths, counts, strict=True)]
         return out
 
+    def advance(self, tokens: torch.Tensor, num_valid: torch.Tensor) -> None:
+        """`extend` without logits: appends `tokens[b, :num_valid[b]]` and computes no
+        distribution (a drafter catching up on tokens it skipped needs only their keys and
+        values; the vocabulary projection of every position would cost a third more on a
+        0.5B model)."""
+        self._require_state()
+        self._require_no_tree("advance")
+        tokens, num_valid = check_extend_args(tokens, num_valid, len(self._rows), self.vocab_size)
+        counts = num_valid.tolist()
+        self._check_room(sum(counts))
+        feed_tokens, positions, seq_ids = [], [], []
+        for b, (row, k) in enumerate(zip(tokens.tolist(), counts, strict=True)):
+            feed_tokens += row[:k]
+            positions += range(self._lengths[b], self._lengths[b] + k)
+            seq_ids += [(self._rows[b],)] * k
+        if feed_tokens:
+            self._decode(feed_tokens, positions, seq_ids, [False] * len(feed_tokens))
+        self._lengths = [length + k for length, k in zip(self._lengths, counts, strict=True)]
+
     def truncate(self, lengths: torch.Tensor) -> None:
         """Keep the first `lengths[b]` tokens of row b (int64 `[batch]`)."""
         self._require_state()

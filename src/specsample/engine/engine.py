@@ -290,8 +290,9 @@ class Engine:
         draft = self._propose(sequences, limits, sampling)
         draft_seconds = time.perf_counter() - clock
         passes = self._new_draft_passes()
-        # A lazy drafter prefills its prompts at its first draft: prefill time, not a draft
-        # pass's (it would inflate the measured draft cost the draft-length policy uses).
+        # A lazy drafter prefills its prompts at its first draft, and a row that skipped
+        # drafting steps catches up on them: prefill time, not a draft pass's (it would
+        # inflate the measured draft cost the draft-length policy uses).
         prefill = self._new_draft_prefill_seconds()
         draft_seconds = max(0.0, draft_seconds - prefill)
         self.stats.prefill_seconds += prefill

@@ -22,7 +22,7 @@ class DecodeStats:
     empty_steps: int = 0  # row steps with drafts where nothing was accepted
     drafted_by_position: list[int] = field(default_factory=list)
     accepted_by_position: list[int] = field(default_factory=list)
-    prefill_seconds: float = 0.0  # both models' prompt passes
+    prefill_seconds: float = 0.0  # prompt passes; a drafter's catch-up on skipped steps
     draft_seconds: float = 0.0
     target_seconds: float = 0.0
     verify_seconds: float = 0.0
