@@ -506,6 +506,48 @@ def test_a_drafter_catches_up_on_skipped_steps_in_a_pass_timed_as_prefill():
     assert runs[0] == runs[1]
 
 
+class VerdictLength(ScriptedLength):
+    """A scripted length with the adaptive policy's verdict: can_pay is False on the steps
+    that draft nothing (drafting cannot pay), True on the others."""
+
+    can_pay: bool | None = None
+
+    def next_lengths(self, rows):
+        lengths = super().next_lengths(rows)
+        self.can_pay = bool(lengths.any())
+        return lengths
+
+
+def test_a_drafter_is_released_while_drafting_cannot_pay(monkeypatch):
+    """Once the policy says drafting cannot pay, the draft model drops its rows and requests
+    that join are not prefilled into it; when drafting resumes, it prefills every row's
+    committed tokens (as prefill time) and drafts what a drafter that kept up drafts."""
+    runs = []
+    for release in (True, False):
+        target, draft = pair16()
+        drafter = ModelDrafter(draft)
+        if not release:
+            monkeypatch.setattr(drafter, "release", lambda: None)
+        script = [1, 1] + [0] * 4 + [2] * 3
+        engine = Engine(target, drafter, draft_length=VerdictLength(script, 0), max_batch=2)
+        first = engine.add_request([3, 1, 4], max_new_tokens=30, seed=1, sampling=CONFIGS[1])
+        early = [out for _ in range(4) for out in engine.step()]  # 2 drafting, 2 not
+        calls = draft.num_calls
+        second = engine.add_request([2, 7], max_new_tokens=20, seed=2)
+        early += engine.step()  # the second request joins
+        if release:
+            assert draft.num_calls == calls and draft.sequences == []
+        else:
+            assert draft.num_calls == calls + 1  # its prompt prefilled into the draft model
+        outputs = run_to_end(engine)
+        assert_stats_identities(engine.stats)
+        assert engine.stats.draft_passes == 2 + 3 * 2  # drafting resumed: 3 steps of 2
+        texts = [tokens_of([o for o in early if o.request_id == i] + outputs[i]) for i in (0, 1)]
+        assert [first, second] == [0, 1] and len(texts[0]) == 30 and len(texts[1]) == 20
+        runs.append((texts, engine.stats.accepted))
+    assert runs[0] == runs[1]
+
+
 def test_the_cost_of_a_target_pass_includes_verifying_it(monkeypatch):
     """A step's target cost, as the draft-length policy sees it, is the scoring pass and the
     verification of its tokens: on a small model or a fast accelerator the rules' time is a

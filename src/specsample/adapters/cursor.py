@@ -82,6 +82,18 @@ class ModelCursor:
             self._prefill([list(seq) for seq in sequences])
             self.prefill_seconds += time.perf_counter() - clock
 
+    def release(self) -> None:
+        """A lazy cursor that drafting stopped using: drops every row from the model, and
+        from now on rows that join are not prefilled; the next feed prefills every row's
+        committed tokens afresh (as at the start). Nothing for an eager cursor, one not
+        prefilled yet, or one with an open tree."""
+        if not self.lazy or self._deferred or not self._owns_rows or self._tree is not None:
+            return
+        if self.cached:
+            self.model.remove_rows(torch.zeros(0, dtype=torch.int64))
+        self.cached = []
+        self._deferred = True
+
     def _catch_up_tails(self, sequences: list[list[int]], active: list[bool]) -> None:
         """A drafter's row that skipped steps (paused, or its batch drafted nothing) holds
         fewer tokens than it has committed; a usual step leaves it at most CATCH_UP_TAIL

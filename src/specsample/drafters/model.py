@@ -62,6 +62,12 @@ class ModelDrafter:
     ) -> None:
         self.cursor.set_rows(sequences, keep, prompts)
 
+    def release(self) -> None:
+        """Drafting has stopped for now (the draft-length policy found it cannot pay): the
+        draft model drops its rows and stops prefilling the prompts of requests that join;
+        a later draft prefills every row first (timed as prefill)."""
+        self.cursor.release()
+
     def propose(
         self, sequences: list[list[int]], max_lengths: torch.Tensor, sampling: RowSampling
     ) -> Draft:
