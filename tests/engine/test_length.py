@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from specsample.analysis.theory import expected_speedup
-from specsample.engine.length import AdaptiveDraftLength, FixedDraftLength, StepCosts
+from specsample.engine.length import (
+    PROBE_ATTEMPTS,
+    PROBE_LENGTH,
+    AdaptiveDraftLength,
+    FixedDraftLength,
+    StepCosts,
+)
 
 
 def costs(draft_step: float, target_pass: float = 1.0) -> StepCosts:
@@ -68,8 +74,10 @@ def test_fixed_length_rejects_anything_but_a_non_negative_int(k):
 
 
 def test_adaptive_first_times_target_passes_then_one_token_drafts():
-    """Steps 1-2 are target-only (1-token passes, free), then one draft per row (a draft pass
-    and a 2-token pass, the cheapest drafting step); until those were timed, no schedule."""
+    """Steps 1-2 are target-only (1-token passes, free), then one draft per row twice (a draft
+    pass and a 2-token pass, the cheapest drafting step), then the probe (4 drafts per row, a
+    5-token pass); until those were timed, no verdict. The rows' schedules follow their keep
+    tests meanwhile."""
     policy = AdaptiveDraftLength(max_k=8, start_k=3)
     measured = StepCosts()
     assert policy.next_lengths(2).tolist() == [0, 0]
@@ -86,10 +94,43 @@ def test_adaptive_first_times_target_passes_then_one_token_drafts():
     measured.draft_step.add(0.1)
     measured.add_target_pass(2, 1.0)
     policy.update(lengths(1, 1), lengths(1, 0), measured)
-    assert policy.can_pay is True  # a "yes" needs one sample
+    assert policy.can_pay is None  # a verdict waits for the probe, even a "yes"
     assert schedules(policy) == [4, 2]  # the rows' schedules from start_k 3
+    assert policy.next_lengths(2).tolist() == [1, 1]
+    measured.draft_step.add(0.1)
+    measured.add_target_pass(2, 1.0)
+    policy.update(lengths(1, 1), lengths(1, 1), measured)
+    assert policy.can_pay is None
+    assert policy.next_lengths(2).tolist() == [4, 4]  # the probe
+    for _ in range(4):
+        measured.draft_step.add(0.1)
+    measured.add_target_pass(5, 1.1)
+    policy.update(lengths(4, 4), lengths(4, 4), measured)
+    assert policy.can_pay is True
+    assert schedules(policy) == [6, 4]
     # the step drafts within them, no deeper than the batch's best depth
-    assert (policy.next_lengths(2) <= torch.tensor([4, 2])).all()
+    assert (policy.next_lengths(2) <= torch.tensor([6, 4])).all()
+
+
+def test_a_probe_whose_drafts_stop_short_is_tried_a_few_times():
+    """A drafter that stops early (its confidence stop, an n-gram drafter without a match)
+    may never draft the probe's 4 tokens: after PROBE_ATTEMPTS probe steps the verdict uses
+    the lengths measured."""
+    policy = AdaptiveDraftLength(max_k=8)
+    measured = StepCosts()
+    for k in (0, 0, 1, 1):
+        assert int(policy.next_lengths(1)) == k
+        measured.add_target_pass(k + 1, 1.0 + 0.5 * k)
+        if k:
+            measured.draft_step.add(0.1)
+        policy.update(lengths(k), lengths(k), measured)
+    for _ in range(PROBE_ATTEMPTS):
+        assert policy.can_pay is None
+        assert int(policy.next_lengths(1)) == PROBE_LENGTH - 1
+        measured.draft_step.add(0.1)
+        measured.add_target_pass(2, 1.5)  # one draft, then the drafter stopped
+        policy.update(lengths(1), lengths(1), measured)
+    assert policy.can_pay is True  # (1 + 1) / (0.1 + 1.5) > 1
 
 
 def test_adaptive_stops_drafting_in_five_steps_where_no_draft_length_can_pay():
@@ -130,6 +171,7 @@ def test_adaptive_stops_drafting_in_five_steps_where_no_draft_length_can_pay():
         cheap.add_target_pass(1, 0.048)
         cheap.draft_step.add(0.0024)
         cheap.add_target_pass(2, 0.05)
+    cheap.add_target_pass(5, 0.06)
     policy.update(lengths(1), lengths(1), cheap)
     assert policy.can_pay is True
 
@@ -174,6 +216,7 @@ def test_adaptive_cost_check_needs_two_samples_to_say_no():
     assert policy.can_pay is None
     measured.draft_step.add(0.05)
     measured.add_target_pass(2, 1.05)
+    measured.add_target_pass(5, 1.2)  # the probe
     assert measured.draft_step.value == pytest.approx(2.525)  # the median alone says no
     policy.update(lengths(1), lengths(1), measured)
     assert policy.can_pay is True
@@ -426,7 +469,7 @@ def test_adaptive_caps_a_new_row_at_the_prior_alpha_before_its_first_keep_test()
     more), so a new row drafts one token (the floor before its own keep tests), not start_k;
     with flat pass costs it drafts start_k."""
     steep = StepCosts()
-    for n in (1, 1, 2, 2):
+    for n in (1, 1, 2, 2, 3, 4, 5):  # (a length not timed yet would be priced optimistically)
         steep.add_target_pass(n, 1.0 + 0.73 * (n - 1))
     policy = warmed(AdaptiveDraftLength(max_k=8, start_k=4), steep)
     assert policy.next_lengths(2).tolist() == [1, 1]

@@ -4,19 +4,24 @@
 - AdaptiveDraftLength: costs first, then acceptance.
 
   1. Costs. The first two steps are target-only (they time 1-token target passes at no extra cost),
-     the next drafts one token per row (it times a draft pass and a 2-token target pass, the
-     cheapest drafting step there is; a second such step before a "no", so that one slow first pass
-     cannot decide). From then on the policy knows the draft cost ratio c and the relative cost r(n)
-     of a target pass over n tokens (measured lengths; longer ones extrapolated along the chord from
-     1 to the longest measured, see StepCosts.relative_pass_cost). If no draft length pays even when
-     every draft is kept (alpha = 1: (k + 1) / (k c + r(k + 1)) <= 1 for every k), drafting cannot
-     pay on this machine whatever the drafts: every row goes target-only for the rest of the
-     engine's life (pass costs are the machine's, not the text's). On a compute-bound CPU (llama.cpp
-     on 2 cores: a 2-token pass costs 1.7 times a 1-token pass and a draft pass 0.45 of it) this
-     settles in five steps: before a "no", one step drafts PROBE_LENGTH - 1 = 4 tokens, since where
-     a 2-token pass costs a jump over 1 token and longer ones little more (transformers on CPUs:
-     1.7x for 2 tokens, 2.1x for 5) the chord from 1 to 2 would say no wrongly; the verdict
-     interpolates between measured lengths. With `recheck_every` set, one step drafts one token
+     the next two draft one token per row (each times a draft pass and a 2-token target pass, the
+     cheapest drafting step there is; two, so that one slow first pass cannot decide), and the
+     fifth drafts PROBE_LENGTH - 1 = 4 tokens per row (the probe: a 5-token pass). From then on the
+     policy knows the draft cost ratio c and the relative cost r(n) of a target pass over n tokens
+     (measured lengths; longer ones extrapolated along the chord from 1 to the longest measured, see
+     StepCosts.relative_pass_cost). If no draft length pays even when every draft is kept
+     (alpha = 1: (k + 1) / (k c + r(k + 1)) <= 1 for every k), drafting cannot pay on this machine
+     whatever the drafts: every row goes target-only for the rest of the engine's life (pass costs
+     are the machine's, not the text's; a "no" stands until a step drafts again). On a
+     compute-bound CPU (llama.cpp on 2 cores: a 2-token pass costs 1.7 times a 1-token pass and a
+     draft pass 0.45 of it) this settles in those five steps. The verdict, "yes" as well as "no",
+     waits for the probe: where a 2-token pass costs a jump over 1 token and longer ones little
+     more (transformers on CPUs: 1.7x for 2 tokens, 2.5x for 5, 2.8x for 16) the chord from 1 to 2
+     would say no wrongly, and after a "yes" from 2-token passes alone the schedule would price
+     every longer draft along that chord and never draft more than one token (it never times a
+     length it does not choose); the verdict interpolates between measured lengths. A drafter
+     that stops short of the probe's 4 drafts is given PROBE_ATTEMPTS probe steps. With
+     `recheck_every` set, one step drafts one token
      after that many steps to measure again (the gap doubles after every recheck that confirms the
      verdict, up to MAX_GAP steps). Not the default: a recheck makes the draft model catch up on
      every token since the last one, which on a compute-bound CPU costs a good part of the target's
@@ -58,8 +63,11 @@ MAX_GAP = 1024  # the longest wait between probes of a paused row and between co
 # The schedule trusts a target pass length's cost once it was timed this many times (its median
 # then ignores one slow pass); until then the length is priced optimistically, so it is tried again.
 TRUST_SAMPLES = 3
-# The cost check times one pass over this many tokens (4 drafts) before it may say no.
+# The cost check times one pass over this many tokens (4 drafts) before its verdict; after
+# PROBE_ATTEMPTS probe steps whose drafts all stopped short (a drafter's confidence stop, an
+# n-gram drafter without a match) it decides with the lengths it has.
 PROBE_LENGTH = 5
+PROBE_ATTEMPTS = 3
 
 
 class FixedDraftLength:
@@ -273,6 +281,8 @@ class AdaptiveDraftLength:
         self.verdicts: dict[int, bool | None] = {}
         self.bucket_costs: dict[int, StepCosts] = {}
         self.can_pay: bool | None = None  # the verdict for the batch size of the last call
+        self._bucket = 1  # the batch size (bucket) of the last call
+        self._probe_steps: dict[int, int] = {}  # per bucket: probe steps asked for
         self._costs: StepCosts | None = None  # the costs for the batch size of the last call
         self._since_check = 0
         self._check_gap = recheck_every
@@ -300,7 +310,7 @@ class AdaptiveDraftLength:
         takes a "no" from any smaller one: a bigger batch makes every pass more compute-bound,
         and drafting pays less, never more (so a server that found drafting cannot pay for one
         client does not try again for 2, 4, 8, ... clients)."""
-        bucket = batch_bucket(rows)
+        bucket = self._bucket = batch_bucket(rows)
         verdict = self.verdicts.get(bucket)
         if verdict is None and any(v is False for b, v in self.verdicts.items() if b < bucket):
             verdict = False
@@ -324,6 +334,7 @@ class AdaptiveDraftLength:
                 return torch.zeros(len(ids), dtype=torch.int64)
             two = costs.target_pass.get(2)
             if two is not None and two.count >= 2 and not self._probed(costs):
+                self._probe_steps[self._bucket] = self._probe_steps.get(self._bucket, 0) + 1
                 return torch.full((len(ids),), self._probe_length() - 1, dtype=torch.int64)
             return torch.ones(len(ids), dtype=torch.int64)
         if not self.can_pay:
@@ -402,11 +413,16 @@ class AdaptiveDraftLength:
 
     def _cost_verdict(self, costs: StepCosts) -> bool | None:
         """Whether some draft length pays when every draft is kept; None until two 1-token
-        passes and a pass that scored drafts were timed. A "no" needs two samples of every cost
-        it rests on: one slow first pass (a warm-up) must not stop drafting."""
+        passes, a pass that scored drafts and the probe (a pass over probe_length tokens, or
+        PROBE_ATTEMPTS tries) were timed. A "yes" waits for the probe too: past the longest
+        measured length the schedule prices passes along a line, and from 2 tokens alone that
+        line is far too steep where longer passes cost little more (transformers on CPUs:
+        1.7x for 2 tokens, 2.5x for 5, 2.8x for 16), so drafts would stay one token long. A
+        "no" needs two samples of every cost it rests on: one slow first pass (a warm-up) must
+        not stop drafting."""
         single = costs.target_pass.get(1)
         longer = [n for n in costs.target_pass if n >= 2]
-        if single is None or single.count < 2 or not longer:
+        if single is None or single.count < 2 or not longer or not self._probed(costs):
             return None
         c = _cost_ratio(costs)
 
@@ -423,16 +439,16 @@ class AdaptiveDraftLength:
         low = costs.draft_step.low / single.value if drafted and single.value else 0.0
         if any((k + 1) / (k * low + verify_cost(k)) > 1.0 for k in range(1, self.max_k + 1)):
             return True
-        if not self._probed(costs):  # a "no" also needs a pass over probe_length tokens
-            return None
         return False
 
     def _probe_length(self) -> int:
         return min(PROBE_LENGTH, self.max_k + 1)
 
     def _probed(self, costs: StepCosts) -> bool:
-        """A target pass over probe_length tokens or more was timed."""
-        return any(n >= self._probe_length() for n in costs.target_pass)
+        """A target pass over probe_length tokens or more was timed, or PROBE_ATTEMPTS probe
+        steps of this batch size drafted shorter (their drafter stopped early)."""
+        tried = self._probe_steps.get(self._bucket, 0) >= PROBE_ATTEMPTS
+        return tried or any(n >= self._probe_length() for n in costs.target_pass)
 
     def _update_row(self, state: _RowSchedule, drafted: int, accepted: int, costs: StepCosts):
         if not state.paused:
