@@ -7,6 +7,7 @@ import torch
 
 from specsample.analysis.theory import expected_speedup
 from specsample.engine.length import (
+    EXPLORE_REACH,
     PROBE_ATTEMPTS,
     PROBE_LENGTH,
     AdaptiveDraftLength,
@@ -95,7 +96,7 @@ def test_adaptive_first_times_target_passes_then_one_token_drafts():
     measured.add_target_pass(2, 1.0)
     policy.update(lengths(1, 1), lengths(1, 0), measured)
     assert policy.can_pay is None  # a verdict waits for the probe, even a "yes"
-    assert schedules(policy) == [4, 2]  # the rows' schedules from start_k 3
+    assert schedules(policy) == [6, 1]  # the rows' schedules from start_k 3
     assert policy.next_lengths(2).tolist() == [1, 1]
     measured.draft_step.add(0.1)
     measured.add_target_pass(2, 1.0)
@@ -107,9 +108,9 @@ def test_adaptive_first_times_target_passes_then_one_token_drafts():
     measured.add_target_pass(5, 1.1)
     policy.update(lengths(4, 4), lengths(4, 4), measured)
     assert policy.can_pay is True
-    assert schedules(policy) == [6, 4]
+    assert schedules(policy) == [8, 4]  # doubled twice (at most max_k 8); 1 -> 2 -> 4
     # the step drafts within them, no deeper than the batch's best depth
-    assert (policy.next_lengths(2) <= torch.tensor([6, 4])).all()
+    assert (policy.next_lengths(2) <= torch.tensor(schedules(policy))).all()
 
 
 def test_a_probe_whose_drafts_stop_short_is_tried_a_few_times():
@@ -264,7 +265,8 @@ def test_adaptive_grows_after_full_acceptance_and_shrinks_after_rejection():
     assert policy.next_lengths(4).tolist() == [3, 3, 3, 3]
     # rows: all kept, one rejected, the first rejected, did not draft (left as it was)
     policy.update(lengths(3, 3, 3, 0), lengths(3, 2, 0, 0), costs(0.05))
-    assert schedules(policy) == [4, 2, 2, 3]
+    # doubled; one more than kept (2 of 3); halved (to 1); untouched
+    assert schedules(policy) == [6, 3, 1, 3]
     assert not any(paused(policy))
 
 
@@ -306,7 +308,7 @@ def test_adaptive_does_not_pause_when_drafting_pays():
     assert k.tolist() == [2, 2]
     policy.update(k, lengths(1, 2), costs(0.05))  # cheap drafts, acceptance 3/4
     assert not any(paused(policy))
-    assert policy.next_lengths(2).tolist() == [1, 3]
+    assert policy.next_lengths(2).tolist() == [2, 4]
 
 
 def test_adaptive_pauses_with_probes_when_drafting_does_not_pay():
@@ -463,6 +465,48 @@ def test_relative_pass_cost_is_the_lower_envelope_then_the_chord():
     assert flat.relative_pass_cost(17) == pytest.approx(1.0)
 
 
+def test_the_schedule_prices_up_to_twice_the_longest_length_like_it():
+    """explore=True (the row schedule's pricing): lengths up to EXPLORE_REACH times the longest
+    measured cost what it costs, so a row whose drafts are kept tries them; past that the
+    chord's slope. The cost check (interpolate=True) and the default keep the chord."""
+    measured = StepCosts()
+    measured.add_target_pass(1, 1.0)
+    measured.add_target_pass(5, 3.0)  # chord: 0.5 per token
+    assert EXPLORE_REACH == 2
+    assert measured.relative_pass_cost(10, explore=True) == pytest.approx(3.0)
+    assert measured.relative_pass_cost(12, explore=True) == pytest.approx(3.0 + 2 * 0.5)
+    assert measured.relative_pass_cost(10) == pytest.approx(5.5)
+    assert measured.relative_pass_cost(10, interpolate=True) == pytest.approx(5.5)
+
+
+def test_a_row_whose_drafts_are_kept_reaches_long_drafts_on_a_flattening_curve():
+    """Transformers on a CPU: a target pass over 2 tokens costs 1.74 1-token passes, over 5
+    2.47, over 9 2.65, over 17 3.0 (benchmarks/decode_speed_reduced.md), a draft pass 0.12. A
+    row that keeps every draft doubles its schedule and, as each longer pass is timed, its cap
+    follows: 15 drafts by its fourth drafting step. (Growing by one, and pricing every length
+    past the longest timed one along the chord from 1 token, kept it at 1 to 4 drafts.)"""
+    curve = {1: 1.0, 2: 1.74, 3: 2.15, 4: 2.17, 5: 2.47, 9: 2.65, 17: 3.0}
+    measured = StepCosts()
+    for n in (1, 1, 2, 2, 5):
+        measured.add_target_pass(n, curve[n])
+    for _ in range(6):
+        measured.draft_step.add(0.12)
+    policy = AdaptiveDraftLength(max_k=16, start_k=4, min_tests=1)
+    drafted = []
+    for _ in range(6):
+        k = int(policy.next_lengths(1))
+        drafted.append(k)
+        for _ in range(k):
+            measured.draft_step.add(0.12)
+        for _ in range(3):  # timed often enough to be trusted
+            measured.add_target_pass(k + 1, curve.get(k + 1, curve[5] + 0.04 * (k - 4)))
+        policy.update(lengths(k), lengths(k), measured)
+    assert drafted[0] == 0 and policy.can_pay  # the costs were known: a target-only step
+    # (the first drafts are capped at the prior's alpha, and a length timed fewer than three
+    # times is priced optimistically, so one step tries 2)
+    assert drafted[1:] == [3, 2, 7, 15, 16], drafted
+
+
 def test_adaptive_caps_a_new_row_at_the_prior_alpha_before_its_first_keep_test():
     """A model-free drafter (c = 0) with passes costing 1 + 0.73 (n - 1), as llama.cpp's on 2
     cores: at alpha 2/3 no draft length pays ((1 + 2/3) / 1.73 < 1 for one token, worse for
@@ -512,7 +556,7 @@ def test_adaptive_rows_are_independent_and_a_joining_row_starts_from_the_prior()
     policy.update(["a", "b", "x"], lengths(3, 3, 3), lengths(3, 0, 3), costs(0.05))
     policy.forget("x")
     policy.next_lengths(["a", "b", "c"])
-    assert [policy.rows[r].k for r in ("a", "b", "c")] == [4, 2, 3]  # c joins at start_k
+    assert [policy.rows[r].k for r in ("a", "b", "c")] == [6, 1, 3]  # c joins at start_k
     policy.forget("a")
     assert "a" not in policy.rows
     policy.next_lengths(["a", "b", "c"])

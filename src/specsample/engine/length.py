@@ -27,16 +27,19 @@
      every token since the last one, which on a compute-bound CPU costs a good part of the target's
      time for those tokens (on the default pair on 2 cores, with rechecks from 64 steps, the model
      drafter ran at 0.78x llama.cpp target-only where no drafter ran at 0.95x).
-  2. Acceptance. Where drafting can pay, each row keeps a schedule that grows by one after every
-     draft of a row was kept and shrinks by one after a rejection (within [1, max_k]), capped by
-     the row's best k: the most expected tokens per unit of step cost, with the acceptance
-     counted by draft position (a_i: the rate at position i given the drafts before it were
-     kept; runs of near-certain tokens make deeper positions likelier to pass, which a single
-     rate misses), each position's prior the rates pooled over all rows (2/3 before any keep
-     test). Before min_tests keep tests the cap is at least 1. When the best k is 0 the row
-     drafts nothing, and after `probe_every` steps it drafts one token to measure its
-     acceptance again (the gap doubles after every probe that leaves it paused, up to MAX_GAP
-     steps, and starts over when it drafts again).
+  2. Acceptance. Where drafting can pay, each row keeps a schedule that doubles after every
+     draft of a row was kept and halves after a rejection (but not below one more than the
+     drafts kept; within [1, max_k]; on transformers on CPUs, where a 16-token pass costs 2.8
+     1-token passes, growing by one at a time left runs of kept drafts short), capped by the
+     row's best k: the most expected tokens per unit of step cost (lengths up to EXPLORE_REACH
+     times the longest timed one priced like it, so kept drafts lead to longer ones being tried
+     and timed), with the acceptance counted by draft position (a_i: the rate at position i
+     given the drafts before it were kept; runs of near-certain tokens make deeper positions
+     likelier to pass, which a single rate misses), each position's prior the rates pooled over
+     all rows (2/3 before any keep test). Before min_tests keep tests the cap is at least 1.
+     When the best k is 0 the row drafts nothing, and after `probe_every` steps it drafts one
+     token to measure its acceptance again (the gap doubles after every probe that leaves it
+     paused, up to MAX_GAP steps, and starts over when it drafts again).
   3. Batch depth. A step drafts as deep as its deepest row, so the rows' lengths are cut to the
      depth with the most expected tokens over the batch per unit of step cost (at least 1).
 
@@ -68,6 +71,14 @@ TRUST_SAMPLES = 3
 # n-gram drafter without a match) it decides with the lengths it has.
 PROBE_LENGTH = 5
 PROBE_ATTEMPTS = 3
+# The schedule prices lengths up to EXPLORE_REACH times the longest measured one like that one
+# (optimistic, so a row whose drafts are kept tries longer drafts and times them), past that
+# along the chord.
+EXPLORE_REACH = 2
+# A row's schedule: k * GROWTH after a draft kept whole; after a rejection k // SHRINK (at most
+# k - 1), but never below one more than the drafts kept.
+GROWTH = 2
+SHRINK = 2
 
 
 class FixedDraftLength:
@@ -115,7 +126,7 @@ class StepCosts:
         return self.target_pass[nearest].value
 
     def relative_pass_cost(
-        self, tokens: int, min_samples: int = 1, interpolate: bool = False
+        self, tokens: int, min_samples: int = 1, interpolate: bool = False, explore: bool = False
     ) -> float | None:
         """Cost of a target pass over `tokens` tokens divided by a pass over 1, from the measured
         costs; None before any pass.
@@ -170,7 +181,8 @@ class StepCosts:
             estimate = cost(tokens) / one
         else:
             slope = max(0.0, (envelope[-1] / one - 1.0) / (longest - 1))
-            estimate = envelope[-1] / one + (tokens - longest) * slope
+            reach = EXPLORE_REACH * longest if explore else longest
+            estimate = envelope[-1] / one + max(0, tokens - reach) * slope
         if tokens in self.target_pass and tokens not in sizes:
             estimate = min(estimate, self.target_pass[tokens].value / one)
         return estimate
@@ -452,7 +464,11 @@ class AdaptiveDraftLength:
 
     def _update_row(self, state: _RowSchedule, drafted: int, accepted: int, costs: StepCosts):
         if not state.paused:
-            state.k = max(1, min(self.max_k, state.k + (1 if accepted == drafted else -1)))
+            if accepted == drafted:
+                grown = state.k * GROWTH
+            else:
+                grown = max(accepted + 1, min(state.k - 1, state.k // SHRINK))
+            state.k = max(1, min(self.max_k, grown))
         # Per-test acceptance: each kept draft passed a keep test, each rejection failed one.
         failed = 1 if accepted < drafted else 0
         decay = 1 - self.smoothing
@@ -487,7 +503,8 @@ class AdaptiveDraftLength:
         tokens = _expected_tokens(self.rates(state, self.max_k))
 
         def rate(k: int) -> float:
-            return tokens[k] / (k * c + (costs.relative_pass_cost(k + 1, TRUST_SAMPLES) or 1.0))
+            verify = costs.relative_pass_cost(k + 1, TRUST_SAMPLES, explore=True) or 1.0
+            return tokens[k] / (k * c + verify)
 
         state.best_k = max(range(self.max_k + 1), key=lambda k: (rate(k), -k))
         return state.best_k > 0
