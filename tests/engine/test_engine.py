@@ -507,21 +507,22 @@ def test_a_drafter_catches_up_on_skipped_steps_in_a_pass_timed_as_prefill():
 
 
 class VerdictLength(ScriptedLength):
-    """A scripted length with the adaptive policy's verdict: can_pay is False on the steps
-    that draft nothing (drafting cannot pay), True on the others."""
+    """A scripted length with the adaptive policy's `stopped`: True on the steps that draft
+    nothing (drafting cannot pay), False on the others."""
 
-    can_pay: bool | None = None
+    stopped = False
 
     def next_lengths(self, rows):
         lengths = super().next_lengths(rows)
-        self.can_pay = bool(lengths.any())
+        self.stopped = not bool(lengths.any())
         return lengths
 
 
 def test_a_drafter_is_released_while_drafting_cannot_pay(monkeypatch):
     """Once the policy says drafting cannot pay, the draft model drops its rows and requests
-    that join are not prefilled into it; when drafting resumes, it prefills every row's
-    committed tokens (as prefill time) and drafts what a drafter that kept up drafts."""
+    that join are not prefilled into it; if drafting resumes (the adaptive policy does only
+    with rechecks), it prefills every row's committed tokens (as prefill time) and drafts what
+    a drafter that kept up drafts."""
     runs = []
     for release in (True, False):
         target, draft = pair16()

@@ -203,6 +203,27 @@ def test_a_no_stands_while_the_target_only_passes_drift():
     assert policy.can_pay is True
 
 
+def test_stopped_means_no_drafting_at_any_batch_size_and_no_recheck():
+    """`stopped` (the engine then releases the draft model): a "no" for one row, which carries
+    to every bigger batch, and no rechecks. A "no" for 8 rows alone leaves one row drafting."""
+    measured = StepCosts()
+    policy, rechecking = AdaptiveDraftLength(max_k=16), AdaptiveDraftLength(16, recheck_every=8)
+    for k in (0, 0, 1, 1, 4):
+        for each in (policy, rechecking):
+            assert int(each.next_lengths(1)) == k
+            assert not each.stopped
+        for _ in range(k):
+            measured.draft_step.add(0.0215)
+        measured.add_target_pass(k + 1, {0: 0.048, 1: 0.083, 4: 0.187}[k])
+        for each in (policy, rechecking):
+            each.update(lengths(k), lengths(k), measured)
+    assert policy.can_pay is False and policy.stopped
+    assert rechecking.can_pay is False and not rechecking.stopped
+    eight = AdaptiveDraftLength(max_k=16)
+    eight.verdicts = {1: True, 8: False}
+    assert not eight.stopped
+
+
 def test_adaptive_cost_check_needs_two_samples_to_say_no():
     """One slow first draft pass (a warm-up, or a lazy drafter's prefill) would make drafting
     look hopeless: a "no" waits for a second sample and must hold with the fastest draft pass

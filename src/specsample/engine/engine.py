@@ -318,8 +318,8 @@ class Engine:
         self._record(_StepRows.of(draft, result, recovered, rules_used), draft, timing, started)
         costs = self.costs_by_batch[batch_bucket(len(ids))]
         self.policy.update(ids, draft.depths(), result.num_accepted, costs)
-        if not draft.num_nodes and getattr(self.policy, "can_pay", None) is False:
-            # drafting cannot pay at this batch size: the draft model need not keep up (each
+        if not draft.num_nodes and getattr(self.policy, "stopped", False):
+            # drafting cannot pay at any batch size: the draft model need not keep up (each
             # request that joins would cost it a prompt prefill that no draft uses)
             release = getattr(self.drafter, "release", None)
             if release is not None:

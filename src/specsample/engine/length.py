@@ -302,6 +302,14 @@ class AdaptiveDraftLength:
         # request that joins starts from what recent requests kept, not from a fixed 2/3)
         self.pooled = _RowSchedule(k=0)
 
+    @property
+    def stopped(self) -> bool:
+        """Drafting cannot pay at any batch size for the rest of the engine's life: a "no" for
+        one row (it carries to every bigger batch) and no rechecks. The engine then lets the
+        draft model drop its rows (a batch size whose own check said yes would instead make it
+        prefill every row again each time the batch came back to it)."""
+        return self.recheck_every is None and self.verdicts.get(1) is False
+
     def rates(self, state: _RowSchedule, positions: int) -> list[float]:
         """The row's acceptance rate at positions 0..positions-1, its prior the pooled rates."""
         return state.position_rates(positions, self.pooled.position_rates(positions))
