@@ -109,17 +109,8 @@ class ModelCursor:
         if not any(rows):
             return
         clock = time.perf_counter()
-        width = max(len(r) for r in rows)
-        tokens = torch.zeros(len(rows), width, dtype=torch.int64)
-        for b, row in enumerate(rows):
-            tokens[b, : len(row)] = torch.tensor(row, dtype=torch.int64)
-            self.cached[b].extend(row)
-        num_valid = torch.tensor([len(r) for r in rows], dtype=torch.int64)
-        advance = getattr(self.model, "advance", None)
-        if advance is not None:
-            advance(tokens, num_valid)
-        else:
-            self.model.extend(tokens, num_valid)
+        feed = getattr(self.model, "advance", self.model.extend)  # the logits are not needed
+        feed(*self._padded(rows))
         self.prefill_seconds += time.perf_counter() - clock
 
     def set_rows(
@@ -312,10 +303,15 @@ class ModelCursor:
             self.cached = [c[:k] for c, k in zip(self.cached, keep, strict=True)]
 
     def _extend(self, rows: list[list[int]]) -> torch.Tensor:
+        return self.model.extend(*self._padded(rows))
+
+    def _padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's new tokens as the model takes them (tokens [batch, width], num_valid
+        [batch]), now counted as cached."""
         width = max(1, max(len(r) for r in rows))
         tokens = torch.zeros(len(rows), width, dtype=torch.int64)
         for b, row in enumerate(rows):
             tokens[b, : len(row)] = torch.tensor(row, dtype=torch.int64)
             self.cached[b].extend(row)
         num_valid = torch.tensor([len(r) for r in rows], dtype=torch.int64)
-        return self.model.extend(tokens, num_valid)
+        return tokens, num_valid

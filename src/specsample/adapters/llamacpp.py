@@ -384,10 +384,29 @@ class LlamaCppLM:
 
     def extend(self, tokens: torch.Tensor, num_valid: torch.Tensor) -> torch.Tensor:
         """Append `tokens[b, :num_valid[b]]`; returns float logits `[batch, n, vocab]`."""
+        out = torch.zeros(tokens.shape[0], tokens.shape[1], self.vocab_size)
+        logits, where = self._append(tokens, num_valid, "extend", logits=True)
+        if where:
+            index = torch.tensor(where, dtype=torch.long)
+            out[index[:, 0], index[:, 1]] = torch.from_numpy(logits)
+        return out
+
+    def advance(self, tokens: torch.Tensor, num_valid: torch.Tensor) -> None:
+        """`extend` without logits: appends `tokens[b, :num_valid[b]]` and computes no
+        distribution (a drafter catching up on tokens it skipped needs only their keys and
+        values; the vocabulary projection of every position would cost a third more on a
+        0.5B model)."""
+        self._append(tokens, num_valid, "advance", logits=False)
+
+    def _append(
+        self, tokens: torch.Tensor, num_valid: torch.Tensor, call: str, *, logits: bool
+    ) -> tuple[np.ndarray | None, list[tuple[int, int]]]:
+        """Feeds `tokens[b, :num_valid[b]]` after each row (checked for `call`); returns the
+        logits of the fed tokens (`[fed, vocab]` with `logits`, else `[0, vocab]`; None when
+        nothing was fed) and each fed token's (row, column)."""
         self._require_state()
-        self._require_no_tree("extend")
+        self._require_no_tree(call)
         tokens, num_valid = check_extend_args(tokens, num_valid, len(self._rows), self.vocab_size)
-        batch, n = tokens.shape
         counts = num_valid.tolist()
         self._check_room(sum(counts))
         feed_tokens, positions, seq_ids, where = [], [], [], []
@@ -396,32 +415,11 @@ class LlamaCppLM:
             positions += range(self._lengths[b], self._lengths[b] + k)
             seq_ids += [(self._rows[b],)] * k
             where += [(b, j) for j in range(k)]
-        out = torch.zeros(batch, n, self.vocab_size)
+        out = None
         if where:
-            logits = self._decode(feed_tokens, positions, seq_ids, [True] * len(where))
-            index = torch.tensor(where, dtype=torch.long)
-            out[index[:, 0], index[:, 1]] = torch.from_numpy(logits)
+            out = self._decode(feed_tokens, positions, seq_ids, [logits] * len(where))
         self._lengths = [length + k for length, k in zip(self._lengths, counts, strict=True)]
-        return out
-
-    def advance(self, tokens: torch.Tensor, num_valid: torch.Tensor) -> None:
-        """`extend` without logits: appends `tokens[b, :num_valid[b]]` and computes no
-        distribution (a drafter catching up on tokens it skipped needs only their keys and
-        values; the vocabulary projection of every position would cost a third more on a
-        0.5B model)."""
-        self._require_state()
-        self._require_no_tree("advance")
-        tokens, num_valid = check_extend_args(tokens, num_valid, len(self._rows), self.vocab_size)
-        counts = num_valid.tolist()
-        self._check_room(sum(counts))
-        feed_tokens, positions, seq_ids = [], [], []
-        for b, (row, k) in enumerate(zip(tokens.tolist(), counts, strict=True)):
-            feed_tokens += row[:k]
-            positions += range(self._lengths[b], self._lengths[b] + k)
-            seq_ids += [(self._rows[b],)] * k
-        if feed_tokens:
-            self._decode(feed_tokens, positions, seq_ids, [False] * len(feed_tokens))
-        self._lengths = [length + k for length, k in zip(self._lengths, counts, strict=True)]
+        return out, where
 
     def truncate(self, lengths: torch.Tensor) -> None:
         """Keep the first `lengths[b]` tokens of row b (int64 `[batch]`)."""
