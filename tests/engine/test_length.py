@@ -134,6 +134,29 @@ def test_a_probe_whose_drafts_stop_short_is_tried_a_few_times():
     assert policy.can_pay is True  # (1 + 1) / (0.1 + 1.5) > 1
 
 
+# llama.cpp on 2 CPU cores (1.5B target, 0.5B draft): seconds of a draft pass, and of a target
+# pass by the tokens it scores
+LLAMACPP_DRAFT, LLAMACPP_PASSES = 0.0215, {1: 0.048, 2: 0.083, 5: 0.187}
+
+
+def llamacpp_cost_check(measured: StepCosts, *policies: AdaptiveDraftLength) -> list[int]:
+    """Runs the policies through their cost check for one row on llama.cpp's 2-core costs
+    (into `measured`), every draft kept; each step every policy must ask the same length and
+    none may be stopped yet. Returns the lengths asked."""
+    schedule = []
+    for _ in range(5):
+        asked = {int(policy.next_lengths(1)) for policy in policies}
+        assert len(asked) == 1 and not any(policy.stopped for policy in policies)
+        k = asked.pop()
+        schedule.append(k)
+        for _ in range(k):
+            measured.draft_step.add(LLAMACPP_DRAFT)
+        measured.add_target_pass(k + 1, LLAMACPP_PASSES[k + 1])
+        for policy in policies:
+            policy.update(lengths(k), lengths(k), measured)
+    return schedule
+
+
 def test_adaptive_stops_drafting_in_five_steps_where_no_draft_length_can_pay():
     """The pass costs measured with llama.cpp on 2 CPU cores (1.5B target, 0.5B draft): a
     draft pass 0.45 of a 1-token target pass and a 2-token pass 1.73 of it. Even with every
@@ -145,18 +168,8 @@ def test_adaptive_stops_drafting_in_five_steps_where_no_draft_length_can_pay():
     recheck = 16
     policy = AdaptiveDraftLength(max_k=16, recheck_every=recheck)
     measured = StepCosts()
-    schedule = []
-    for _ in range(5):
-        k = int(policy.next_lengths(1))
-        schedule.append(k)
-        for _ in range(k):
-            measured.draft_step.add(0.0215)
-        if k:
-            measured.add_target_pass(k + 1, {1: 0.083, 4: 0.187}[k])
-        else:
-            measured.add_target_pass(1, 0.048)
-        policy.update(lengths(k), lengths(k), measured)  # every draft kept: does not matter
-    assert schedule == [0, 0, 1, 1, 4]
+    # every draft kept: does not matter
+    assert llamacpp_cost_check(measured, policy) == [0, 0, 1, 1, 4]
     assert policy.can_pay is False
     schedule = [int(policy.next_lengths(1)) for _ in range(7 * recheck)]
     rechecks = [step for step, k in enumerate(schedule) if k]
@@ -183,12 +196,7 @@ def test_a_no_stands_while_the_target_only_passes_drift():
     draft catch up). The verdict stands until a step drafts again (a recheck)."""
     measured = StepCosts()
     policy = AdaptiveDraftLength(max_k=16)
-    for k in (0, 0, 1, 1, 4):
-        assert int(policy.next_lengths(1)) == k
-        for _ in range(k):
-            measured.draft_step.add(0.0215)
-        measured.add_target_pass(k + 1, {0: 0.048, 1: 0.083, 4: 0.187}[k])
-        policy.update(lengths(k), lengths(k), measured)
+    assert llamacpp_cost_check(measured, policy) == [0, 0, 1, 1, 4]
     assert policy.can_pay is False
     for _ in range(40):  # the machine slows down: 1-token passes now take 70 ms
         assert int(policy.next_lengths(1)) == 0
@@ -208,15 +216,7 @@ def test_stopped_means_no_drafting_at_any_batch_size_and_no_recheck():
     to every bigger batch, and no rechecks. A "no" for 8 rows alone leaves one row drafting."""
     measured = StepCosts()
     policy, rechecking = AdaptiveDraftLength(max_k=16), AdaptiveDraftLength(16, recheck_every=8)
-    for k in (0, 0, 1, 1, 4):
-        for each in (policy, rechecking):
-            assert int(each.next_lengths(1)) == k
-            assert not each.stopped
-        for _ in range(k):
-            measured.draft_step.add(0.0215)
-        measured.add_target_pass(k + 1, {0: 0.048, 1: 0.083, 4: 0.187}[k])
-        for each in (policy, rechecking):
-            each.update(lengths(k), lengths(k), measured)
+    assert llamacpp_cost_check(measured, policy, rechecking) == [0, 0, 1, 1, 4]
     assert policy.can_pay is False and policy.stopped
     assert rechecking.can_pay is False and not rechecking.stopped
     eight = AdaptiveDraftLength(max_k=16)
