@@ -423,11 +423,12 @@ class AdaptiveDraftLength:
         # after it time nothing new about drafting, and their 1-token passes drift with the
         # machine, which would flip a verdict near the break-even (the first pass of each
         # flip makes the draft model catch up on every token since).
-        settled = self.verdicts.get(bucket) is False and not any(d > 0 for d in drafted.tolist())
+        depths = drafted.tolist()
+        settled = self.verdicts.get(bucket) is False and not any(d > 0 for d in depths)
         verdict = None if settled else self._cost_verdict(costs)
         if verdict is not None:  # costs that cannot tell keep the last verdict
             self.verdicts[bucket] = self.can_pay = verdict
-        for row, d, a in zip(rows, drafted.tolist(), accepted.tolist(), strict=True):
+        for row, d, a in zip(rows, depths, accepted.tolist(), strict=True):
             if d > 0:
                 self._update_row(self.schedule(row), d, a, costs)
 
