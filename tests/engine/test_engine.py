@@ -28,6 +28,7 @@ from test_exactness import (
 )
 
 from specsample import Engine, RequestOutput, SamplingConfig
+from specsample.adapters.cursor import ModelCursor
 from specsample.adapters.toy import ToyLM
 from specsample.drafters.base import Draft
 from specsample.drafters.model import ModelDrafter
@@ -566,6 +567,33 @@ def test_the_cost_of_a_target_pass_includes_verifying_it(monkeypatch):
     run_to_end(engine)
     timed = [x for recent in engine.costs.target_pass.values() for x in recent.samples]
     assert set(engine.costs.target_pass) == {1, 3} and min(timed) >= 0.3
+
+
+def test_each_step_records_its_drafting_scoring_and_verifying_time(monkeypatch):
+    """The policy's check of real drafting steps against target-only reads each step's time:
+    its draft passes, target pass and verification (verification slowed by 0.2 s and draft
+    passes by 0.1 s each show in it), within the step's wall time."""
+    original_verify, original_append = Engine._verify, ModelCursor.append
+
+    def slow_verify(self, *args):
+        time.sleep(0.2)
+        return original_verify(self, *args)
+
+    def slow_append(self, *args):
+        time.sleep(0.1)
+        return original_append(self, *args)
+
+    monkeypatch.setattr(Engine, "_verify", slow_verify)
+    monkeypatch.setattr(ModelCursor, "append", slow_append)
+    target, draft = pair16()
+    engine = Engine(target, ModelDrafter(draft), draft_length=ScriptedLength([0, 3], 0))
+    engine.add_request([3, 1, 4], max_new_tokens=8, seed=1)
+    for least in (0.2, 0.2 + 2 * 0.1):  # a target-only step, then 3 drafts (2 appends)
+        started = time.perf_counter()
+        engine.step()
+        wall = time.perf_counter() - started
+        recorded = engine.costs_by_batch[1].last_step_seconds
+        assert least <= recorded <= wall and engine.costs.last_step_seconds == recorded
 
 
 # ---------------------------------------------------------------- found by mutation testing

@@ -8,6 +8,7 @@ import torch
 from specsample.analysis.theory import expected_speedup
 from specsample.engine.length import (
     EXPLORE_REACH,
+    GUARD_STEPS,
     PROBE_ATTEMPTS,
     PROBE_LENGTH,
     AdaptiveDraftLength,
@@ -782,3 +783,78 @@ def test_one_slow_pass_does_not_price_a_length_out():
     # An untrusted length that is cheaper than the curve keeps its own (lower) median.
     measured.add_target_pass(4, 1.0)
     assert measured.relative_pass_cost(4, 3) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- adaptive: real drafting steps
+
+
+def drafting_steps(policy, measured: StepCosts, steps: int, depths, kept, seconds) -> list[bool]:
+    """Runs `steps` steps in which every row drafts its depth (kept: drafts kept per row) and
+    the step took `seconds`; returns the verdict after each."""
+    verdicts = []
+    for _ in range(steps):
+        measured.last_step_seconds = seconds
+        policy.update(lengths(*depths), lengths(*kept), measured)
+        verdicts.append(policy.can_pay)
+    return verdicts
+
+
+def test_real_drafting_steps_slower_than_target_only_turn_the_verdict_to_no():
+    """The modelled costs say yes (a 9-token pass costs a 1-token one, c = 0.1), but each real
+    step of 4 drafts took 6 target passes' time, more than target-only needs for the 5 tokens
+    it could emit: after GUARD_STEPS such steps the verdict is "no" and it stands (the engine
+    then releases the draft model: `stopped`)."""
+    measured = costs(0.1)
+    policy = warmed(AdaptiveDraftLength(max_k=16), measured, rows=1)
+    verdicts = drafting_steps(policy, measured, GUARD_STEPS, [4], [4], 6.0)
+    assert verdicts == [True] * (GUARD_STEPS - 1) + [False]
+    assert policy.stopped
+    for _ in range(20):
+        assert policy.next_lengths(1).tolist() == [0]
+        measured.last_step_seconds = 1.0
+        policy.update(lengths(0), lengths(0), measured)
+    assert policy.can_pay is False
+
+
+def test_real_drafting_steps_are_judged_on_costs_not_on_what_was_kept():
+    """Negative controls: steps that could have emitted more tokens than target-only in their
+    time keep the "yes" however few drafts were kept (what is kept is the per-row theory's
+    business); a step a hair slower than its tokens' worth of 1-token passes says no."""
+    for kept in (4, 0):
+        measured = costs(0.1)
+        policy = warmed(AdaptiveDraftLength(max_k=16), measured, rows=1)
+        assert drafting_steps(policy, measured, 3 * GUARD_STEPS, [4], [kept], 4.9) == [True] * (
+            3 * GUARD_STEPS
+        )
+    measured = costs(0.1)
+    policy = warmed(AdaptiveDraftLength(max_k=16), measured, rows=1)
+    assert drafting_steps(policy, measured, GUARD_STEPS, [4], [4], 5.01)[-1] is False
+
+
+def test_real_drafting_steps_of_a_batch_count_every_row():
+    """Two rows, one drafting 4 and one paused (0): a step could emit 5 + 1 tokens where
+    target-only emits 2 per 1-token pass, so it pays while it takes under 3 passes' time."""
+    for seconds, verdict in ((2.9, True), (3.1, False)):
+        measured = costs(0.1)
+        policy = warmed(AdaptiveDraftLength(max_k=16), measured, rows=2)
+        assert drafting_steps(policy, measured, GUARD_STEPS, [4, 0], [4, 0], seconds)[-1] is verdict
+
+
+def test_the_tally_of_real_steps_starts_after_the_yes_and_over_after_a_recheck():
+    """Steps before a verdict (the cost check's) and a "no"'s rechecks are not tallied; a
+    recheck that finds "yes" again is judged on GUARD_STEPS steps of its own."""
+    measured = costs(0.1)
+    policy = AdaptiveDraftLength(max_k=16, recheck_every=4)
+    measured.last_step_seconds = 100.0
+    policy.update(lengths(0), lengths(0), StepCosts())  # no costs yet: no verdict
+    assert policy.can_pay is None
+    policy.update(lengths(1), lengths(1), measured)  # the verdict's own step: not tallied
+    assert policy.can_pay is True
+    assert drafting_steps(policy, measured, GUARD_STEPS, [4], [4], 6.0)[-1] is False
+    asked = []
+    for _ in range(4):
+        asked.append(int(policy.next_lengths(1)))
+        policy.update(lengths(asked[-1]), lengths(asked[-1]), measured)
+    assert asked == [0, 0, 0, 1] and policy.can_pay is True  # the recheck's costs say yes
+    verdicts = drafting_steps(policy, measured, GUARD_STEPS, [4], [4], 6.0)
+    assert verdicts == [True] * (GUARD_STEPS - 1) + [False]

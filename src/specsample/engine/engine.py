@@ -485,6 +485,9 @@ class Engine:
             # scoring and verifying: what a step with these many tokens per row costs beyond
             # drafting
             costs.add_target_pass(width + 1, timing.target_seconds + timing.verify_seconds)
+            costs.last_step_seconds = (
+                timing.draft_seconds + timing.target_seconds + timing.verify_seconds
+            )
         self.stats.total_seconds += time.perf_counter() - started
         self.stats.target_single_pass_seconds = self._single_pass_seconds()
 

@@ -27,6 +27,16 @@
      every token since the last one, which on a compute-bound CPU costs a good part of the target's
      time for those tokens (on the default pair on 2 cores, with rechecks from 64 steps, the model
      drafter ran at 0.78x llama.cpp target-only where no drafter ran at 0.95x).
+     The verdict rests on modelled step costs (medians of passes, c per draft pass); real
+     drafting steps can cost more (a draft pass that feeds the tokens a step committed covers
+     several tokens, the machine slows down). So after a "yes" the policy also adds up the
+     real drafting steps of that batch size: once GUARD_STEPS of them are in, if they took
+     longer than target-only passes would have for the most tokens they could have emitted
+     (every draft kept, plus one per row: sum over steps of sum_b (d_b + 1) against
+     rows * step seconds / the 1-token pass), the verdict turns to "no" just as a cost check's
+     would (it rests on costs alone, not on what was kept). On 2 cores, where a "yes" near
+     the break-even from the modelled costs once made a run draft throughout at 0.7x
+     target-only, this ends it after GUARD_STEPS drafting steps.
   2. Acceptance. Where drafting can pay, each row keeps a schedule that doubles after every
      draft of a row was kept and halves after a rejection (but not below one more than the
      drafts kept; within [1, max_k]; on transformers on CPUs, where a 16-token pass costs 2.8
@@ -75,6 +85,11 @@ PROBE_ATTEMPTS = 3
 # (optimistic, so a row whose drafts are kept tries longer drafts and times them), past that
 # along the chord.
 EXPLORE_REACH = 2
+# The check of real steps: once GUARD_STEPS steps drafted after a "yes", if those steps took
+# longer than target-only would have taken for every token they could have emitted (each row's
+# drafts all kept, plus one), drafting cannot pay here whatever the drafts: the verdict turns
+# to "no" (module docstring).
+GUARD_STEPS = 8
 # A row's schedule: k * GROWTH after a draft kept whole; after a rejection k // SHRINK (at most
 # k - 1), but never below one more than the drafts kept.
 GROWTH = 2
@@ -112,6 +127,9 @@ class StepCosts:
     def __init__(self):
         self.draft_step = _Recent()
         self.target_pass: dict[int, _Recent] = {}
+        # wall seconds of the step just recorded (draft passes, target pass, verification):
+        # what the policy's check of drafting steps against target-only compares
+        self.last_step_seconds: float | None = None
 
     def add_target_pass(self, tokens: int, seconds: float) -> None:
         self.target_pass.setdefault(tokens, _Recent()).add(seconds)
@@ -295,6 +313,9 @@ class AdaptiveDraftLength:
         self.can_pay: bool | None = None  # the verdict for the batch size of the last call
         self._bucket = 1  # the batch size (bucket) of the last call
         self._probe_steps: dict[int, int] = {}  # per bucket: probe steps asked for
+        # per bucket, the drafting steps since its "yes": [steps, tokens they could have
+        # emitted, tokens target-only passes would have emitted in their time]
+        self._real_steps: dict[int, list[float]] = {}
         self._costs: StepCosts | None = None  # the costs for the batch size of the last call
         self._since_check = 0
         self._check_gap = recheck_every
@@ -424,13 +445,37 @@ class AdaptiveDraftLength:
         # machine, which would flip a verdict near the break-even (the first pass of each
         # flip makes the draft model catch up on every token since).
         depths = drafted.tolist()
+        was_yes = self.verdicts.get(bucket) is True
         settled = self.verdicts.get(bucket) is False and not any(d > 0 for d in depths)
         verdict = None if settled else self._cost_verdict(costs)
         if verdict is not None:  # costs that cannot tell keep the last verdict
             self.verdicts[bucket] = self.can_pay = verdict
+        if (
+            was_yes
+            and any(d > 0 for d in depths)
+            and not self._real_steps_pay(bucket, depths, costs)
+        ):
+            self.verdicts[bucket] = self.can_pay = False
         for row, d, a in zip(rows, depths, accepted.tolist(), strict=True):
             if d > 0:
                 self._update_row(self.schedule(row), d, a, costs)
+
+    def _real_steps_pay(self, bucket: int, depths: list[int], costs: StepCosts) -> bool:
+        """Adds a drafting step taken under a "yes" to its batch size's tally; False once
+        GUARD_STEPS such steps took longer than target-only would have for every token they
+        could have emitted (module docstring). The tally starts over after it says False (a
+        recheck that finds "yes" again is judged on its own steps)."""
+        seconds, single = costs.last_step_seconds, costs.target_pass.get(1)
+        if seconds is None or single is None or single.value <= 0:
+            return True
+        tally = self._real_steps.setdefault(bucket, [0, 0.0, 0.0])
+        tally[0] += 1
+        tally[1] += sum(d + 1 for d in depths)
+        tally[2] += len(depths) * seconds / single.value
+        if tally[0] < GUARD_STEPS or tally[1] > tally[2]:
+            return True
+        del self._real_steps[bucket]
+        return False
 
     def _cost_verdict(self, costs: StepCosts) -> bool | None:
         """Whether some draft length pays when every draft is kept; None until two 1-token
