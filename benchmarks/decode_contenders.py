@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from common import pooled
-from specsample.drafters.model import DEFAULT_CONFIDENCE, ModelDrafter
+from specsample.drafters.model import DEFAULT_CONFIDENCE, DEFAULT_SURVIVAL, ModelDrafter
 from specsample.drafters.ngram import NgramDrafter
 from specsample.engine import generate
 from specsample.engine.length import AdaptiveDraftLength
@@ -29,7 +29,9 @@ PROMPT_LOOKUP_TOKENS = 10
 
 # contender names
 OURS_TO = "ours target-only"
-ADAPTIVE_TAG = f"adaptive (max {ADAPTIVE_MAX_K}, confidence {DEFAULT_CONFIDENCE})"
+ADAPTIVE_TAG = (
+    f"adaptive (max {ADAPTIVE_MAX_K}, confidence {DEFAULT_CONFIDENCE}, survival {DEFAULT_SURVIVAL})"
+)
 HF_ASSISTED_INT8 = "transformers assisted (defaults, int8 draft)"
 HF_TO = "transformers target-only"
 HF_ASSISTED = "transformers assisted (defaults)"
@@ -207,7 +209,7 @@ def make_contenders(
         return ModelDrafter(draft_lm)
 
     def confident_drafter():  # adaptive: the command line's default draft-side stop
-        return ModelDrafter(draft_lm, confidence=DEFAULT_CONFIDENCE)
+        return ModelDrafter(draft_lm, confidence=DEFAULT_CONFIDENCE, survival=DEFAULT_SURVIVAL)
 
     out = [
         Contender(OURS_TO, "ours", "target-only", None, ours(lambda: None, lambda: 0)),

@@ -10,8 +10,9 @@ process and its own peak RSS, and an idle worker takes no CPU while another runs
 * lookup: llama-cpp-python's prompt lookup (`Llama(draft_model=LlamaPromptLookupDecoding())`,
   its defaults: 2-gram, 10 tokens), driven through `Llama.generate`;
 * ours-model / ours-ngram / ours-none: specsample's `generate` on llama.cpp (`load_pair`,
-  backend llama.cpp), as `specsample generate` runs it: model drafter with --draft-confidence's
-  default, adaptive draft length (--k auto, max 16), block verification (--rule auto);
+  backend llama.cpp), as `specsample generate` runs it: model drafter with the defaults of
+  --draft-confidence and --draft-survival, adaptive draft length (--k auto, max 16), block
+  verification (--rule auto);
 * hf: specsample's `generate` on transformers, float32 target, int8 draft (target-only and
   model drafter in one process: one float32 target copy);
 * probe: one-off, times target and draft passes of K tokens (the cost curve) and exits.
@@ -290,14 +291,16 @@ class Ours:
         self.facts = {"description": self.pair.description, "load_seconds": self.pair.seconds}
 
     def run(self, prompt, temperature, seed, tokens, batch=1, drafter=None, **_) -> dict:
-        from specsample.drafters.model import DEFAULT_CONFIDENCE, ModelDrafter
+        from specsample.drafters.model import DEFAULT_CONFIDENCE, DEFAULT_SURVIVAL, ModelDrafter
         from specsample.drafters.ngram import NgramDrafter
         from specsample.engine import AdaptiveDraftLength, generate
         from specsample.warpers import SamplingConfig
 
         kind = drafter or self.drafter
         made = {
-            "model": lambda: ModelDrafter(self.pair.draft, confidence=DEFAULT_CONFIDENCE),
+            "model": lambda: ModelDrafter(
+                self.pair.draft, confidence=DEFAULT_CONFIDENCE, survival=DEFAULT_SURVIVAL
+            ),
             "ngram": NgramDrafter,
             "none": lambda: None,
         }[kind]()

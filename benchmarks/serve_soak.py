@@ -3,9 +3,10 @@ server's alone), under a steady load of concurrent streaming clients for 10 minu
 
 The server: `specsample serve` on tiny GGUF files written in-process (tests/adapters/tiny_gguf.py:
 a 2-layer random Qwen2-style target and a similar draft), llama.cpp backend, speculative (model
-drafter, --k 4, --draft-confidence 0: the tiny model is unsure everywhere and would not draft at
-the default 0.4), --max-batch 16. --target/--draft take other GGUF files (--drafter none for
-target-only). The tiny model makes each step cheap, so the load is mostly the server's own work
+drafter, --k 4, --draft-confidence 0 --draft-survival 0: the tiny model is unsure everywhere and
+would not draft at the defaults), --max-batch 16. --target/--draft take other GGUF files
+(--drafter none for target-only). The tiny model makes each step cheap, so the load is mostly
+the server's own work
 (HTTP, streaming, scheduling, engine bookkeeping): many requests per minute, which is what a leak
 would show in.
 
@@ -220,6 +221,7 @@ def main() -> None:
             serve += ["--drafter", "none"]
         else:
             serve += ["--draft", args.draft, "--k", args.k, "--draft-confidence", "0"]
+            serve += ["--draft-survival", "0"]
         load_start = os.getloadavg()
         wall = time.time()
         counts = Counts()

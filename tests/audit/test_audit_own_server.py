@@ -163,8 +163,9 @@ def test_audit_passes_the_specsample_serve_command_on_gguf_files_with_llamacpp(t
     draft = write_tiny_gguf(tmp_path / "draft.gguf", seed=0, mix=(3, 0.5))
     common = ["--target", str(target), "--backend", "llama.cpp", "--threads", "1"]
     common += ["--context", "64", "--max-batch", "8", "--model-name", "tiny"]
-    # --draft-confidence 0: the tiny model is unsure everywhere, and would not draft at 0.4
+    # stops off: the tiny model is unsure everywhere, and would not draft at the defaults
     speculative = ["--draft", str(draft), "--k", "3", "--draft-confidence", "0"]
+    speculative += ["--draft-survival", "0"]
     with (
         ServeProcess([*common, "--drafter", "none"]) as reference,
         ServeProcess([*common, *speculative]) as server,

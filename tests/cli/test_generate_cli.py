@@ -87,16 +87,17 @@ def test_greedy_output_is_the_same_with_and_without_a_drafter(tiny_pair, capsys,
     target, draft = tiny_pair
     common = ["def reverse(head):", "--target", target, "--temperature", "0"]
     baseline = run_json(capsys, *common, "--drafter", "none")
-    # --draft-confidence 0 (unless the case sets it): the tiny random draft would draft nothing.
-    speculative = run_json(capsys, *common, "--draft", draft, "--draft-confidence", "0", *options)
+    # stops off (unless the case sets one): the tiny random draft would draft nothing.
+    off = ["--draft-confidence", "0", "--draft-survival", "0"]
+    speculative = run_json(capsys, *common, "--draft", draft, *off, *options)
     assert speculative["texts"] == baseline["texts"]
 
 
 @pytest.mark.parametrize("option", ["--draft-confidence", "--draft-survival"])
 def test_draft_stops_reach_the_drafter(tiny_pair, capsys, option):
     # The tiny random draft is never sure of anything (top probabilities near 1/vocab), so a
-    # threshold of 0.9 stops every draft before its first token (so does the default
-    # confidence 0.4); with both stops off, it drafts.
+    # threshold of 0.9 stops every draft before its first token (so do the defaults,
+    # confidence 0.4 and survival 0.25); with both stops off, it drafts.
     target, draft = tiny_pair
     common = ["def f", "--target", target, "--draft", draft, "--k", "3", "--temperature", "0"]
     off = ["--draft-confidence", "0", "--draft-survival", "0"]
@@ -118,7 +119,7 @@ def test_draft_stops_reach_the_drafter(tiny_pair, capsys, option):
 )
 def test_every_rule_is_selectable_and_reported(tiny_pair, capsys, options, rule):
     target, draft = tiny_pair
-    # --draft-confidence 0: the tiny random draft is never confident enough to draft otherwise.
+    # stops off: the tiny random draft is never confident enough to draft otherwise.
     result = run_json(
         capsys,
         "def f",
@@ -129,6 +130,8 @@ def test_every_rule_is_selectable_and_reported(tiny_pair, capsys, options, rule)
         "--k",
         "2",
         "--draft-confidence",
+        "0",
+        "--draft-survival",
         "0",
         *options,
     )

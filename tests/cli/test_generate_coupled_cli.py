@@ -22,7 +22,8 @@ def test_coupled_text_is_the_same_with_any_drafter(tiny_pair, capsys, options): 
     target, draft = tiny_pair
     common = ["def reverse(head):", "--target", target, "--rule", "coupled", *SAMPLING]
     baseline = run_json(capsys, *common, "--drafter", "none")
-    speculative = run_json(capsys, *common, "--draft", draft, "--draft-confidence", "0", *options)
+    off = ["--draft-confidence", "0", "--draft-survival", "0"]  # the tiny draft is unsure
+    speculative = run_json(capsys, *common, "--draft", draft, *off, *options)
     assert speculative["texts"] == baseline["texts"]
     assert "coupled" in speculative["stats"]["rules_used"]
 
@@ -32,5 +33,6 @@ def test_token_rule_text_differs_between_drafters(tiny_pair, capsys):  # noqa: F
     target, draft = tiny_pair
     common = ["def reverse(head):", "--target", target, "--rule", "token", *SAMPLING]
     baseline = run_json(capsys, *common, "--drafter", "none")
-    speculative = run_json(capsys, *common, "--draft", draft, "--draft-confidence", "0", "--k", "3")
+    off = ["--draft-confidence", "0", "--draft-survival", "0"]
+    speculative = run_json(capsys, *common, "--draft", draft, *off, "--k", "3")
     assert speculative["texts"] != baseline["texts"]

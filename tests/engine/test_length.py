@@ -431,6 +431,7 @@ def test_step_costs_are_the_median_of_the_recent_samples():
         ({"recheck_every": 2.5}, "recheck_every"),
         ({"smoothing": 0.0}, "smoothing"),
         ({"smoothing": 1.5}, "smoothing"),
+        ({"lengths": "schedule"}, "lengths"),
     ],
     ids=lambda value: repr(value) if isinstance(value, dict) else None,
 )
@@ -858,3 +859,68 @@ def test_the_tally_of_real_steps_starts_after_the_yes_and_over_after_a_recheck()
     assert asked == [0, 0, 0, 1] and policy.can_pay is True  # the recheck's costs say yes
     verdicts = drafting_steps(policy, measured, GUARD_STEPS, [4], [4], 6.0)
     assert verdicts == [True] * (GUARD_STEPS - 1) + [False]
+
+
+# ---------------------------------------------------------------- adaptive: lengths from the costs
+
+
+def kinked() -> StepCosts:
+    """Passes over up to 4 tokens cost a 1-token pass, longer ones 1 more per token (a matrix
+    kernel switch); each timed three times (trusted); a draft pass 0.1."""
+    measured = StepCosts()
+    for _ in range(3):
+        measured.draft_step.add(0.1)
+        for n in range(1, 9):
+            measured.add_target_pass(n, 1.0 if n <= 4 else n - 3.0)
+    return measured
+
+
+def test_costs_lengths_offer_the_longest_draft_the_costs_justify():
+    """lengths="costs": a row is offered the k with the most (k + 1) / (k c + r(k + 1)) from
+    its first step, whatever its keep rates; "theory" starts a row at min(start_k, its best k
+    at the prior). Flat passes: max_k. The kinked curve: 3 drafts (4 / 1.3 against 5 / 2.4
+    for 4). (One row: a batch's depth is cut by the theory under either rule.)"""
+    flat = warmed(AdaptiveDraftLength(max_k=12, lengths="costs"), costs(0.05), rows=1)
+    assert flat.length_rule == "costs" and flat.next_lengths(1).tolist() == [12]
+    theory = warmed(AdaptiveDraftLength(max_k=12, lengths="theory"), costs(0.05), rows=1)
+    assert theory.next_lengths(1).tolist() == [4]  # start_k: no keep test yet
+    kink = warmed(AdaptiveDraftLength(max_k=12, lengths="costs"), kinked(), rows=1)
+    assert kink.next_lengths(1).tolist() == [3]
+    # each row's keep tests do not move it: the drafter's stops cut a draft, not the policy
+    for kept in (3, 0, 1, 3):
+        kink.update(lengths(3), lengths(kept), kinked())
+        assert kink.next_lengths(1).tolist() == [3]
+
+
+def test_costs_lengths_still_pause_a_row_whose_theory_says_drafting_does_not_pay():
+    """The per-row theory stays the off switch: a row that keeps nothing pauses (then probes
+    with one token) under "costs" as under "theory"."""
+    for rule in ("costs", "theory"):
+        policy = warmed(AdaptiveDraftLength(max_k=8, lengths=rule, min_tests=1), kinked(), [0])
+        asked = []
+        for _ in range(12):
+            asked.append(int(policy.next_lengths([0])))
+            policy.update([0], lengths(asked[-1]), lengths(0), kinked())
+        assert policy.rows[0].paused and asked[-4:].count(0) >= 3, (rule, asked)
+
+
+def test_auto_lengths_follow_whether_the_engines_drafter_stops_itself():
+    """lengths="auto" (the default) is "costs" for a drafter that stops a row itself (a model
+    drafter with a confidence or survival stop), "theory" otherwise; an explicit rule stands."""
+    from specsample import Engine
+    from specsample.adapters.toy import ToyLM
+    from specsample.drafters.model import ModelDrafter
+    from specsample.drafters.ngram import NgramDrafter
+
+    def rule(drafter, lengths="auto") -> str:
+        policy = AdaptiveDraftLength(lengths=lengths)
+        Engine(ToyLM(16, seed=0), drafter, draft_length=policy)
+        return policy.length_rule
+
+    draft = ToyLM(16, seed=1)
+    assert rule(ModelDrafter(draft, confidence=0.4)) == "costs"
+    assert rule(ModelDrafter(draft, survival=0.25)) == "costs"
+    assert rule(ModelDrafter(draft)) == "theory"
+    assert rule(NgramDrafter()) == "theory"
+    assert rule(ModelDrafter(draft, confidence=0.4), lengths="theory") == "theory"
+    assert AdaptiveDraftLength().length_rule == "theory"  # no engine yet: no drafter

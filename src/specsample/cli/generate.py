@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from specsample.cli.models import add_backend_arguments
-from specsample.drafters.model import DEFAULT_CONFIDENCE
+from specsample.drafters.model import DEFAULT_CONFIDENCE, DEFAULT_SURVIVAL
 
 DEFAULT_PROMPT = "Write a Python function that reverses a linked list."
 COLORS = {"accepted": "\033[32m", "recovered": "\033[33m", "bonus": "\033[36m"}
@@ -108,10 +108,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--draft-survival",
         type=float,
-        default=0.0,
+        default=DEFAULT_SURVIVAL,
         help="model drafter: stop drafting a row where the product of the draft's top "
         "probabilities so far (its estimate that every draft up to there is kept) falls below "
-        "this (0 = off, the default); exact either way",
+        f"this (0 = off; default {DEFAULT_SURVIVAL}); exact either way. With either stop on, "
+        "--k auto offers the longest draft the measured pass costs justify and the stops cut it",
     )
     parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     parser.add_argument("--top-k", type=int, default=0, help="0 = off (default)")

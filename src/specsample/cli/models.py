@@ -12,7 +12,7 @@ import argparse
 import sys
 from dataclasses import dataclass, field
 
-from specsample.drafters.model import DEFAULT_CONFIDENCE
+from specsample.drafters.model import DEFAULT_CONFIDENCE, DEFAULT_SURVIVAL
 from specsample.rules.registry import EXACT
 
 LOSSY_RULES = ("typical",)
@@ -52,6 +52,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=DEFAULT_CONFIDENCE,
         help=f"stop drafting a row below this top probability (default {DEFAULT_CONFIDENCE})",
+    )
+    group.add_argument(
+        "--draft-survival",
+        type=float,
+        default=DEFAULT_SURVIVAL,
+        help="stop drafting a row where the product of the draft's top probabilities so far "
+        f"falls below this (0 = off; default {DEFAULT_SURVIVAL})",
     )
     add_backend_arguments(group)
     group.add_argument(
@@ -132,8 +139,9 @@ class ModelLoader:
     def from_args(args: argparse.Namespace) -> ModelLoader:
         check_model_arguments(args)
         names = (
-            "target draft drafter k max_k rule draft_confidence dtype device backend threads "
-            "draft_quantize repack max_batch context default_max_tokens model_name"
+            "target draft drafter k max_k rule draft_confidence draft_survival dtype device "
+            "backend threads draft_quantize repack max_batch context default_max_tokens "
+            "model_name"
         ).split()
         return ModelLoader({name: getattr(args, name) for name in names})
 
@@ -206,7 +214,7 @@ def _drafter(o: argparse.Namespace, draft_model):
     from specsample.drafters.ngram import NgramDrafter
 
     if o.drafter == "model":
-        return ModelDrafter(draft_model, confidence=o.draft_confidence)
+        return ModelDrafter(draft_model, confidence=o.draft_confidence, survival=o.draft_survival)
     if o.drafter == "ngram":
         return NgramDrafter()
     return None
@@ -221,10 +229,12 @@ def check_model_arguments(args: argparse.Namespace) -> None:
     ):
         if value is not None and value < low:
             raise argparse.ArgumentTypeError(f"{option}: expected an integer >= {low}, got {value}")
-    if not 0 <= args.draft_confidence < 1:
-        raise argparse.ArgumentTypeError(
-            f"--draft-confidence: expected a number in [0, 1), got {args.draft_confidence}"
-        )
+    for option, value in (
+        ("--draft-confidence", args.draft_confidence),
+        ("--draft-survival", args.draft_survival),
+    ):
+        if not 0 <= value < 1:
+            raise argparse.ArgumentTypeError(f"{option}: expected a number in [0, 1), got {value}")
     from specsample.cli.generate import _draft_length
     from specsample.engine.length import AdaptiveDraftLength
 

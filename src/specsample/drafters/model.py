@@ -17,6 +17,8 @@ from specsample.warpers import RowSampling
 # The command line's default `confidence`, chosen by benchmarks/decode_speed.py (the library's
 # default stays 0: a plain drafter drafts what it is asked to).
 DEFAULT_CONFIDENCE = 0.4
+# The command line's default `survival` (with lengths from the costs: see AdaptiveDraftLength).
+DEFAULT_SURVIVAL = 0.25
 
 
 class ModelDrafter:
@@ -44,6 +46,13 @@ class ModelDrafter:
         self.confidence = confidence
         self.survival = survival
         self.forward_passes = 0
+
+    @property
+    def stops_itself(self) -> bool:
+        """Whether it stops a row's draft where it is unsure (confidence or survival set): the
+        adaptive draft length then offers the longest draft the costs justify and leaves the
+        stop to it (AdaptiveDraftLength, lengths="auto")."""
+        return self.confidence > 0 or self.survival > 0
 
     @property
     def prefill_seconds(self) -> float:

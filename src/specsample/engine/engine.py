@@ -145,6 +145,8 @@ class Engine:
         self.target = ModelCursor(target)
         self.drafter = drafter
         self.policy = _draft_length_policy(draft_length, drafter, fixed_depth)
+        if isinstance(self.policy, AdaptiveDraftLength):  # what its lengths="auto" follows
+            self.policy.drafter_stops_itself = bool(getattr(drafter, "stops_itself", False))
         self.max_batch = max_batch
         self.stats = DecodeStats()
         self.costs = StepCosts()  # every step's costs (reported in DecodeStats)

@@ -50,6 +50,14 @@
      When the best k is 0 the row drafts nothing, and after `probe_every` steps it drafts one
      token to measure its acceptance again (the gap doubles after every probe that leaves it
      paused, up to MAX_GAP steps, and starts over when it drafts again).
+     That is lengths="theory". With lengths="costs" (the default for a drafter that stops
+     a row itself where it is unsure, such as the command line's model drafter) a row that
+     drafts is offered the longest draft the pass costs justify were every draft kept, and
+     the drafter's confidence and survival stops decide how much of it is drafted; the
+     theory above still pauses rows and cuts a batch's depth. On transformers on 2 cores
+     (a 16-token pass 2.8x a 1-token one) the schedule's caps, which follow the keep rates a
+     few steps late, kept drafts short where transformers' assisted generation (20 drafts,
+     the same confidence stop) drafted long and won.
   3. Batch depth. A step drafts as deep as its deepest row, so the rows' lengths are cut to the
      depth with the most expected tokens over the batch per unit of step cost (at least 1).
 
@@ -206,6 +214,7 @@ class StepCosts:
         return estimate
 
 
+LENGTH_RULES = ("auto", "theory", "costs")  # AdaptiveDraftLength's `lengths`
 PRIOR_KEPT, PRIOR_TESTS = 2.0, 3.0
 DEPTH_PRIOR_TESTS = 1.0  # the weight of a deeper position's prior (module docstring)
 
@@ -267,7 +276,19 @@ class AdaptiveDraftLength:
     probe_every: a newly paused row drafts one token after probe_every steps (then after twice
     as many, ...); recheck_every: None (default) keeps a "drafting cannot pay" verdict; an int
     makes one step draft one token after that many steps to measure the costs again (then
-    after twice as many, ...)."""
+    after twice as many, ...).
+
+    lengths: how long a row that drafts drafts. "theory": its schedule capped by its best k
+    (part 2 of the module docstring). "costs": the longest draft the pass costs justify were
+    every draft kept (the k in 1..max_k with the most (k + 1) / (k c + r(k + 1)), longer on a
+    tie), for a drafter that stops a row itself where it is unsure (a model drafter's
+    confidence and survival stops): the drafter's own probabilities then decide how much of
+    it is drafted, step by step, which the row's past keep rates (what "theory" goes by) can
+    only follow a few steps late, and where passes cost little more for more tokens
+    (transformers on CPUs, accelerators) long drafts cost little when they stop early. Rows
+    still pause when their theory says drafting does not pay (best k 0), and a batch's depth
+    is still cut as part 3 says. "auto" (default): "costs" when the engine's drafter says it
+    stops itself (`stops_itself`), else "theory"."""
 
     def __init__(
         self,
@@ -278,6 +299,7 @@ class AdaptiveDraftLength:
         recheck_every: int | None = None,
         smoothing: float = 0.2,
         min_tests: int = 12,
+        lengths: str = "auto",
     ):
         if isinstance(max_k, bool) or not isinstance(max_k, int) or max_k < 1:
             raise ValueError(f"max_k: expected an integer >= 1, got {max_k!r}")
@@ -303,6 +325,11 @@ class AdaptiveDraftLength:
         self.recheck_every = recheck_every
         self.smoothing = smoothing
         self.min_tests = min_tests
+        if lengths not in LENGTH_RULES:
+            raise ValueError(f"lengths: expected one of {list(LENGTH_RULES)}, got {lengths!r}")
+        self.lengths = lengths
+        # set by the engine from its drafter (its `stops_itself`): what lengths="auto" follows
+        self.drafter_stops_itself = False
         self.rows: dict[Hashable, _RowSchedule] = {}
         self.steps = 0  # calls of next_lengths
         # Per batch size (batch_bucket): None until the costs are known (two 1-token passes, and
@@ -386,6 +413,7 @@ class AdaptiveDraftLength:
                 return torch.ones(len(ids), dtype=torch.int64)
             return torch.zeros(len(ids), dtype=torch.int64)
         self._check_gap = self.recheck_every
+        cap = self._cost_cap(self._costs) if self.length_rule == "costs" else None
         out = []
         for row in ids:
             state = self.schedule(row)
@@ -399,11 +427,32 @@ class AdaptiveDraftLength:
             else:
                 # Before min_tests the cap (at the prior-weighted alpha) may shorten a draft to
                 # one token but not stop it: only a row's own keep tests can pause it.
-                out.append(min(state.k, max(1, state.best_k)))
+                out.append(cap or min(state.k, max(1, state.best_k)))
         if len(out) > 1 and self._costs is not None:
             depth = self._batch_depth(ids, out, self._costs)
             out = [min(k, depth) for k in out]
         return torch.tensor(out, dtype=torch.int64)
+
+    @property
+    def length_rule(self) -> str:
+        """The rule in force: `lengths`, with "auto" resolved by the drafter."""
+        if self.lengths != "auto":
+            return self.lengths
+        return "costs" if self.drafter_stops_itself else "theory"
+
+    def _cost_cap(self, costs: StepCosts | None) -> int | None:
+        """The k in 1..max_k with the most (k + 1) / (k c + r(k + 1)): the longest draft the
+        costs justify were every draft kept (lengths up to EXPLORE_REACH times the longest timed
+        one priced like it, so longer lengths get tried and timed; a tie goes to the longer)."""
+        if costs is None or costs.target(1) is None:
+            return None
+        c = _cost_ratio(costs)
+
+        def rate(k: int) -> float:
+            verify = costs.relative_pass_cost(k + 1, TRUST_SAMPLES, explore=True) or 1.0
+            return (k + 1) / (k * c + verify)
+
+        return max(range(1, self.max_k + 1), key=lambda k: (rate(k), k))
 
     def _batch_depth(self, ids: list[Hashable], lengths: list[int], costs: StepCosts) -> int:
         """The deepest draft of a batch step. A step drafts as deep as its deepest row (the
