@@ -4,9 +4,9 @@
 - AdaptiveDraftLength: costs first, then acceptance.
 
   1. Costs. The first two steps are target-only (they time 1-token target passes at no extra cost),
-     the next two draft one token per row (each times a draft pass and a 2-token target pass, the
-     cheapest drafting step there is; two, so that one slow first pass cannot decide), and the
-     fifth drafts PROBE_LENGTH - 1 = 4 tokens per row (the probe: a 5-token pass). From then on the
+     the next drafts PROBE_LENGTH - 1 = 4 tokens per row (the probe: four draft passes and a
+     5-token pass), and the probe is repeated until the costs decide (a "no" needs two samples
+     of every cost it rests on, so that one slow first pass cannot decide). From then on the
      policy knows the draft cost ratio c and the relative cost r(n) of a target pass over n tokens
      (measured lengths; longer ones extrapolated along the chord from 1 to the longest measured, see
      StepCosts.relative_pass_cost). If no draft length pays even when every draft is kept
@@ -14,13 +14,15 @@
      whatever the drafts: every row goes target-only for the rest of the engine's life (pass costs
      are the machine's, not the text's; a "no" stands until a step drafts again). On a
      compute-bound CPU (llama.cpp on 2 cores: a 2-token pass costs 1.7 times a 1-token pass and a
-     draft pass 0.45 of it) this settles in those five steps. The verdict, "yes" as well as "no",
-     waits for the probe: where a 2-token pass costs a jump over 1 token and longer ones little
-     more (transformers on CPUs: 1.7x for 2 tokens, 2.5x for 5, 2.8x for 16) the chord from 1 to 2
-     would say no wrongly, and after a "yes" from 2-token passes alone the schedule would price
-     every longer draft along that chord and never draft more than one token (it never times a
-     length it does not choose); the verdict interpolates between measured lengths. A drafter
-     that stops short of the probe's 4 drafts is given PROBE_ATTEMPTS probe steps. With
+     draft pass 0.45 of it) this settles in four steps, and a "yes" (transformers on CPUs) in
+     three. The verdict, "yes" as well as "no", rests on the probe: where a 2-token pass costs
+     a jump over 1 token and longer ones little more (transformers on CPUs: 1.7x for 2 tokens,
+     2.5x for 5, 2.8x for 16) the chord from 1 to 2 would say no wrongly, and after a "yes"
+     from 2-token passes alone the schedule would price every longer draft along that chord and
+     never draft more than one token (it never times a length it does not choose); lengths
+     between measured ones are interpolated. (Two one-token drafting steps used to come before
+     the probe; they added two steps to every check and decided nothing the probe did not.) A
+     drafter that stops short of the probe's 4 drafts is given PROBE_ATTEMPTS probe steps. With
      `recheck_every` set, one step drafts one token
      after that many steps to measure again (the gap doubles after every recheck that confirms the
      verdict, up to MAX_GAP steps). Not the default: a recheck makes the draft model catch up on
@@ -391,20 +393,19 @@ class AdaptiveDraftLength:
         self.steps += 1
         self._use_bucket(len(ids))
         if self.can_pay is None:
-            # Target-only steps time 1-token target passes for free (two of them); then the
-            # cheapest drafting steps, one token per row, time draft passes and 2-token passes.
-            # Before any verdict, one step drafts probe_length - 1 tokens: the chord from 1 to
-            # 2 tokens overstates longer passes where a 2-token pass costs a jump over 1 token
-            # and more tokens little more (transformers on CPUs: 1.7x for 2, 2.5x for 5).
+            # Target-only steps time 1-token target passes for free (two of them); then probe
+            # steps draft probe_length - 1 tokens per row (a draft pass per token and a
+            # probe_length-token pass) until the costs decide: a "yes" after one, a "no" after
+            # two (it needs two samples). Passes over fewer tokens are priced between the
+            # measured lengths; a 2-token pass alone would overstate longer ones where it
+            # costs a jump over 1 token and more tokens little more (transformers on CPUs:
+            # 1.7x for 2, 2.5x for 5).
             costs = self._costs
             single = None if costs is None else costs.target_pass.get(1)
             if single is None or single.count < 2:
                 return torch.zeros(len(ids), dtype=torch.int64)
-            two = costs.target_pass.get(2)
-            if two is not None and two.count >= 2 and not self._probed(costs):
-                self._probe_steps[self._bucket] = self._probe_steps.get(self._bucket, 0) + 1
-                return torch.full((len(ids),), self._probe_length() - 1, dtype=torch.int64)
-            return torch.ones(len(ids), dtype=torch.int64)
+            self._probe_steps[self._bucket] = self._probe_steps.get(self._bucket, 0) + 1
+            return torch.full((len(ids),), self._probe_length() - 1, dtype=torch.int64)
         if not self.can_pay:
             self._since_check += 1
             if self._check_gap is not None and self._since_check >= self._check_gap:
