@@ -36,7 +36,7 @@ from specsample.drafters.ngram import NgramDrafter
 from specsample.drafters.tree import TreeDrafter, TreeShape
 from specsample.engine import ACCEPTED, BONUS, RECOVERED
 from specsample.engine.engine import _emitted_logprobs
-from specsample.engine.length import FixedDraftLength
+from specsample.engine.length import AdaptiveDraftLength, FixedDraftLength
 from specsample.rules.tree import TreeResult
 from stats_identities import assert_stats_identities
 
@@ -594,6 +594,30 @@ def test_each_step_records_its_drafting_scoring_and_verifying_time(monkeypatch):
         wall = time.perf_counter() - started
         recorded = engine.costs_by_batch[1].last_step_seconds
         assert least <= recorded <= wall and engine.costs.last_step_seconds == recorded
+
+
+def test_a_policy_reused_by_a_second_engine_brings_its_costs_and_verdict():
+    """An adaptive policy passed to a second engine on the same models keeps its verdict, and
+    its measured costs start the new engine's (a copy: the first engine's stay as they were);
+    the first step follows the verdict at once (no second cost check). Without its costs a
+    reused "yes" would be priced on no 1-token pass (drafting steps time none), and a request
+    of the new engine must not inherit the schedule of the old one's request of the same id."""
+    target, draft = pair16()
+    policy = AdaptiveDraftLength(max_k=4)
+    first = Engine(target, ModelDrafter(draft), draft_length=policy)
+    first.add_request([3, 1, 4], max_new_tokens=20, seed=1)
+    run_to_end(first)
+    verdict = policy.verdicts.get(1)
+    assert verdict is not None
+    assert policy.rows == {}  # a finished request's schedule is dropped at its last step
+    singles = first.costs_by_batch[1].target_pass[1].count
+    second = Engine(target, ModelDrafter(draft), draft_length=policy)
+    assert second.costs_by_batch[1] is not first.costs_by_batch[1]
+    assert second.costs_by_batch[1].target_pass[1].count == singles
+    second.add_request([2, 7], max_new_tokens=6, seed=2)
+    second.step()
+    assert (second.stats.draft_passes > 0) is verdict
+    assert first.costs_by_batch[1].target_pass[1].count == singles
 
 
 # ---------------------------------------------------------------- found by mutation testing

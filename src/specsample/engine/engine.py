@@ -154,6 +154,12 @@ class Engine:
         # decides with: a pass over 8 rows costs more than one over 1, and on a compute-bound
         # CPU drafting can pay for one row and not for eight, or the other way round
         self.costs_by_batch: dict[int, StepCosts] = {}
+        if isinstance(self.policy, AdaptiveDraftLength):
+            # A policy reused from an earlier engine (on the same models: pass costs are the
+            # machine's) keeps its verdicts, and its costs start this engine's: without them its
+            # "yes" would be priced on no 1-token pass at all (drafting steps time none).
+            for bucket, costs in self.policy.bucket_costs.items():
+                self.costs_by_batch[bucket] = costs.copy()
         self._draft_passes_seen = getattr(drafter, "forward_passes", 0)
         self._draft_prefill_seen = getattr(drafter, "prefill_seconds", 0.0)
         self._ids = itertools.count()
@@ -320,6 +326,9 @@ class Engine:
         self._record(_StepRows.of(draft, result, recovered, rules_used), draft, timing, started)
         costs = self.costs_by_batch[batch_bucket(len(ids))]
         self.policy.update(ids, draft.depths(), result.num_accepted, costs)
+        for request in rows:  # a policy may outlive this engine: drop finished rows now
+            if request.finish_reason is not None:
+                self.policy.forget(request.id)
         if not draft.num_nodes and getattr(self.policy, "stopped", False):
             # drafting cannot pay at any batch size: the draft model need not keep up (each
             # request that joins would cost it a prompt prefill that no draft uses)

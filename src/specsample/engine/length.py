@@ -141,6 +141,13 @@ class StepCosts:
         # what the policy's check of drafting steps against target-only compares
         self.last_step_seconds: float | None = None
 
+    def copy(self) -> StepCosts:
+        """An independent copy of the samples (not of last_step_seconds: no step of its own)."""
+        twin = StepCosts()
+        twin.draft_step = self.draft_step.copy()
+        twin.target_pass = {n: recent.copy() for n, recent in self.target_pass.items()}
+        return twin
+
     def add_target_pass(self, tokens: int, seconds: float) -> None:
         self.target_pass.setdefault(tokens, _Recent()).add(seconds)
 
@@ -650,6 +657,12 @@ class _Recent:
     def __init__(self):
         self.samples: deque[float] = deque(maxlen=COST_WINDOW)
         self.count = 0
+
+    def copy(self) -> _Recent:
+        twin = _Recent()
+        twin.samples.extend(self.samples)
+        twin.count = self.count
+        return twin
 
     def add(self, value: float) -> None:
         self.samples.append(value)
