@@ -191,6 +191,21 @@ VARIANTS = {
     "block-rule-ngram": lambda: exactness_p_value(
         NgramDrafter(max_ngram=2), draft_length=3, rule="block"
     ),
+    # The command line's default: block verification of drafts whose length the draft's own
+    # probabilities chose (its confidence and survival stops), offered by the adaptive length
+    # (lengths "costs" for a drafter that stops itself).
+    "block-rule-draft-stops": lambda: exactness_p_value(
+        ModelDrafter(toy_pair()[1], confidence=0.6, survival=0.3),
+        draft_length=3,
+        max_new_tokens=4,
+        rule="block",
+    ),
+    "block-rule-draft-stops-adaptive": lambda: exactness_p_value(
+        ModelDrafter(toy_pair()[1], confidence=0.6, survival=0.3),
+        draft_length=AdaptiveDraftLength(max_k=3, probe_every=2),
+        max_new_tokens=5,
+        rule="block",
+    ),
     # Multi-draft and trees: scored in one target pass, verified by recursive rejection sampling.
     "chains-2-without-replacement": lambda: exactness_p_value(
         tree_drafter((2, 1), "without_replacement")
