@@ -145,8 +145,6 @@ class Engine:
         self.target = ModelCursor(target)
         self.drafter = drafter
         self.policy = _draft_length_policy(draft_length, drafter, fixed_depth)
-        if isinstance(self.policy, AdaptiveDraftLength):  # what its lengths="auto" follows
-            self.policy.drafter_stops_itself = bool(getattr(drafter, "stops_itself", False))
         self.max_batch = max_batch
         self.stats = DecodeStats()
         self.costs = StepCosts()  # every step's costs (reported in DecodeStats)
@@ -155,6 +153,8 @@ class Engine:
         # CPU drafting can pay for one row and not for eight, or the other way round
         self.costs_by_batch: dict[int, StepCosts] = {}
         if isinstance(self.policy, AdaptiveDraftLength):
+            # what its lengths="auto" follows
+            self.policy.drafter_stops_itself = bool(getattr(drafter, "stops_itself", False))
             # A policy reused from an earlier engine (on the same models: pass costs are the
             # machine's) keeps its verdicts, and its costs start this engine's: without them its
             # "yes" would be priced on no 1-token pass at all (drafting steps time none).

@@ -454,13 +454,8 @@ class AdaptiveDraftLength:
         one priced like it, so longer lengths get tried and timed; a tie goes to the longer)."""
         if costs is None or costs.target(1) is None:
             return None
-        c = _cost_ratio(costs)
-
-        def rate(k: int) -> float:
-            verify = costs.relative_pass_cost(k + 1, TRUST_SAMPLES, explore=True) or 1.0
-            return (k + 1) / (k * c + verify)
-
-        return max(range(1, self.max_k + 1), key=lambda k: (rate(k), k))
+        every_kept = _expected_tokens([1.0] * self.max_k)  # k + 1 tokens for k drafts
+        return self._most_tokens_per_cost(every_kept, costs, shortest=1, longer_on_tie=True)
 
     def _batch_depth(self, ids: list[Hashable], lengths: list[int], costs: StepCosts) -> int:
         """The deepest draft of a batch step. A step drafts as deep as its deepest row (the
@@ -502,16 +497,12 @@ class AdaptiveDraftLength:
         # machine, which would flip a verdict near the break-even (the first pass of each
         # flip makes the draft model catch up on every token since).
         depths = drafted.tolist()
-        was_yes = self.verdicts.get(bucket) is True
-        settled = self.verdicts.get(bucket) is False and not any(d > 0 for d in depths)
-        verdict = None if settled else self._cost_verdict(costs)
+        drafting = any(d > 0 for d in depths)
+        before = self.verdicts.get(bucket)
+        verdict = None if before is False and not drafting else self._cost_verdict(costs)
         if verdict is not None:  # costs that cannot tell keep the last verdict
             self.verdicts[bucket] = self.can_pay = verdict
-        if (
-            was_yes
-            and any(d > 0 for d in depths)
-            and not self._real_steps_pay(bucket, depths, costs)
-        ):
+        if before is True and drafting and not self._real_steps_pay(bucket, depths, costs):
             self.verdicts[bucket] = self.can_pay = False
         for row, d, a in zip(rows, depths, accepted.tolist(), strict=True):
             if d > 0:
@@ -608,15 +599,24 @@ class AdaptiveDraftLength:
         (analysis.theory.best_draft_length). False when it is 0."""
         if costs.target(1) is None:
             return True
-        c = _cost_ratio(costs)
         tokens = _expected_tokens(self.rates(state, self.max_k))
+        state.best_k = self._most_tokens_per_cost(tokens, costs, shortest=0, longer_on_tie=False)
+        return state.best_k > 0
+
+    def _most_tokens_per_cost(
+        self, tokens: list[float], costs: StepCosts, *, shortest: int, longer_on_tie: bool
+    ) -> int:
+        """The k in shortest..max_k with the most tokens[k] / (k c + r(k + 1)): tokens[k] the
+        expected tokens of a step with k drafts, r priced for the schedule (trusted lengths;
+        up to EXPLORE_REACH times the longest timed one like it)."""
+        c = _cost_ratio(costs)
 
         def rate(k: int) -> float:
             verify = costs.relative_pass_cost(k + 1, TRUST_SAMPLES, explore=True) or 1.0
             return tokens[k] / (k * c + verify)
 
-        state.best_k = max(range(self.max_k + 1), key=lambda k: (rate(k), -k))
-        return state.best_k > 0
+        tie = 1 if longer_on_tie else -1
+        return max(range(shortest, self.max_k + 1), key=lambda k: (rate(k), tie * k))
 
 
 def _count_positions(state: _RowSchedule, drafted: int, accepted: int, decay: float) -> None:
