@@ -208,3 +208,34 @@ def test_bad_options_exit_2_naming_the_option(tiny_pair, capsys, args, named):
     code = main(["generate", "hi", "--target", target, "--draft", draft, *args])
     assert code == 2
     assert named in capsys.readouterr().err
+
+
+def test_cost_memory_is_written_then_recalled_and_can_be_turned_off(
+    tiny_pair, capsys, tmp_path, monkeypatch
+):
+    """--k auto: the first run writes the costs and verdict it measured into
+    $SPECSAMPLE_COST_MEMORY, the next run with the same setting recalls them (--stats says
+    which); --no-cost-memory neither reads nor writes, and neither does a fixed --k."""
+    target, draft = tiny_pair
+    folder = tmp_path / "costs"
+    monkeypatch.setenv("SPECSAMPLE_COST_MEMORY", str(folder))
+    common = ["generate", "def f", "--target", target, "--draft", draft, "--dtype", "float32"]
+    common += ["--max-new-tokens", "12", "--draft-confidence", "0", "--draft-survival", "0"]
+
+    def stats_lines(*extra):
+        assert main([*common, "--stats", *extra]) == 0
+        return [line for line in capsys.readouterr().err.splitlines() if "cost memory" in line]
+
+    assert main([*common, "--no-cost-memory", "--stats"]) == 0
+    assert "cost memory" not in capsys.readouterr().err and not folder.exists()
+    assert stats_lines("--k", "3") == [] and not folder.exists()
+    first = stats_lines()
+    assert len(first) == 1 and "none yet for this setting" in first[0]
+    files = list(folder.glob("costs-*.json"))
+    assert len(files) == 1 and str(files[0]) in first[0]
+    assert json.loads(files[0].read_text())["buckets"]["1"]["verdict"] in (True, False)
+    again = stats_lines()
+    assert len(again) == 1 and "recalled" in again[0]
+    # another setting (here the largest draft length) is another memory
+    assert "none yet" in stats_lines("--max-k", "5")[0]
+    assert len(list(folder.glob("costs-*.json"))) == 2

@@ -100,6 +100,20 @@ def test_serving_draft_length_defaults_to_four_on_transformers(tiny_pair):
     assert isinstance(policy, AdaptiveDraftLength)
 
 
+def test_serving_recalls_the_cost_memory_of_its_setting_unless_turned_off(tiny_pair):
+    """serve and batch: an adaptive draft length starts from the cost memory of the setting
+    (engine.memory), which it writes on every verdict change; --no-cost-memory leaves it out,
+    and a fixed --k or --drafter none needs none."""
+    target, draft = tiny_pair
+    common = ["--target", target, "--draft", draft, "--k", "auto"]
+    policy = _loaded_policy(*common)
+    assert policy.memory is not None and policy.memory.key["max_k"] == policy.max_k
+    assert policy.memory.key["drafter"] == "model" and policy.memory.key["rule"] == "auto"
+    assert _loaded_policy(*common, "--no-cost-memory").memory is None
+    assert _loaded_policy(*common, "--drafter", "ngram").memory.key["drafter"] == "ngram"
+    assert getattr(_loaded_policy(*common, "--drafter", "none"), "memory", None) is None
+
+
 def test_serving_defaults_on_llamacpp_are_auto_length_and_repacked_weights(tmp_path):
     """On llama.cpp (CPUs) the default is the adaptive length (its cost check finds out per
     batch size whether drafting can pay at all; --k still fixes it), and weights repacked for

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from specsample.cli.models import add_backend_arguments
+from specsample.cli.models import add_backend_arguments, recall_costs
 from specsample.drafters.model import DEFAULT_CONFIDENCE, DEFAULT_SURVIVAL
 
 DEFAULT_PROMPT = "Write a Python function that reverses a linked list."
@@ -220,6 +220,11 @@ def run(args: argparse.Namespace) -> int:
     if tree_shape is not None:
         children = args.tree_children.replace("-", "_")
         drafter = TreeDrafter(pair.draft, tree_shape, children=children)
+    memory = (
+        recall_costs(args, pair, draft_length, _rule(args, tree_shape))
+        if drafter is not None and tree_shape is None
+        else None
+    )
     token_prompts = [
         encode_prompt(pair.tokenizer, p, chat_template=not args.no_chat_template) for p in prompts
     ]
@@ -261,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
         for b, text in enumerate(texts):
             print(f"--- [{b}] {prompts[b]}\n{text}")
     if args.stats:
-        _print_stats(summary)
+        _print_stats(summary, memory)
     return 0
 
 
@@ -361,7 +366,7 @@ def _note(args: argparse.Namespace, message: str) -> None:
         print(message, file=sys.stderr)
 
 
-def _print_stats(summary: dict) -> None:
+def _print_stats(summary: dict, memory=None) -> None:
     seconds = summary["seconds"]
     lines = [
         "",
@@ -384,4 +389,9 @@ def _print_stats(summary: dict) -> None:
         "target pass was timed)",
         f"  rules used            {summary['rules_used']}",
     ]
+    if memory is not None:
+        found = "recalled" if memory.recalled else "none yet for this setting"
+        if memory.dropped:
+            found += ", dropped: the machine ran at another speed than remembered"
+        lines.append(f"  cost memory           {found} ({memory.path})")
     print("\n".join(lines), file=sys.stderr)

@@ -117,6 +117,17 @@ def add_backend_arguments(parser) -> None:
         "for generate (one request: 1-token passes)",
     )
     parser.add_argument(
+        "--cost-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--k auto: start from the pass costs and the verdict (does drafting pay here?) "
+        "that earlier runs with the same models, settings and machine measured (dropped when "
+        "the first target pass costs more than 1.3x more or less than remembered); kept in "
+        "$SPECSAMPLE_COST_MEMORY (a folder, or 'off'), default the cache's costs/ folder. "
+        "Spares each run the probe steps (and, where drafting does not pay, the draft model's "
+        "prefill). Exact either way. Default: on",
+    )
+    parser.add_argument(
         "--draft-quantize",
         choices=["auto", "none", "int8"],
         default="auto",
@@ -141,7 +152,7 @@ class ModelLoader:
         names = (
             "target draft drafter k max_k rule draft_confidence draft_survival dtype device "
             "backend threads draft_quantize repack max_batch context default_max_tokens "
-            "model_name"
+            "model_name cost_memory"
         ).split()
         return ModelLoader({name: getattr(args, name) for name in names})
 
@@ -184,6 +195,8 @@ class ModelLoader:
         if o.k is None:
             o.k = "auto" if pair.backend == "llama.cpp" else str(DEFAULT_SERVING_K)
         draft_length = _draft_length(o, AdaptiveDraftLength)
+        if o.drafter != "none":
+            recall_costs(o, pair, draft_length, o.rule)
 
         def make_engine() -> Engine:
             drafter = _drafter(o, pair.draft)
@@ -207,6 +220,43 @@ class ModelLoader:
             speculative=o.drafter != "none",
             default_max_tokens=o.default_max_tokens,
         )
+
+
+def recall_costs(options: argparse.Namespace, pair, policy, rule: str, tree=None):
+    """With --cost-memory (default) and an adaptive draft length: the CostMemory of this
+    setting, recalled into `policy` (engine.memory); else None. The key: the backend and
+    models as loaded (files by path, size and modification time), the compute settings, the
+    drafter and its stops, the rule and tree, the largest draft length (and the machine, which
+    CostMemory adds)."""
+    from specsample.engine.length import AdaptiveDraftLength
+    from specsample.engine.memory import CostMemory, file_identity
+
+    if not getattr(options, "cost_memory", False) or not isinstance(policy, AdaptiveDraftLength):
+        return None
+
+    def model(lm, named):
+        return file_identity(getattr(lm, "path", None) or named) if lm is not None else None
+
+    key = {
+        "backend": pair.backend,
+        "pair": pair.description,
+        "target": model(pair.target, options.target),
+        "draft": model(pair.draft, options.draft),
+        "dtype": options.dtype,
+        "device": options.device,
+        "draft_quantize": options.draft_quantize,
+        "threads": getattr(pair.target, "threads", options.threads),
+        "drafter": options.drafter,
+        "draft_confidence": options.draft_confidence,
+        "draft_survival": options.draft_survival,
+        "rule": rule,
+        "tree": tree,
+        "max_k": policy.max_k,
+    }
+    memory = CostMemory.from_environment(key)
+    if memory is not None:
+        policy.recall(memory)
+    return memory
 
 
 def _drafter(o: argparse.Namespace, draft_model):

@@ -148,6 +148,34 @@ class StepCosts:
         twin.target_pass = {n: recent.copy() for n, recent in self.target_pass.items()}
         return twin
 
+    def samples(self) -> dict[str, object]:
+        """The windows' samples, as a CostMemory keeps them (JSON: string keys)."""
+        return {
+            "draft_step": list(self.draft_step.samples),
+            "target_pass": {str(n): list(r.samples) for n, r in sorted(self.target_pass.items())},
+        }
+
+    @classmethod
+    def from_samples(cls, entry: dict) -> StepCosts:
+        """The costs `samples()` wrote (a CostMemory entry); malformed values raise ValueError
+        or TypeError."""
+        costs = cls()
+        for value in entry.get("draft_step", []):
+            costs.draft_step.add(_seconds(value))
+        for tokens, values in entry.get("target_pass", {}).items():
+            if int(tokens) < 1:
+                raise ValueError(f"target_pass: expected pass lengths >= 1, got {tokens!r}")
+            for value in values:
+                costs.add_target_pass(int(tokens), _seconds(value))
+        return costs
+
+    def keep_only(self, tokens: int, seconds: float | None) -> None:
+        """Forgets every sample but one pass over `tokens` of `seconds` (None: that one too)."""
+        self.draft_step = _Recent()
+        self.target_pass = {}
+        if seconds is not None:
+            self.add_target_pass(tokens, seconds)
+
     def add_target_pass(self, tokens: int, seconds: float) -> None:
         self.target_pass.setdefault(tokens, _Recent()).add(seconds)
 
@@ -358,6 +386,10 @@ class AdaptiveDraftLength:
         # every row's keep tests by position, pooled: the prior of a row's position rates (a
         # request that joins starts from what recent requests kept, not from a fixed 2/3)
         self.pooled = _RowSchedule(k=0)
+        # recall(): the memory written on every verdict change, and per batch size the
+        # remembered 1-token pass cost that this process's first pass must match
+        self.memory = None
+        self._recalled: dict[int, float] = {}
 
     @property
     def stopped(self) -> bool:
@@ -366,6 +398,65 @@ class AdaptiveDraftLength:
         draft model drop its rows (a batch size whose own check said yes would instead make it
         prefill every row again each time the batch came back to it)."""
         return self.recheck_every is None and self.verdicts.get(1) is False
+
+    def recall(self, memory) -> bool:
+        """Starts from the pass costs and verdicts a CostMemory (engine.memory) kept from earlier
+        processes with the same setting, and writes it on every verdict change from now on.
+        The first step of a remembered batch size is priced against the memory: if its target
+        pass (1 token after a "no", a drafting step's width after a "yes") costs what the
+        remembered costs say (within memory.MATCH_FACTOR either way) the remembered verdict
+        and costs stand (no probes, and after a "no" no draft prefill); else they are dropped
+        and its cost check starts over. True when some entry was taken."""
+        from specsample.engine.memory import CostMemory
+
+        if not isinstance(memory, CostMemory):
+            raise TypeError(f"memory: expected a CostMemory, got {type(memory).__name__}")
+        self.memory = memory
+        taken = False
+        for bucket, entry in memory.load().items():
+            try:
+                costs = StepCosts.from_samples(entry)
+                verdict = entry.get("verdict")
+            except (ValueError, TypeError, AttributeError):  # a damaged entry: not used
+                continue
+            single = costs.target_pass.get(1)
+            if single is None or single.value <= 0 or verdict not in (True, False, None):
+                continue
+            single = single.value
+            self.bucket_costs[bucket] = costs
+            self.verdicts[bucket] = verdict
+            self._recalled[bucket] = costs.copy()
+            taken = True
+        memory.recalled = taken
+        return taken
+
+    def memory_state(self) -> dict[int, dict]:
+        """What a CostMemory keeps: per batch size with costs, its verdict and cost samples."""
+        return {
+            bucket: {"verdict": self.verdicts.get(bucket), **costs.samples()}
+            for bucket, costs in self.bucket_costs.items()
+        }
+
+    def _check_recalled(self, bucket: int, width: int, costs: StepCosts) -> None:
+        """The first step of a remembered batch size scored `width` tokens per row: its target
+        pass must cost what the remembered costs say a pass of that width costs (between
+        remembered lengths, on the line between them), else that batch size's memory is
+        dropped (its costs start from this pass, its verdict from the cost check)."""
+        from specsample.engine.memory import MATCH_FACTOR
+
+        remembered = self._recalled.pop(bucket)
+        timed = costs.target_pass.get(width)
+        fresh = timed.samples[-1] if timed is not None and timed.samples else None
+        relative = remembered.relative_pass_cost(width, interpolate=True)
+        single = remembered.target(1)
+        expected = None if relative is None or single is None else relative * single
+        if fresh is not None and expected is not None:
+            if expected / MATCH_FACTOR <= fresh <= expected * MATCH_FACTOR:
+                return
+        costs.keep_only(width, fresh)
+        self.verdicts.pop(bucket, None)
+        if self.memory is not None:
+            self.memory.dropped.append(bucket)
 
     def rates(self, state: _RowSchedule, positions: int) -> list[float]:
         """The row's acceptance rate at positions 0..positions-1, its prior the pooled rates."""
@@ -492,6 +583,10 @@ class AdaptiveDraftLength:
             rows, drafted, accepted, costs = args
         bucket = self._use_bucket(len(rows))
         self.bucket_costs[bucket] = self._costs = costs
+        remembered = dict(self.verdicts)
+        if bucket in self._recalled:
+            self._check_recalled(bucket, 1 + max(drafted.tolist(), default=0), costs)
+            self._use_bucket(len(rows))
         # A "no" stands until a step drafts again (only a recheck does): the target-only steps
         # after it time nothing new about drafting, and their 1-token passes drift with the
         # machine, which would flip a verdict near the break-even (the first pass of each
@@ -507,6 +602,9 @@ class AdaptiveDraftLength:
         for row, d, a in zip(rows, depths, accepted.tolist(), strict=True):
             if d > 0:
                 self._update_row(self.schedule(row), d, a, costs)
+        if self.memory is not None and self.verdicts.get(bucket) is not None:
+            if remembered.get(bucket) is not self.verdicts[bucket]:
+                self.memory.save(self.memory_state())
 
     def _real_steps_pay(self, bucket: int, depths: list[int], costs: StepCosts) -> bool:
         """Adds a drafting step taken under a "yes" to its batch size's tally; False once
@@ -649,6 +747,13 @@ def _cost_ratio(costs: StepCosts) -> float:
     if not costs.draft_step.count or not single:
         return 0.0
     return costs.draft_step.value / single
+
+
+def _seconds(value: object) -> float:
+    seconds = float(value)  # type: ignore[arg-type]
+    if not seconds >= 0 or seconds == float("inf"):
+        raise ValueError(f"expected a pass time in seconds >= 0, got {value!r}")
+    return seconds
 
 
 class _Recent:

@@ -1,0 +1,207 @@
+"""The cost memory: the adaptive draft length's costs and verdicts kept across processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import torch
+
+from specsample.engine.length import AdaptiveDraftLength, StepCosts
+from specsample.engine.memory import (
+    MATCH_FACTOR,
+    MAX_AGE_DAYS,
+    CostMemory,
+    file_identity,
+    memory_directory,
+)
+
+# llama.cpp on 2 cores (tests/engine/test_length.py): no draft length pays
+NO_DRAFT, NO_PASSES = 0.0215, {1: 0.048, 5: 0.187}
+# transformers on 2 cores: a 5-token pass 1.7x a 1-token one, a cheap int8 draft: drafting pays
+YES_DRAFT, YES_PASSES = 0.05, {1: 0.40, 5: 0.68}
+KEY = {"backend": "test", "target": "t.gguf", "draft": "d.gguf", "max_k": 16}
+
+
+def lengths(*values: int) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def cost_check(policy: AdaptiveDraftLength, draft: float, passes: dict[int, float]) -> list[int]:
+    """One row through the policy's steps until it has a verdict (at most 6 steps), every
+    draft kept, passes timed at the given costs. Returns the lengths asked."""
+    measured = policy.bucket_costs.get(1) or StepCosts()
+    asked = []
+    for _ in range(6):
+        k = int(policy.next_lengths(1))
+        asked.append(k)
+        for _ in range(k):
+            measured.draft_step.add(draft)
+        measured.add_target_pass(k + 1, passes[k + 1])
+        policy.update(lengths(k), lengths(k), measured)
+        if policy.verdicts.get(1) is not None and k:
+            break
+    return asked
+
+
+def remembered(tmp_path, draft, passes) -> CostMemory:
+    """A memory written by a first process that ran the cost check."""
+    first = AdaptiveDraftLength(16)
+    memory = CostMemory(KEY, tmp_path)
+    first.recall(memory)
+    assert not memory.recalled and not memory.path.exists()
+    cost_check(first, draft, passes)
+    assert memory.path.exists()  # written when the verdict was reached
+    return CostMemory(KEY, tmp_path)
+
+
+def test_a_remembered_no_skips_the_probes_after_one_matching_target_only_step(tmp_path):
+    """Without a memory a "no" takes two target-only steps and two probes of 4 drafts; with
+    one, the next process checks one 1-token pass against the remembered ones and drafts
+    nothing at all (no probe, no draft prefill)."""
+    fresh = AdaptiveDraftLength(16)
+    assert cost_check(fresh, NO_DRAFT, NO_PASSES) == [0, 0, 4, 4]
+    memory = remembered(tmp_path, NO_DRAFT, NO_PASSES)
+    policy = AdaptiveDraftLength(16)
+    assert policy.recall(memory) and memory.recalled
+    assert policy.verdicts == {1: False} and policy.stopped
+    measured = policy.bucket_costs[1]
+    assert measured.target(5) == pytest.approx(NO_PASSES[5])
+    for _ in range(50):
+        assert int(policy.next_lengths(1)) == 0
+        measured.add_target_pass(1, NO_PASSES[1] * 1.1)  # within MATCH_FACTOR
+        policy.update(lengths(0), lengths(0), measured)
+    assert policy.verdicts == {1: False} and not memory.dropped
+
+
+def test_a_remembered_yes_drafts_from_the_first_step(tmp_path):
+    """Without a memory a "yes" takes two target-only steps and a probe; with one, the first
+    step drafts the longest draft the remembered costs justify, and its pass (here 3 tokens,
+    between the remembered 1 and 5: priced on the line between them) is checked against
+    them."""
+    fresh = AdaptiveDraftLength(16)
+    assert cost_check(fresh, YES_DRAFT, YES_PASSES) == [0, 0, 4]
+    memory = remembered(tmp_path, YES_DRAFT, YES_PASSES)
+    policy = AdaptiveDraftLength(16, lengths="costs")
+    policy.recall(memory)
+    measured = policy.bucket_costs[1]
+    assert int(policy.next_lengths(1)) >= 4
+    for _ in range(2):
+        measured.draft_step.add(YES_DRAFT)
+    between = (YES_PASSES[1] + YES_PASSES[5]) / 2
+    measured.add_target_pass(3, between * 1.2)  # the drafter stopped after 2 drafts
+    policy.update(lengths(2), lengths(1), measured)
+    assert policy.can_pay is True and not memory.dropped
+    assert int(policy.next_lengths(1)) >= 4
+
+
+def test_the_match_factor_is_a_third_either_way():
+    assert MATCH_FACTOR == 1.3
+
+
+@pytest.mark.parametrize("factor", [1.4, 1 / 1.4])
+def test_a_machine_at_another_speed_drops_the_memory_and_checks_again(tmp_path, factor):
+    """A first 1-token pass outside MATCH_FACTOR of the remembered ones (another load, another
+    setting the key does not see): the memory of that batch size is dropped, its costs start
+    from this pass, and the cost check runs as without a memory (one more target-only step,
+    then probes); the verdict it reaches is written back. The same for a remembered "yes"
+    whose first drafting pass costs another amount."""
+    memory = remembered(tmp_path, NO_DRAFT, NO_PASSES)
+    policy = AdaptiveDraftLength(16)
+    policy.recall(memory)
+    measured = policy.bucket_costs[1]
+    assert int(policy.next_lengths(1)) == 0
+    measured.add_target_pass(1, NO_PASSES[1] * factor)
+    policy.update(lengths(0), lengths(0), measured)
+    assert memory.dropped == [1] and 1 not in policy.verdicts
+    assert list(measured.target_pass) == [1] and measured.target_pass[1].count == 1
+    assert measured.draft_step.count == 0
+    assert cost_check(policy, YES_DRAFT, YES_PASSES) == [0, 4]  # now drafting pays
+    saved = json.loads(memory.path.read_text())
+    assert saved["buckets"]["1"]["verdict"] is True
+    policy = AdaptiveDraftLength(16)
+    policy.recall(CostMemory(KEY, tmp_path))
+    measured = policy.bucket_costs[1]
+    k = int(policy.next_lengths(1))
+    assert k >= 1
+    expected = measured.relative_pass_cost(k + 1, interpolate=True) * measured.target(1)
+    measured.add_target_pass(k + 1, expected * factor)
+    policy.update(lengths(k), lengths(k), measured)
+    assert policy.memory.dropped == [1] and 1 not in policy.verdicts
+    assert list(measured.target_pass) == [k + 1]
+
+
+def test_a_memory_is_per_batch_size_and_a_no_carries_to_bigger_batches(tmp_path):
+    memory = remembered(tmp_path, NO_DRAFT, NO_PASSES)
+    policy = AdaptiveDraftLength(16)
+    policy.recall(memory)
+    assert policy.next_lengths([7, 8]).tolist() == [0, 0]  # batch 2: the "no" of batch 1
+    assert policy.can_pay is False
+
+
+def test_the_memory_is_keyed_by_setting_and_machine(tmp_path, monkeypatch):
+    memory = remembered(tmp_path, NO_DRAFT, NO_PASSES)
+    assert memory.load()
+    other = CostMemory({**KEY, "max_k": 8}, tmp_path)
+    assert other.path != memory.path and other.load() == {}
+    assert set(memory.key["machine"]) >= {"processor", "cores", "torch", "llama-cpp-python"}
+    # a file whose key differs (another machine wrote it under this name) is not used
+    data = json.loads(memory.path.read_text())
+    data["key"]["machine"]["cores"] = 999
+    memory.path.write_text(json.dumps(data))
+    assert CostMemory(KEY, tmp_path).load() == {}
+
+
+def test_old_damaged_and_unwritable_memories_are_ignored(tmp_path):
+    memory = remembered(tmp_path, NO_DRAFT, NO_PASSES)
+    data = json.loads(memory.path.read_text())
+    data["saved"] = time.time() - (MAX_AGE_DAYS + 1) * 86400
+    memory.path.write_text(json.dumps(data))
+    assert memory.load() == {}
+    memory.path.write_text("{not json")
+    assert memory.load() == {}
+    policy = AdaptiveDraftLength(16)
+    assert not policy.recall(memory)
+    assert policy.verdicts == {} and int(policy.next_lengths(1)) == 0
+    # a damaged entry is skipped, the others are used
+    data["saved"] = time.time()
+    data["buckets"]["2"] = {"verdict": True, "target_pass": {"1": ["slow"]}}
+    data["buckets"]["4"] = {"verdict": "maybe", "target_pass": {"1": [0.1]}}
+    memory.path.write_text(json.dumps(data))
+    policy = AdaptiveDraftLength(16)
+    assert policy.recall(memory)
+    assert policy.verdicts == {1: False}
+    # a folder that cannot be written: no error, no memory
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    CostMemory(KEY, blocked / "costs").save(policy.memory_state())
+
+
+def test_recall_rejects_anything_but_a_cost_memory():
+    with pytest.raises(TypeError, match=r"^memory: expected a CostMemory, got dict"):
+        AdaptiveDraftLength(16).recall({})
+
+
+def test_the_folder_comes_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECSAMPLE_COST_MEMORY", "off")
+    assert memory_directory() is None and CostMemory.from_environment(KEY) is None
+    with pytest.raises(ValueError, match=r"^directory: expected a folder for the cost memory"):
+        CostMemory(KEY)
+    monkeypatch.delenv("SPECSAMPLE_COST_MEMORY")
+    monkeypatch.setenv("SPECSAMPLE_CACHE", str(tmp_path / "cache"))
+    assert memory_directory() == tmp_path / "cache" / "costs"
+    monkeypatch.setenv("SPECSAMPLE_COST_MEMORY", str(tmp_path / "mine"))
+    assert CostMemory.from_environment(KEY).path.parent == tmp_path / "mine"
+
+
+def test_a_model_file_is_named_by_path_size_and_modification_time(tmp_path):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"1234")
+    first = file_identity(model)
+    assert first.startswith(str(model.resolve())) and ":4:" in first
+    os.utime(model, ns=(1, 1))
+    assert file_identity(model) != first
+    assert file_identity("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
+    assert file_identity(None) is None
