@@ -239,3 +239,28 @@ def test_cost_memory_is_written_then_recalled_and_can_be_turned_off(
     # another setting (here the largest draft length) is another memory
     assert "none yet" in stats_lines("--max-k", "5")[0]
     assert len(list(folder.glob("costs-*.json"))) == 2
+
+
+@pytest.mark.parametrize(
+    ("options", "repack"),
+    [
+        (["--backend", "llama.cpp"], True),  # llama.cpp's own default
+        (["--backend", "llama.cpp", "--rule", "coupled"], False),  # same logits for 1-4 tokens
+        (["--backend", "llama.cpp", "--no-repack"], False),
+        (["--backend", "llama.cpp", "--rule", "coupled", "--repack"], True),
+        (["--backend", "transformers"], False),  # not a transformers option
+    ],
+)
+def test_weights_are_repacked_by_default_on_llamacpp(monkeypatch, tmp_path, options, repack):
+    import specsample.adapters.loading as loading
+
+    asked = {}
+
+    def fake_load_pair(*args, **kwargs):
+        asked.update(kwargs)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(loading, "load_pair", fake_load_pair)
+    target = str(tmp_path / "t.gguf")
+    assert main(["generate", "hi", "--target", target, "--drafter", "none", *options]) == 1
+    assert asked["repack"] is repack

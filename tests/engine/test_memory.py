@@ -97,7 +97,7 @@ def test_a_remembered_yes_drafts_from_the_first_step(tmp_path):
     assert int(policy.next_lengths(1)) >= 4
 
 
-def test_the_match_factor_is_a_third_either_way():
+def test_the_match_factor_is_thirty_percent_either_way():
     assert MATCH_FACTOR == 1.3
 
 

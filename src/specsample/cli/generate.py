@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from specsample.cli.models import add_backend_arguments, recall_costs
+from specsample.cli.models import add_backend_arguments, default_repack, recall_costs
 from specsample.drafters.model import DEFAULT_CONFIDENCE, DEFAULT_SURVIVAL
 
 DEFAULT_PROMPT = "Write a Python function that reverses a linked list."
@@ -195,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
             draft_quantize=args.draft_quantize,
             backend=args.backend,
             threads=args.threads,
-            repack=bool(args.repack),  # default off: one request, 1-token passes
+            repack=default_repack(args, _rule(args, tree_shape)),
         )
     except (ValueError, OSError) as error:
         print(f"specsample generate: {error}", file=sys.stderr)

@@ -108,13 +108,13 @@ def add_backend_arguments(parser) -> None:
         "--repack",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="llama.cpp: let it repack quantised weights for its multi-token CPU kernels. "
-        "Faster passes over several tokens (a batch of requests, long drafts: on 2 cores a "
-        "4-token pass cost 2.4x a 1-token pass instead of 3.2x); exact all the same (each token "
-        "follows the distribution its verifying pass computed), but a position's logits then "
-        "differ slightly with the pass's size, so seeded text is less often the same with and "
-        "without speculation. Default: on for serve and batch (several requests per pass), off "
-        "for generate (one request: 1-token passes)",
+        help="llama.cpp: let it repack quantised weights for its CPU kernels (llama.cpp's own "
+        "default). Faster passes (on 2 cores a 1-token pass about 5%% faster, a 4-token pass "
+        "2.4x a 1-token pass instead of 3.2x), about 0.6 GB more memory and a second more to "
+        "load; exact all the same (each token follows the distribution its verifying pass "
+        "computed), but a position's logits then differ slightly with the pass's size. Default: "
+        "on with the llama.cpp backend, except for generate --rule coupled (whose same text with "
+        "and without drafts needs the same logits from passes of 1 to 4 tokens)",
     )
     parser.add_argument(
         "--cost-memory",
@@ -159,7 +159,7 @@ class ModelLoader:
     def __call__(self):
         import torch
 
-        from specsample.adapters.loading import load_pair, resolve_backend
+        from specsample.adapters.loading import load_pair
         from specsample.cli.generate import _draft_length
         from specsample.engine import AdaptiveDraftLength, Engine
         from specsample.engine.text import eos_token_ids
@@ -171,10 +171,7 @@ class ModelLoader:
             import specsample.lossy  # noqa: F401 - registers the lossy rules
 
         context = o.context or 4096
-        repack = o.repack
-        if repack is None:  # serving: several rows per pass, where repacked kernels are faster
-            backend = resolve_backend(o.backend, o.target, o.draft, o.device, o.draft_quantize)
-            repack = backend == "llama.cpp"
+        repack = default_repack(o, o.rule)
         pair = load_pair(
             o.target,
             o.draft,
@@ -220,6 +217,22 @@ class ModelLoader:
             speculative=o.drafter != "none",
             default_max_tokens=o.default_max_tokens,
         )
+
+
+def default_repack(options: argparse.Namespace, rule: str) -> bool:
+    """--repack as given, else on with the llama.cpp backend (llama.cpp's own default: faster
+    passes) unless the rule is coupled (drafter-invariant text needs bit-identical logits from
+    passes of 1 to 4 tokens, which only unrepacked weights give)."""
+    from specsample.adapters.loading import resolve_backend
+
+    if options.repack is not None:
+        return bool(options.repack)
+    if rule == "coupled":
+        return False
+    chosen = resolve_backend(
+        options.backend, options.target, options.draft, options.device, options.draft_quantize
+    )
+    return chosen == "llama.cpp"
 
 
 def recall_costs(options: argparse.Namespace, pair, policy, rule: str, tree=None):

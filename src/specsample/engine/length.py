@@ -10,7 +10,8 @@
      policy knows the draft cost ratio c and the relative cost r(n) of a target pass over n tokens
      (measured lengths; longer ones extrapolated along the chord from 1 to the longest measured, see
      StepCosts.relative_pass_cost). If no draft length pays even when every draft is kept
-     (alpha = 1: (k + 1) / (k c + r(k + 1)) <= 1 for every k), drafting cannot pay on this machine
+     (alpha = 1: (k + 1) / (k c + r(k + 1)) <= MARGIN = 1.1 for every k: a best case a hair
+     above target-only loses to what modelled costs leave out), drafting cannot pay on this machine
      whatever the drafts: every row goes target-only for the rest of the engine's life (pass costs
      are the machine's, not the text's; a "no" stands until a step drafts again). On a
      compute-bound CPU (llama.cpp on 2 cores: a 2-token pass costs 1.7 times a 1-token pass and a
@@ -100,6 +101,13 @@ EXPLORE_REACH = 2
 # drafts all kept, plus one), drafting cannot pay here whatever the drafts: the verdict turns
 # to "no" (module docstring).
 GUARD_STEPS = 8
+# The cost check's "yes" needs some draft length to beat target-only by this factor when every
+# draft is kept: modelled step costs leave out what real drafting steps add (a step's first
+# draft pass feeds the tokens the last one committed, the verification, the engine's own work)
+# and real drafts are not all kept, so a best case a hair above target-only loses in practice
+# (llama.cpp on 2 cores with repacked weights: a "yes" at 1.008 drafted 8 steps at 0.79x
+# target-only before the check of real steps ended it).
+MARGIN = 1.1
 # A row's schedule: k * GROWTH after a draft kept whole; after a rejection k // SHRINK (at most
 # k - 1), but never below one more than the drafts kept.
 GROWTH = 2
@@ -641,7 +649,7 @@ class AdaptiveDraftLength:
         def verify_cost(k: int) -> float:
             return costs.relative_pass_cost(k + 1, interpolate=True) or 1.0
 
-        if any((k + 1) / (k * c + verify_cost(k)) > 1.0 for k in range(1, self.max_k + 1)):
+        if any((k + 1) / (k * c + verify_cost(k)) > MARGIN for k in range(1, self.max_k + 1)):
             return True
         drafted = costs.draft_step.count
         if (0 < drafted < 2) or max(costs.target_pass[n].count for n in longer) < 2:
@@ -649,7 +657,7 @@ class AdaptiveDraftLength:
         # A "no" must hold with the fastest draft pass seen too (the first one may include
         # a lazy drafter's prefill).
         low = costs.draft_step.low / single.value if drafted and single.value else 0.0
-        return any((k + 1) / (k * low + verify_cost(k)) > 1.0 for k in range(1, self.max_k + 1))
+        return any((k + 1) / (k * low + verify_cost(k)) > MARGIN for k in range(1, self.max_k + 1))
 
     def _probe_length(self) -> int:
         return min(PROBE_LENGTH, self.max_k + 1)
