@@ -12,7 +12,9 @@ process and its own peak RSS, and an idle worker takes no CPU while another runs
 * ours-model / ours-ngram / ours-none: specsample's `generate` on llama.cpp (`load_pair`,
   backend llama.cpp), as `specsample generate` runs it: model drafter with the defaults of
   --draft-confidence and --draft-survival, adaptive draft length (--k auto, max 16), block
-  verification (--rule auto);
+  verification (--rule auto), weights repacked, and a cost memory per worker (a temporary
+  folder; the warm-up run fills it, as a setting's first run does for the command line) unless
+  a run asks for none (`memory: false`: the first run of a setting);
 * hf: specsample's `generate` on transformers, float32 target, int8 draft (target-only and
   model drafter in one process: one float32 target copy);
 * probe: one-off, times target and draft passes of K tokens (the cost curve) and exits.
@@ -31,6 +33,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -287,13 +290,19 @@ class Ours:
             use_draft=drafter in ("model", "both"),
             draft_quantize="int8" if transformers else "none",
             dtype=torch.float32 if transformers else None,
+            repack=not transformers,  # the command line's default on llama.cpp
         )  # n_ctx and max_batch: the command line's (load_pair's defaults)
         self.facts = {"description": self.pair.description, "load_seconds": self.pair.seconds}
+        # the cost memory of this worker's runs (as the command line keeps one per setting)
+        self.memory_folder = tempfile.mkdtemp(prefix="specsample-bench-costs-")
 
-    def run(self, prompt, temperature, seed, tokens, batch=1, drafter=None, **_) -> dict:
+    def run(
+        self, prompt, temperature, seed, tokens, batch=1, drafter=None, memory=True, **_
+    ) -> dict:
         from specsample.drafters.model import DEFAULT_CONFIDENCE, DEFAULT_SURVIVAL, ModelDrafter
         from specsample.drafters.ngram import NgramDrafter
         from specsample.engine import AdaptiveDraftLength, generate
+        from specsample.engine.memory import CostMemory
         from specsample.warpers import SamplingConfig
 
         kind = drafter or self.drafter
@@ -304,6 +313,9 @@ class Ours:
             "ngram": NgramDrafter,
             "none": lambda: None,
         }[kind]()
+        policy = AdaptiveDraftLength(MAX_K) if made is not None else 0
+        if made is not None and memory:
+            policy.recall(CostMemory({"drafter": kind}, self.memory_folder))
         started = time.perf_counter()
         out = generate(
             self.pair.target,
@@ -312,7 +324,7 @@ class Ours:
             drafter=made,
             sampling=SamplingConfig(temperature=temperature),
             max_new_tokens=tokens,
-            draft_length=AdaptiveDraftLength(MAX_K) if made is not None else 0,
+            draft_length=policy,
             eos_token_ids=(),
             rule="block",  # what --rule auto runs for one chain
         )

@@ -8,6 +8,7 @@ Contenders (llamacpp_contenders.py says how each runs):
   ours-none       ours target-only on llama.cpp                                   batch 1
   ours-model      ours, model drafter, --k auto, on llama.cpp                     batch 1
   ours-ngram      ours, n-gram drafter, --k auto, on llama.cpp                    batch 1
+  ours-model-cold ours-model without the cost memory (a setting's first run)      batch 1
   *-b4            llamacpp, ours-none/-model/-ngram with 4 copies of the prompt in one batch
   hf-none/hf-int8 ours on transformers: target-only and int8 draft (--transformers, float32,
                   --transformers-tokens tokens: a float32 1.5B pass costs ~0.4 s on 2 cores)
@@ -54,6 +55,7 @@ class Contender:
     batch: int = 1
     drafter: str | None = None  # hf worker: which drafter
     library: str = "llama.cpp"
+    memory: bool = True  # ours: recall the worker's cost memory (False: a setting's first run)
 
 
 CONTENDERS = [
@@ -63,6 +65,13 @@ CONTENDERS = [
     Contender("ours-none", "ours target-only", "ours-none", library="ours"),
     Contender("ours-model", "ours model drafter, k auto", "ours-model", library="ours"),
     Contender("ours-ngram", "ours n-gram, k auto", "ours-ngram", library="ours"),
+    Contender(
+        "ours-model-cold",
+        "ours model drafter, k auto, first run (no cost memory)",
+        "ours-model",
+        library="ours",
+        memory=False,
+    ),
     Contender("llamacpp-b4", "llama.cpp target-only", "llamacpp", 4),
     Contender("ours-none-b4", "ours target-only", "ours-none", 4, library="ours"),
     Contender("ours-model-b4", "ours model drafter, k auto", "ours-model", 4, library="ours"),
@@ -73,6 +82,7 @@ CONTENDERS = [
     ),
 ]
 TRANSFORMERS = {"hf-none", "hf-int8"}
+WARM_TOKENS = 32  # ours' warm-up: the cost check decides within 4 steps
 
 
 def tools_bin() -> Path:
@@ -183,13 +193,16 @@ def main(argv=None) -> int:
         if c.worker:
             print(f"warming up {c.key}", file=sys.stderr, flush=True)
             warm = {"prompt": ids[prompts[0]["name"]], "temperature": 1.0, "seed": 0}
-            workers[c.worker].request({**warm, "tokens": 4, "batch": c.batch, "drafter": c.drafter})
+            # ours: long enough for the cost check's verdict, which fills the cost memory
+            tokens = WARM_TOKENS if c.library in ("ours", "transformers") else 4
+            warm.update(tokens=tokens, batch=c.batch, drafter=c.drafter, memory=c.memory)
+            workers[c.worker].request(warm)
 
     def run_one(c: Contender, name: str, temperature: float, seed: int) -> dict:
         tokens = args.transformers_tokens if c.key in TRANSFORMERS else args.tokens
         if c.worker is not None:
             message = {"prompt": ids[name], "temperature": temperature, "seed": seed}
-            message.update(tokens=tokens, batch=c.batch, drafter=c.drafter)
+            message.update(tokens=tokens, batch=c.batch, drafter=c.drafter, memory=c.memory)
             return workers[c.worker].request(message)
         command = tool.speculative_simple_command(
             binary, *gguf, texts[name], tokens, temperature, seed, args.threads
