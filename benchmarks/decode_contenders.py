@@ -1,7 +1,9 @@
 """The contenders of the decode benchmark (decode_speed.py): ours (specsample's `generate`:
 target-only, model drafter with adaptive and fixed draft length, n-gram drafter) and
 transformers' (`generate`: target-only, assisted generation, prompt lookup), how one run of each
-is timed, and the round robin that interleaves them.
+is timed, and the round robin that interleaves them. Ours' adaptive contenders keep a cost
+memory (engine.memory) that the warm-up fills, as the command line does per setting; the
+"first run" contender runs the cost check from scratch every time (--no-cost-memory: none).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import copy
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +24,7 @@ from specsample.drafters.model import DEFAULT_CONFIDENCE, DEFAULT_SURVIVAL, Mode
 from specsample.drafters.ngram import NgramDrafter
 from specsample.engine import generate
 from specsample.engine.length import AdaptiveDraftLength
+from specsample.engine.memory import CostMemory
 from specsample.engine.stats import DecodeStats
 from specsample.warpers import SamplingConfig
 
@@ -36,6 +40,7 @@ HF_ASSISTED_INT8 = "transformers assisted (defaults, int8 draft)"
 HF_TO = "transformers target-only"
 HF_ASSISTED = "transformers assisted (defaults)"
 HF_LOOKUP = f"transformers prompt lookup ({PROMPT_LOOKUP_TOKENS})"
+FIRST_RUN = ", first run (no cost memory)"
 
 
 @dataclass(frozen=True)
@@ -202,8 +207,20 @@ def make_contenders(
     def hf(extra: dict[str, Any], assist_k: int | None = None):
         return hf_runner(target_model, draft_model, draft_config, pad_id, counters, extra, assist_k)
 
-    def adaptive():
-        return AdaptiveDraftLength(ADAPTIVE_MAX_K)
+    # Ours' adaptive policies keep a cost memory each (a temporary folder), as the command line
+    # does per setting; the warm-up run fills it. The first-run contender has none.
+    folder = tempfile.mkdtemp(prefix="specsample-bench-costs-")
+
+    def remembering(name: str, max_k: int):
+        def make():
+            policy = AdaptiveDraftLength(max_k)
+            if not args.no_cost_memory:
+                policy.recall(CostMemory({"contender": name}, folder))
+            return policy
+
+        return make
+
+    adaptive = remembering(names.adaptive, ADAPTIVE_MAX_K)
 
     def model_drafter():  # fixed k: drafts all k tokens
         return ModelDrafter(draft_lm)
@@ -215,6 +232,9 @@ def make_contenders(
         Contender(OURS_TO, "ours", "target-only", None, ours(lambda: None, lambda: 0)),
         Contender(names.adaptive, "ours", "model", None, ours(confident_drafter, adaptive)),
     ]
+    if not args.no_cost_memory:
+        cold = ours(confident_drafter, lambda: AdaptiveDraftLength(ADAPTIVE_MAX_K))
+        out.append(Contender(names.adaptive + FIRST_RUN, "ours", "model", None, cold))
     if not args.no_fixed:
         out.append(
             Contender(names.fixed, "ours", "model", args.k, ours(model_drafter, lambda: args.k))
@@ -225,7 +245,7 @@ def make_contenders(
             "ours",
             "ngram",
             args.ngram_k,
-            ours(NgramDrafter, lambda: AdaptiveDraftLength(args.ngram_k)),
+            ours(NgramDrafter, remembering(names.ngram, args.ngram_k)),
         ),
         Contender(HF_TO, "transformers", "target-only", None, hf({})),
         Contender(HF_ASSISTED, "transformers", "model", None, hf({"assistant_model": draft_model})),

@@ -133,7 +133,14 @@ def settings_lines(rec: Record) -> list[str]:
         + ("" if args.no_fixed else f"or `ModelDrafter(draft)` with fixed k={args.k}, ")
         + f"or `NgramDrafter()` (max n-gram 3, latest match) with "
         f"`AdaptiveDraftLength({args.ngram_k})`. "
-        "Transformers: `target.generate(...)`; assisted generation with "
+        + (
+            "Ours' adaptive policies without a cost memory (each run checks the costs anew). "
+            if getattr(args, "no_cost_memory", True)
+            else "Ours' adaptive policies recall a cost memory (engine.memory) that their "
+            "16-token warm-up run filled, as a setting's first run fills it for the command "
+            "line; the 'first run (no cost memory)' contender checks the costs anew every run. "
+        )
+        + "Transformers: `target.generate(...)`; assisted generation with "
         "`assistant_model=draft` at its defaults in this version "
         f"({', '.join(f'{k}={v}' for k, v in assist.items())}; scikit-learn "
         f"{'installed, so the threshold adapts' if sk else 'absent, so the threshold is fixed'})"

@@ -85,6 +85,11 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--no-write", action="store_true", help="do not write the md/json")
     parser.add_argument(
+        "--no-cost-memory",
+        action="store_true",
+        help="ours' adaptive policies without a cost memory (each run checks the costs anew)",
+    )
+    parser.add_argument(
         "--draft-quantize",
         choices=["none", "int8"],
         default="none",
@@ -182,10 +187,11 @@ def run_all(
     multiple = len(multi) * len(temps) * args.repeats * len(batch_contenders)
     progress = Progress(len(contenders) + single + multiple)
 
-    # warm-up: every contender once, a few tokens (first calls pay one-off costs)
+    # warm-up: every contender once, a few tokens (first calls pay one-off costs); ours' long
+    # enough for the cost check's verdict, which fills its cost memory
     first = encoded[prompts[0]["name"]]
     for c in contenders.values():
-        result = c.run([first], temps[0], 0, min(4, n))
+        result = c.run([first], temps[0], 0, min(16 if c.library == "ours" else 4, n))
         progress.report("warm-up", c.name, result, temps[0])
 
     def measure(label, kind, batch, chosen, batch_prompts, temp, seed, rotation) -> list[Row]:
