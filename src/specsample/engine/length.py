@@ -40,6 +40,11 @@
      would (it rests on costs alone, not on what was kept). On 2 cores, where a "yes" near
      the break-even from the modelled costs once made a run draft throughout at 0.7x
      target-only, this ends it after GUARD_STEPS drafting steps.
+     Pass costs are the machine's, so they can be kept across processes: `recall` starts
+     from a CostMemory (engine.memory) of the same setting, its verdict and costs per batch
+     size, checks the first pass of each remembered batch size against it (dropping it when
+     the machine runs at another speed) and writes it on every verdict change. The command
+     line's default: its runs after a setting's first need no probes.
   2. Acceptance. Where drafting can pay, each row keeps a schedule that doubles after every
      draft of a row was kept and halves after a rejection (but not below one more than the
      drafts kept; within [1, max_k]; on transformers on CPUs, where a 16-token pass costs 2.8
@@ -395,9 +400,9 @@ class AdaptiveDraftLength:
         # request that joins starts from what recent requests kept, not from a fixed 2/3)
         self.pooled = _RowSchedule(k=0)
         # recall(): the memory written on every verdict change, and per batch size the
-        # remembered 1-token pass cost that this process's first pass must match
+        # remembered costs that this process's first pass of that size is checked against
         self.memory = None
-        self._recalled: dict[int, float] = {}
+        self._recalled: dict[int, StepCosts] = {}
 
     @property
     def stopped(self) -> bool:
@@ -422,6 +427,8 @@ class AdaptiveDraftLength:
         self.memory = memory
         taken = False
         for bucket, entry in memory.load().items():
+            if bucket < 1:
+                continue
             try:
                 costs = StepCosts.from_samples(entry)
                 verdict = entry.get("verdict")
@@ -430,7 +437,6 @@ class AdaptiveDraftLength:
             single = costs.target_pass.get(1)
             if single is None or single.value <= 0 or verdict not in (True, False, None):
                 continue
-            single = single.value
             self.bucket_costs[bucket] = costs
             self.verdicts[bucket] = verdict
             self._recalled[bucket] = costs.copy()
@@ -591,7 +597,7 @@ class AdaptiveDraftLength:
             rows, drafted, accepted, costs = args
         bucket = self._use_bucket(len(rows))
         self.bucket_costs[bucket] = self._costs = costs
-        remembered = dict(self.verdicts)
+        verdicts_before = dict(self.verdicts)
         if bucket in self._recalled:
             self._check_recalled(bucket, 1 + max(drafted.tolist(), default=0), costs)
             self._use_bucket(len(rows))
@@ -611,7 +617,7 @@ class AdaptiveDraftLength:
             if d > 0:
                 self._update_row(self.schedule(row), d, a, costs)
         if self.memory is not None and self.verdicts.get(bucket) is not None:
-            if remembered.get(bucket) is not self.verdicts[bucket]:
+            if verdicts_before.get(bucket) is not self.verdicts[bucket]:
                 self.memory.save(self.memory_state())
 
     def _real_steps_pay(self, bucket: int, depths: list[int], costs: StepCosts) -> bool:
