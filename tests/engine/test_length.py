@@ -937,3 +937,28 @@ def test_a_yes_needs_a_margin_over_target_only(five_tokens, verdict):
         measured.add_target_pass(PROBE_LENGTH, five_tokens)
         policy.update(lengths(4), lengths(4), measured)
     assert policy.can_pay is verdict
+
+
+def test_a_yes_must_hold_against_the_fastest_one_token_pass():
+    """A cold first pass (weights paged in from disk) makes the 1-token median slow and
+    drafting look cheap: 80 and 53 ms give a median of 66.5 ms, against which 4 drafts of
+    26 ms and a 5-token pass of 120 ms would be 1.48x target-only; against the 53 ms pass seen
+    they are 1.18x (yes), and with a 5-token pass of 140 ms 1.09x: no (below MARGIN), though
+    the median alone would say 1.36x."""
+    verdicts = []
+    for five_tokens in (0.120, 0.140):
+        policy, measured = AdaptiveDraftLength(max_k=4), StepCosts()
+        for single in (0.080, 0.053):
+            assert int(policy.next_lengths(1)) == 0
+            measured.add_target_pass(1, single)
+            policy.update(lengths(0), lengths(0), measured)
+        for _ in range(2):
+            if policy.can_pay is not None:
+                break
+            assert int(policy.next_lengths(1)) == 4
+            for _ in range(4):
+                measured.draft_step.add(0.026)
+            measured.add_target_pass(5, five_tokens)
+            policy.update(lengths(4), lengths(4), measured)
+        verdicts.append(policy.can_pay)
+    assert verdicts == [True, False]

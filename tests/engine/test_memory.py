@@ -118,7 +118,10 @@ def test_a_machine_at_another_speed_drops_the_memory_and_checks_again(tmp_path, 
     assert memory.dropped == [1] and 1 not in policy.verdicts
     assert list(measured.target_pass) == [1] and measured.target_pass[1].count == 1
     assert measured.draft_step.count == 0
-    assert cost_check(policy, YES_DRAFT, YES_PASSES) == [0, 4]  # now drafting pays
+    # now drafting pays: a cheap draft and a flat curve at this machine's speed
+    fresh = NO_PASSES[1] * factor
+    scaled = {n: fresh * seconds / YES_PASSES[1] for n, seconds in YES_PASSES.items()}
+    assert cost_check(policy, YES_DRAFT * fresh / YES_PASSES[1], scaled) == [0, 4]
     saved = json.loads(memory.path.read_text())
     assert saved["buckets"]["1"]["verdict"] is True
     policy = AdaptiveDraftLength(16)

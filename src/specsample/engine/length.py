@@ -645,17 +645,25 @@ class AdaptiveDraftLength:
         line is far too steep where longer passes cost little more (transformers on CPUs:
         1.7x for 2 tokens, 2.5x for 5, 2.8x for 16), so drafts would stay one token long. A
         "no" needs two samples of every cost it rests on: one slow first pass (a warm-up) must
-        not stop drafting."""
+        not stop drafting. Both are priced against the fastest 1-token pass seen: the first
+        passes after a cold load (weights paged in from disk) are slow, and a slow 1-token
+        pass makes drafting look cheap (on llama.cpp on 2 cores a cold first run said yes and
+        drafted until the check of real steps ended it)."""
         single = costs.target_pass.get(1)
         longer = [n for n in costs.target_pass if n >= 2]
         if single is None or single.count < 2 or not longer or not self._probed(costs):
             return None
         c = _cost_ratio(costs)
+        fastest = single.low / single.value if single.value > 0 else 1.0  # <= 1
 
         def verify_cost(k: int) -> float:
             return costs.relative_pass_cost(k + 1, interpolate=True) or 1.0
 
-        if any((k + 1) / (k * c + verify_cost(k)) > MARGIN for k in range(1, self.max_k + 1)):
+        def pays(k: int, draft_ratio: float) -> bool:
+            # target-only time of k + 1 tokens at the fastest 1-token pass, against a step
+            return (k + 1) * fastest / (k * draft_ratio + verify_cost(k)) > MARGIN
+
+        if any(pays(k, c) for k in range(1, self.max_k + 1)):
             return True
         drafted = costs.draft_step.count
         if (0 < drafted < 2) or max(costs.target_pass[n].count for n in longer) < 2:
@@ -663,7 +671,7 @@ class AdaptiveDraftLength:
         # A "no" must hold with the fastest draft pass seen too (the first one may include
         # a lazy drafter's prefill).
         low = costs.draft_step.low / single.value if drafted and single.value else 0.0
-        return any((k + 1) / (k * low + verify_cost(k)) > MARGIN for k in range(1, self.max_k + 1))
+        return any(pays(k, low) for k in range(1, self.max_k + 1))
 
     def _probe_length(self) -> int:
         return min(PROBE_LENGTH, self.max_k + 1)
