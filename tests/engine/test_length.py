@@ -962,3 +962,41 @@ def test_a_yes_must_hold_against_the_fastest_one_token_pass():
             policy.update(lengths(4), lengths(4), measured)
         verdicts.append(policy.can_pay)
     assert verdicts == [True, False]
+
+
+def test_after_a_cold_start_a_fresh_one_token_pass_is_timed_before_real_steps_are_judged():
+    """The cost check's two 1-token passes both slow (a cold load: 2.0 where the machine, warm,
+    takes 1.0): against them a drafting step of 4 drafts that took 5.5 seconds looks paid for
+    (5 tokens against 2.75 target-only tokens' time). With fewer than RETIME_BELOW 1-token
+    passes, the step before the judgment is target-only: its pass (1.0) is the fastest seen,
+    against which those steps lose (5 tokens against 5.5): "no"."""
+    from specsample.engine.length import RETIME_BELOW
+
+    assert RETIME_BELOW == 3
+    measured = StepCosts()
+    for _ in range(2):
+        measured.draft_step.add(0.1)
+        measured.add_target_pass(1, 2.0)
+        measured.add_target_pass(9, 2.0)
+    policy = warmed(AdaptiveDraftLength(max_k=16), measured, rows=1)
+    asked, verdicts = [], []
+    for _ in range(GUARD_STEPS + 1):
+        k = int(policy.next_lengths(1))
+        asked.append(k)
+        if k == 0:
+            measured.add_target_pass(1, 1.0)
+            measured.last_step_seconds = 1.0
+        else:
+            measured.last_step_seconds = 5.5
+        policy.update(lengths(min(k, 4)), lengths(min(k, 4)), measured)
+        verdicts.append(policy.can_pay)
+    assert [k > 0 for k in asked] == [True] * (GUARD_STEPS - 1) + [False, True]
+    assert verdicts[-1] is False
+    # Negative control: the slow passes alone (no re-timing) would keep the "yes".
+    measured = StepCosts()
+    for _ in range(3):
+        measured.draft_step.add(0.1)
+        measured.add_target_pass(1, 2.0)
+        measured.add_target_pass(9, 2.0)
+    policy = warmed(AdaptiveDraftLength(max_k=16), measured, rows=1)
+    assert drafting_steps(policy, measured, GUARD_STEPS, [4], [4], 5.5)[-1] is True

@@ -36,10 +36,14 @@
      real drafting steps of that batch size: once GUARD_STEPS of them are in, if they took
      longer than target-only passes would have for the most tokens they could have emitted
      (every draft kept, plus one per row: sum over steps of sum_b (d_b + 1) against
-     rows * step seconds / the 1-token pass), the verdict turns to "no" just as a cost check's
-     would (it rests on costs alone, not on what was kept). On 2 cores, where a "yes" near
-     the break-even from the modelled costs once made a run draft throughout at 0.7x
-     target-only, this ends it after GUARD_STEPS drafting steps.
+     rows * step seconds / the fastest 1-token pass seen), the verdict turns to "no" just as
+     a cost check's would (it rests on costs alone, not on what was kept). On 2 cores, where a
+     "yes" near the break-even from the modelled costs once made a run draft throughout at
+     0.7x target-only, this ends it after GUARD_STEPS drafting steps. With fewer than
+     RETIME_BELOW 1-token passes timed, the step before that judgment is target-only (after a
+     cold load the cost check's two 1-token passes can both be slow, and then every drafting
+     step looks as if it paid: a cold first run on llama.cpp drafted all of its 128 tokens at
+     0.7x target-only).
      Pass costs are the machine's, so they can be kept across processes: `recall` starts
      from a CostMemory (engine.memory) of the same setting, its verdict and costs per batch
      size, checks the first pass of each remembered batch size against it (dropping it when
@@ -106,6 +110,11 @@ EXPLORE_REACH = 2
 # drafts all kept, plus one), drafting cannot pay here whatever the drafts: the verdict turns
 # to "no" (module docstring).
 GUARD_STEPS = 8
+# The check of real steps compares them with target-only at the fastest 1-token pass seen; with
+# fewer than RETIME_BELOW 1-token passes timed (the cost check's two, both slow after a cold
+# load: weights paged in from disk), the step before its judgment is target-only, to time one
+# more (a slow 1-token pass makes every drafting step look as if it paid).
+RETIME_BELOW = 3
 # The cost check's "yes" needs some draft length to beat target-only by this factor when every
 # draft is kept: modelled step costs leave out what real drafting steps add (a step's first
 # draft pass feeds the tokens the last one committed, the verification, the engine's own work)
@@ -391,8 +400,9 @@ class AdaptiveDraftLength:
         self._bucket = 1  # the batch size (bucket) of the last call
         self._probe_steps: dict[int, int] = {}  # per bucket: probe steps asked for
         # per bucket, the drafting steps since its "yes": [steps, tokens they could have
-        # emitted, tokens target-only passes would have emitted in their time]
+        # emitted, rows x seconds they took (what target-only would have spent on as many rows)]
         self._real_steps: dict[int, list[float]] = {}
+        self._retime: set[int] = set()  # batch sizes whose next step times a 1-token pass
         self._costs: StepCosts | None = None  # the costs for the batch size of the last call
         self._since_check = 0
         self._check_gap = recheck_every
@@ -526,6 +536,9 @@ class AdaptiveDraftLength:
                 return torch.ones(len(ids), dtype=torch.int64)
             return torch.zeros(len(ids), dtype=torch.int64)
         self._check_gap = self.recheck_every
+        if self._bucket in self._retime:  # a fresh 1-token pass before the check of real steps
+            self._retime.discard(self._bucket)
+            return torch.zeros(len(ids), dtype=torch.int64)
         cap = self._cost_cap(self._costs) if self.length_rule == "costs" else None
         out = []
         for row in ids:
@@ -622,17 +635,20 @@ class AdaptiveDraftLength:
 
     def _real_steps_pay(self, bucket: int, depths: list[int], costs: StepCosts) -> bool:
         """Adds a drafting step taken under a "yes" to its batch size's tally; False once
-        GUARD_STEPS such steps took longer than target-only would have for every token they
-        could have emitted (module docstring). The tally starts over after it says False (a
-        recheck that finds "yes" again is judged on its own steps)."""
+        GUARD_STEPS such steps took longer than target-only (at the fastest 1-token pass seen;
+        RETIME_BELOW) would have for every token they could have emitted (module docstring).
+        The tally starts over after it says False (a recheck that finds "yes" again is judged
+        on its own steps)."""
         seconds, single = costs.last_step_seconds, costs.target_pass.get(1)
-        if seconds is None or single is None or single.value <= 0:
+        if seconds is None or single is None or single.low <= 0:
             return True
         tally = self._real_steps.setdefault(bucket, [0, 0.0, 0.0])
         tally[0] += 1
         tally[1] += sum(d + 1 for d in depths)
-        tally[2] += len(depths) * seconds / single.value
-        if tally[0] < GUARD_STEPS or tally[1] > tally[2]:
+        tally[2] += len(depths) * seconds  # row-seconds; priced at the judgment's fastest pass
+        if tally[0] == GUARD_STEPS - 1 and single.count < RETIME_BELOW:
+            self._retime.add(bucket)
+        if tally[0] < GUARD_STEPS or tally[1] > tally[2] / single.low:
             return True
         del self._real_steps[bucket]
         return False
