@@ -973,11 +973,17 @@ def test_after_a_cold_start_a_fresh_one_token_pass_is_timed_before_real_steps_ar
     from specsample.engine.length import RETIME_BELOW
 
     assert RETIME_BELOW == 3
-    measured = StepCosts()
-    for _ in range(2):
-        measured.draft_step.add(0.1)
-        measured.add_target_pass(1, 2.0)
-        measured.add_target_pass(9, 2.0)
+
+    def slow(samples: int) -> StepCosts:
+        """`samples` slow 1-token and 9-token passes (2.0) and cheap draft passes (0.1)."""
+        measured = StepCosts()
+        for _ in range(samples):
+            measured.draft_step.add(0.1)
+            measured.add_target_pass(1, 2.0)
+            measured.add_target_pass(9, 2.0)
+        return measured
+
+    measured = slow(2)
     policy = warmed(AdaptiveDraftLength(max_k=16), measured, rows=1)
     asked, verdicts = [], []
     for _ in range(GUARD_STEPS + 1):
@@ -993,10 +999,6 @@ def test_after_a_cold_start_a_fresh_one_token_pass_is_timed_before_real_steps_ar
     assert [k > 0 for k in asked] == [True] * (GUARD_STEPS - 1) + [False, True]
     assert verdicts[-1] is False
     # Negative control: the slow passes alone (no re-timing) would keep the "yes".
-    measured = StepCosts()
-    for _ in range(3):
-        measured.draft_step.add(0.1)
-        measured.add_target_pass(1, 2.0)
-        measured.add_target_pass(9, 2.0)
+    measured = slow(3)
     policy = warmed(AdaptiveDraftLength(max_k=16), measured, rows=1)
     assert drafting_steps(policy, measured, GUARD_STEPS, [4], [4], 5.5)[-1] is True

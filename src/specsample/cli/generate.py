@@ -169,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
     draft_length = _draft_length(args, AdaptiveDraftLength)
     tree_shape = _tree_shape(args)
+    rule = _rule(args, tree_shape)
     if args.rule == "typical":
         import specsample.lossy  # noqa: F401 - registers the lossy rules (front ends only)
 
@@ -195,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
             draft_quantize=args.draft_quantize,
             backend=args.backend,
             threads=args.threads,
-            repack=default_repack(args, _rule(args, tree_shape)),
+            repack=default_repack(args, rule),
         )
     except (ValueError, OSError) as error:
         print(f"specsample generate: {error}", file=sys.stderr)
@@ -221,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
         children = args.tree_children.replace("-", "_")
         drafter = TreeDrafter(pair.draft, tree_shape, children=children)
     memory = (
-        recall_costs(args, pair, draft_length, _rule(args, tree_shape))
+        recall_costs(args, pair, draft_length, rule)
         if drafter is not None and tree_shape is None
         else None
     )
@@ -250,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
         eos_token_ids=eos_token_ids(pair.tokenizer, pair.target_config),
         on_tokens=on_tokens,
         stop_when=stop_string_condition(pair.tokenizer, args.stop),
-        rule=_rule(args, tree_shape),
+        rule=rule,
     )
     texts = [
         trim_at_stop(pair.tokenizer.decode(t, skip_special_tokens=True), args.stop)

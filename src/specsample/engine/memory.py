@@ -109,9 +109,10 @@ class CostMemory:
                 )
         self.key = {**key, "machine": machine_facts(), "version": MEMORY_VERSION}
         text = json.dumps(self.key, sort_keys=True, default=str)
+        self._stored_key = json.loads(text)  # the key as the file holds it (JSON types)
         self.path = Path(directory) / f"costs-{hashlib.sha256(text.encode()).hexdigest()[:20]}.json"
         self.recalled = False  # set by AdaptiveDraftLength.recall when it used a remembered entry
-        self.dropped: list[int] = []  # batch sizes whose memory a fresh 1-token pass contradicted
+        self.dropped: list[int] = []  # batch sizes whose memory their first pass contradicted
 
     @classmethod
     def from_environment(cls, key: dict[str, Any]) -> CostMemory | None:
@@ -125,7 +126,7 @@ class CostMemory:
         is ignored and written anew)."""
         try:
             data = json.loads(self.path.read_text())
-            if data.get("key") != json.loads(json.dumps(self.key, sort_keys=True, default=str)):
+            if data.get("key") != self._stored_key:
                 return {}
             if time.time() - float(data["saved"]) > MAX_AGE_DAYS * 86400:
                 return {}
@@ -137,7 +138,7 @@ class CostMemory:
         """Writes the entries (atomically: another process never reads half a file). A folder
         that cannot be written is not an error: the run goes on without a memory."""
         data = {
-            "key": json.loads(json.dumps(self.key, sort_keys=True, default=str)),
+            "key": self._stored_key,
             "saved": time.time(),
             "buckets": {str(bucket): entry for bucket, entry in sorted(buckets.items())},
         }
