@@ -220,7 +220,7 @@ def test_cost_memory_is_written_then_recalled_and_can_be_turned_off(
     folder = tmp_path / "costs"
     monkeypatch.setenv("SPECSAMPLE_COST_MEMORY", str(folder))
     common = ["generate", "def f", "--target", target, "--draft", draft, "--dtype", "float32"]
-    common += ["--max-new-tokens", "12", "--draft-confidence", "0", "--draft-survival", "0"]
+    common += ["--max-new-tokens", "16", "--draft-confidence", "0", "--draft-survival", "0"]
 
     def stats_lines(*extra):
         assert main([*common, "--stats", *extra]) == 0

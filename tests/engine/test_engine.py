@@ -366,10 +366,20 @@ def test_stream_labels_and_pass_sizes_agree_with_the_statistics(drafter_name):
     """Without EOS no step is cut (drafts stop one short of the limit), so per request:
     recovered labels = keep tests - accepted (one per rejection), bonus labels = the other row
     steps, accepted labels = accepted; and every step with d drafted nodes recorded a target
-    pass over d + 1 tokens (one request: the pass is that row's)."""
+    pass over d + 1 tokens (one request: the pass is that row's), but the first: its pending
+    distribution came from the prompt pass, so it fed its d drafts alone."""
     target, draft = pair16()
     engine = Engine(target, DRAFTERS[drafter_name](draft), draft_length=3)
     request_id = engine.add_request([1, 2, 1, 2, 1], max_new_tokens=40, seed=4)
+    drafted_nodes = []
+    propose = engine._propose
+
+    def recording_propose(*args):
+        proposed = propose(*args)
+        drafted_nodes.append(int(proposed.valid.sum()))
+        return proposed
+
+    engine._propose = recording_propose
     outs = run_to_end(engine)[request_id]
     kinds = [k for o in outs for k in o.kinds]
     stats = outs[-1].stats
@@ -381,8 +391,12 @@ def test_stream_labels_and_pass_sizes_agree_with_the_statistics(drafter_name):
     passes = {tokens: mean.count for tokens, mean in engine.costs.target_pass.items()}
     assert sum(passes.values()) == stats.target_passes
     if drafter_name in ("model", "ngram"):  # chains: nodes = draft length
-        for length, steps in stats.draft_lengths.items():
-            assert passes.get(length + 1, 0) == steps
+        expected = {length + 1: steps for length, steps in stats.draft_lengths.items()}
+        first = drafted_nodes[0]
+        assert first > 0  # else the first step ran no pass (its token came from the prompt's)
+        expected[first + 1] -= 1
+        expected[first] = expected.get(first, 0) + 1
+        assert passes == {n: c for n, c in expected.items() if c}
 
 
 # ---------------------------------------------------------------- a drafter's lazy prefill
@@ -495,15 +509,16 @@ def test_a_drafter_catches_up_on_skipped_steps_in_a_pass_timed_as_prefill():
         outputs = run_to_end(engine)
         assert_stats_identities(engine.stats)
         runs.append((tokens_of(next(iter(outputs.values()))), draft.sequences))
+        # step 1 drafts from the prompt pass's last distribution (no extend)
         if lazy:
-            # step 1: the pending token; step 5: a catch-up of 3 or 4 tokens, then 1
-            assert draft.fed[0] == [1] and draft.fed[-1] == [1], draft.fed
-            assert len(draft.fed) == 3 and draft.fed[1][0] in (3, 4), draft.fed
+            # step 5: a catch-up of 3 or 4 tokens, then the pending one
+            assert len(draft.fed) == 2 and draft.fed[0][0] in (3, 4), draft.fed
+            assert draft.fed[1] == [1], draft.fed
             assert engine.stats.prefill_seconds >= 0.3
             assert engine.stats.draft_seconds < 0.3
             assert max(engine.costs.draft_step.samples) < 0.3
         else:  # one pass: the skipped tokens and the pending one
-            assert len(draft.fed) == 2 and draft.fed[1][0] in (4, 5), draft.fed
+            assert len(draft.fed) == 1 and draft.fed[0][0] in (4, 5), draft.fed
     assert runs[0] == runs[1]
 
 
@@ -543,7 +558,10 @@ def test_a_drafter_is_released_while_drafting_cannot_pay(monkeypatch):
             assert draft.num_calls == calls + 1  # its prompt prefilled into the draft model
         outputs = run_to_end(engine)
         assert_stats_identities(engine.stats)
-        assert engine.stats.draft_passes == 2 + 3 * 2  # drafting resumed: 3 steps of 2
+        # step 1 drafts from the prompt pass's distribution, step 2 makes one pass; drafting
+        # resumed: 3 steps of 2, the first of them after a fresh prefill (release) again
+        # without its first pass
+        assert engine.stats.draft_passes == 1 + (5 if release else 6)
         texts = [tokens_of([o for o in early if o.request_id == i] + outputs[i]) for i in (0, 1)]
         assert [first, second] == [0, 1] and len(texts[0]) == 30 and len(texts[1]) == 20
         runs.append((texts, engine.stats.accepted))
@@ -586,8 +604,10 @@ def test_each_step_records_its_drafting_scoring_and_verifying_time(monkeypatch):
     monkeypatch.setattr(Engine, "_verify", slow_verify)
     monkeypatch.setattr(ModelCursor, "append", slow_append)
     target, draft = pair16()
-    engine = Engine(target, ModelDrafter(draft), draft_length=ScriptedLength([0, 3], 0))
+    engine = Engine(target, ModelDrafter(draft), draft_length=ScriptedLength([0, 0, 3], 0))
     engine.add_request([3, 1, 4], max_new_tokens=8, seed=1)
+    engine.step()  # its token from the prompt pass's distribution: no pass, nothing recorded
+    assert engine.costs.last_step_seconds is None and not engine.costs.target_pass
     for least in (0.2, 0.2 + 2 * 0.1):  # a target-only step, then 3 drafts (2 appends)
         started = time.perf_counter()
         engine.step()
@@ -647,7 +667,10 @@ def test_has_unfinished_is_exact_around_aborts_and_the_last_step():
     assert 0 < last[0].stats.total_seconds <= wall
     # (as of its last step: that step's own pass may have been a 1-token pass too)
     singles = list(engine.costs.target_pass[1].samples)
-    medians = {statistics.median(singles), statistics.median(singles[:-1])}
+    # (None when that pass is the only one: its first token needed none)
+    medians = {
+        statistics.median(singles[:n]) if n else None for n in (len(singles), len(singles) - 1)
+    }
     assert last[0].stats.target_single_pass_seconds in medians
 
 
@@ -706,10 +729,18 @@ def test_draft_passes_and_prefill_time_are_counted_once(drafter_name):
     # steps that made no draft pass, an n-gram lookup, add time but no sample)
     assert engine.costs.draft_step.count <= 16
     assert sum(engine.costs.draft_step.samples) <= stats.draft_seconds + 1e-9
-    # each step's scoring and verification is one target-pass sample (fewer than 16 per length)
+    # each step's scoring and verification is one target-pass sample (fewer than 16 per length),
+    # but for a first step without drafts: it took its token from the prompt pass (no target
+    # pass; its verification time is in stats.verify_seconds, not in a pass's cost)
     timed = [x for recent in engine.costs.target_pass.values() for x in recent.samples]
     assert all(recent.count <= 16 for recent in engine.costs.target_pass.values())
-    assert sum(timed) == pytest.approx(stats.target_seconds + stats.verify_seconds)
+    steps = sum(stats.draft_lengths.values())  # one row
+    first_has_pass = drafter_name in ("model", "tree")  # they draft at step 1; none/ngram not
+    assert stats.target_passes == steps - (0 if first_has_pass else 1) == len(timed)
+    if first_has_pass:
+        assert sum(timed) == pytest.approx(stats.target_seconds + stats.verify_seconds)
+    else:
+        assert sum(timed) < stats.target_seconds + stats.verify_seconds
     single = engine.costs.target_pass.get(1)  # none with a tree drafter: its depth is fixed
     assert stats.target_single_pass_seconds == (None if single is None else single.value)
     assert single is not None or drafter_name == "tree"

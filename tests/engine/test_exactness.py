@@ -117,7 +117,8 @@ def exactness_p_value(
     rule: str = "token",
 ) -> float:
     """Runs generate on ROWS rows (prompts cycled through the batch) and G-tests each prompt's
-    rows against that prompt's exact outcome distribution; one combined p-value."""
+    rows against that prompt's exact outcome distribution; one combined p-value. drafter None:
+    target-only decoding (nothing is drafted)."""
     target, _ = toy_pair()
     sampling = sampling or SamplingConfig()
     batch = [prompts[i % len(prompts)] for i in range(ROWS)]
@@ -132,7 +133,10 @@ def exactness_p_value(
         eos_token_ids=eos,
         rule=rule,
     )
-    assert out.stats.drafted > 0, "the drafter never drafted: nothing was tested"
+    if drafter is None:
+        assert out.stats.drafted == 0
+    else:
+        assert out.stats.drafted > 0, "the drafter never drafted: nothing was tested"
     assert_stats_identities(out.stats)
     for request_stats in out.request_stats:
         assert_stats_identities(request_stats)

@@ -5,6 +5,14 @@ Invariant between steps: the model holds every committed token of a row except t
 it back means one pass yields the distribution after the last committed token and after each new
 token, and a rollback is a truncate to the longest prefix the cache shares with the sequence.
 
+One exception: a prompt pass computes the distribution after the prompt's last token anyway, so
+a row just prefilled holds its whole prompt and keeps that distribution (its "ready" logits) for
+as long as its cache does not change. The row's next feed then needs no pending token: a
+target-only step or a drafter's first draft is served without a pass, and drafts are fed on
+their own after the prompt. That distribution is the one the prompt pass computed, so it is
+"the target" for that position (on kernels whose rounding depends on the pass size, as for any
+other position: the pass that scores a position defines its distribution).
+
 Token trees (multi-draft and tree drafting) stay open in the model until the next step: it then
 keeps the longest path of tree nodes whose tokens the committed sequence continues with. A node's
 keys and values depend only on the tokens before it and its own token, so keeping any matching
@@ -50,6 +58,11 @@ class ModelCursor:
         self.model = model
         self.lazy = lazy
         self.cached: list[list[int]] = []  # per row: the tokens the model's cache holds
+        # per row: the logits after every token its cache holds, while that is known (a
+        # prompt pass's last position; see the module's docstring), else None
+        self.ready: list[torch.Tensor | None] = []
+        self.fed = False  # whether the last feed/feed_tree ran the model (ready rows need not)
+        self.fed_width = 0  # its tokens per row (the most of any row; a tree: 1 + its nodes)
         self._tree: _Tree | None = None
         self._owns_rows = False  # False until this cursor reset the model's rows
         self._deferred = False  # lazy and not prefilled yet
@@ -66,14 +79,14 @@ class ModelCursor:
         self._owns_rows = True
         self._deferred = self.lazy
         if self.lazy:
-            self.cached = []
+            self.cached, self.ready = [], []
             return
         self._prefill(prompts)
 
     def _prefill(self, prompts: list[list[int]]) -> None:
-        self.model.prefill(prompts)
-        self.model.truncate(torch.tensor([len(p) - 1 for p in prompts], dtype=torch.int64))
-        self.cached = [list(p[:-1]) for p in prompts]
+        logits = self.model.prefill(prompts)  # [batch, vocab]: after each prompt
+        self.cached = [list(p) for p in prompts]
+        self.ready = list(logits)
 
     def _catch_up(self, sequences: list[list[int]]) -> None:
         if self._deferred:
@@ -91,7 +104,7 @@ class ModelCursor:
             return
         if self.cached:
             self.model.remove_rows(torch.zeros(0, dtype=torch.int64))
-        self.cached = []
+        self.cached, self.ready = [], []
         self._deferred = True
 
     def _catch_up_tails(self, sequences: list[list[int]], active: list[bool]) -> None:
@@ -132,12 +145,11 @@ class ModelCursor:
         if len(keep_list) < len(self.cached):
             self.model.remove_rows(keep.to(torch.int64))
             self.cached = [self.cached[i] for i in keep_list]
+            self.ready = [self.ready[i] for i in keep_list]
         if prompts:
-            self.model.add_rows(prompts)
-            lengths = self.model.lengths
-            lengths[len(self.cached) :] -= 1
-            self.model.truncate(lengths)
-            self.cached.extend(list(p[:-1]) for p in prompts)
+            logits = self.model.add_rows(prompts)  # [len(prompts), vocab]
+            self.cached.extend(list(p) for p in prompts)
+            self.ready.extend(logits)
 
     def score(self, sequences: list[list[int]], active: list[bool], draft: Draft) -> torch.Tensor:
         """Scores every active row's pending tokens and its draft in one pass. Returns logits
@@ -161,7 +173,8 @@ class ModelCursor:
 
         Returns logits [batch, 1+m, vocab]: [b, 0] follows the last token of sequences[b], [b, j]
         follows extra token j-1. Rows that are not active are left alone (their logits are
-        arbitrary)."""
+        arbitrary). A row holding its whole sequence with its ready logits feeds only its extra
+        tokens; when no row has anything to feed the model does not run (`fed` says which)."""
         batch = len(sequences)
         width = 0 if extra is None else extra.shape[1]
         self._catch_up(sequences)
@@ -177,11 +190,39 @@ class ModelCursor:
         for b in range(batch):
             extra_row = extra[b, : lengths[b]].tolist() if (active[b] and width) else []
             rows.append(tails[b] + extra_row)
+        # [b, 0] of a row with no tail is its ready logits (active rows without a tail are
+        # ready: _roll_back keeps a whole sequence only then); the rest follow the fed tokens
+        ready = [self.ready[b] if (active[b] and not tails[b]) else None for b in range(batch)]
+        self.fed = any(rows)
+        self.fed_width = max(len(row) for row in rows)
+        if not self.fed:
+            return self._ready_logits(ready, 1 + width)
+        for b, row in enumerate(rows):
+            if row:  # the cache changes: its ready logits no longer follow it
+                self.ready[b] = None
         logits = self._extend(rows)
-        starts = torch.tensor([max(len(t) - 1, 0) for t in tails], dtype=torch.int64)
-        positions = starts[:, None] + torch.arange(1 + width)[None, :]  # [batch, 1+m]
-        positions = positions.clamp(max=logits.shape[1] - 1).to(logits.device)
-        return logits.gather(1, positions[:, :, None].expand(-1, -1, logits.shape[2]))
+        starts = [len(t) - 1 for t in tails]  # -1: no tail, [b, 0] is the ready row
+        if min(starts) == 0 and max(starts) == 0 and logits.shape[1] == 1 + width:
+            return logits  # already [batch, 1+m]
+        positions = torch.tensor(starts, dtype=torch.int64)[:, None] + torch.arange(1 + width)
+        positions = positions.clamp(min=0, max=logits.shape[1] - 1).to(logits.device)
+        out = logits.gather(1, positions[:, :, None].expand(-1, -1, logits.shape[2]))
+        for b, row_logits in enumerate(ready):
+            if row_logits is not None:
+                out[b, 0] = row_logits
+        return out
+
+    def _ready_logits(self, ready: list[torch.Tensor | None], width: int) -> torch.Tensor:
+        """[batch, width, vocab]: each row's ready logits at column 0 (zeros for rows that
+        have none: rows that are not active), zeros after."""
+        known = next((r for r in [*ready, *self.ready] if r is not None), None)
+        if known is None:  # no row is active
+            return torch.zeros(len(ready), width, self.vocab_size)
+        out = known.new_zeros(len(ready), width, known.shape[-1])
+        for b, row_logits in enumerate(ready):
+            if row_logits is not None:
+                out[b, 0] = row_logits
+        return out
 
     def append(self, tokens: torch.Tensor, num_valid: torch.Tensor) -> torch.Tensor:
         """Feeds tokens [batch, n] (row b: its first num_valid[b]) after what each row holds.
@@ -205,7 +246,9 @@ class ModelCursor:
         [b, 1+j] follows node j (arbitrary for invalid nodes and rows that are not active)."""
         self._catch_up(sequences)
         self._roll_back(sequences, active)
+        self._hold_back_last(active)  # a tree hangs under a fed pending token (see _Tree)
         batch, n = tokens.shape
+        self.fed, self.fed_width = True, 1 + int(valid.sum(dim=1).max()) if n else 1
         tails = [
             seq[len(cached) :] if on else []
             for seq, cached, on in zip(sequences, self.cached, active, strict=True)
@@ -281,6 +324,8 @@ class ModelCursor:
                 at += 1
             paths.append(path)
             self.cached[b].extend(tokens)
+            if tokens:
+                self.ready[b] = None
         depth = max(1, max(len(p) for p in paths))
         padded = [p + [-1] * (depth - len(p)) for p in paths]
         self.model.commit_path(torch.tensor(padded, dtype=torch.int64))
@@ -289,18 +334,38 @@ class ModelCursor:
         if self._tree is not None:
             self._close_tree(sequences)
         keep = []
-        for seq, cached, on in zip(sequences, self.cached, active, strict=True):
+        for b, (seq, cached, on) in enumerate(zip(sequences, self.cached, active, strict=True)):
             if not on:  # left alone: its cache may run past its sequence (drafts after an EOS)
                 keep.append(len(cached))
                 continue
-            limit = min(len(cached), len(seq) - 1)
+            whole = self.ready[b] is not None  # it may keep its whole sequence
+            limit = min(len(cached), len(seq) - (0 if whole else 1))
+            if cached[:limit] == seq[:limit]:  # the usual case, compared at C speed
+                keep.append(limit)
+                continue
             shared = 0
             while shared < limit and cached[shared] == seq[shared]:
                 shared += 1
             keep.append(shared)
+        self._truncate(keep)
+
+    def _truncate(self, keep: list[int]) -> None:
+        """Cuts row b's cache to its first keep[b] tokens (a row cut loses its ready logits)."""
         if any(k < len(c) for k, c in zip(keep, self.cached, strict=True)):
             self.model.truncate(torch.tensor(keep, dtype=torch.int64))
+            for b, (k, c) in enumerate(zip(keep, self.cached, strict=True)):
+                if k < len(c):
+                    self.ready[b] = None
             self.cached = [c[:k] for c, k in zip(self.cached, keep, strict=True)]
+
+    def _hold_back_last(self, active: list[bool]) -> None:
+        """Active rows holding their whole sequence (ready) give their last token back to be
+        fed again as the pending token."""
+        keep = [
+            len(c) - 1 if (on and r is not None and c) else len(c)
+            for c, r, on in zip(self.cached, self.ready, active, strict=True)
+        ]
+        self._truncate(keep)
 
     def _extend(self, rows: list[list[int]]) -> torch.Tensor:
         return self.model.extend(*self._padded(rows))
@@ -313,5 +378,7 @@ class ModelCursor:
         for b, row in enumerate(rows):
             tokens[b, : len(row)] = torch.tensor(row, dtype=torch.int64)
             self.cached[b].extend(row)
+            if row:
+                self.ready[b] = None
         num_valid = torch.tensor([len(r) for r in rows], dtype=torch.int64)
         return tokens, num_valid

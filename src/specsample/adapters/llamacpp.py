@@ -19,7 +19,8 @@ Numerics: llama.cpp's kernels may depend on how many tokens a pass holds (repack
 weights take other code paths for several tokens; some attention paths accumulate in half
 precision for one token), so the logits of one position can differ between a pass of 1 token and
 a pass of K tokens. Decoding is exact with respect to the distributions the verifying pass
-computed: that pass defines the target for every position it scores. With the defaults here (no
+computed: that pass defines the target for every position it scores (the position after a
+prompt: the prompt pass, whose last distribution the cursor keeps). With the defaults here (no
 weight repacking) the default pair's logits are identical in passes of 1 to 4 tokens; from 8
 tokens on, llama.cpp's multi-row matrix kernels move them by up to 0.7 (total variation up to
 0.04 at T = 1; benchmarks/llamacpp_passes.md). tests/adapters/test_llamacpp.py states the
@@ -384,8 +385,11 @@ class LlamaCppLM:
 
     def extend(self, tokens: torch.Tensor, num_valid: torch.Tensor) -> torch.Tensor:
         """Append `tokens[b, :num_valid[b]]`; returns float logits `[batch, n, vocab]`."""
-        out = torch.zeros(tokens.shape[0], tokens.shape[1], self.vocab_size)
         logits, where = self._append(tokens, num_valid, "extend", logits=True)
+        batch, width = tokens.shape[0], tokens.shape[1]
+        if logits is not None and len(where) == batch * width:  # every row fed `width` tokens
+            return torch.from_numpy(logits).view(batch, width, self.vocab_size)
+        out = torch.zeros(batch, width, self.vocab_size)
         if where:
             index = torch.tensor(where, dtype=torch.long)
             out[index[:, 0], index[:, 1]] = torch.from_numpy(logits)

@@ -86,7 +86,7 @@ class ModelDrafter:
             return Draft.empty(batch)
         drafting = max_lengths > 0  # [batch]
         logits = self.cursor.feed(sequences, drafting.tolist())[:, 0]  # [batch, vocab]
-        self.forward_passes += 1
+        self.forward_passes += int(self.cursor.fed)  # none: every row was ready
         tokens, probs = [], []
         lengths = torch.zeros(batch, dtype=torch.int64)
         survival = torch.ones(batch, dtype=torch.float64)

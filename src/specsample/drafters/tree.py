@@ -151,7 +151,7 @@ class TreeDrafter:
         parents = self.shape.parents()
         greedy = sampling.greedy.tolist()
         logits = self.cursor.feed(sequences, active.tolist())[:, 0]  # [batch, vocab]
-        self.forward_passes += 1
+        self.forward_passes += int(self.cursor.fed)  # none: every row was ready
         frontier_q = self._warp(logits, sampling)[:, None]  # [batch, 1, vocab]
         frontier_valid = active[:, None]
         noise = self._coupled_noise(sampling, logits.device)

@@ -44,6 +44,7 @@ from specsample.rules.registry import (
     verify_greedy,
 )
 from specsample.rules.result import PAD
+from specsample.rules.sampling import sample_from_weights
 from specsample.rules.tree import TreeResult, node_depths
 from specsample.warpers import RowSampling, SamplingConfig
 
@@ -308,6 +309,9 @@ class Engine:
         clock = time.perf_counter()
         logits = self.target.score(sequences, [True] * len(rows), _scorable(draft, self.target))
         target_seconds = time.perf_counter() - clock
+        # rows just prefilled hold their prompt's last distribution: a step without drafts over
+        # such rows alone runs no target pass (nothing is timed or counted as one)
+        target_tokens = self.target.fed_width if self.target.fed else 0
         # 4. verify
         clock = time.perf_counter()
         result, rules_used = self._verify(draft, logits, sampling, [r.rule for r in rows])
@@ -321,7 +325,7 @@ class Engine:
             emitted = _commit(request, result, b)
             committed += len(emitted)
             outputs.append(self._output(request, emitted, kinds[b], logprobs[b], tops[b]))
-        timing = _StepTiming(draft_seconds, target_seconds, verify_seconds, passes)
+        timing = _StepTiming(draft_seconds, target_seconds, verify_seconds, passes, target_tokens)
         self.stats.new_tokens += committed
         self._record(_StepRows.of(draft, result, recovered, rules_used), draft, timing, started)
         costs = self.costs_by_batch[batch_bucket(len(ids))]
@@ -381,6 +385,17 @@ class Engine:
             result = verify_coupled(draft, target_probs, noise)
         elif sampling.all_greedy:
             result = verify_greedy(draft, logits.argmax(dim=-1))
+        elif not draft.num_nodes and draft.probs is None and rule.exact and rule.chain:
+            # Nothing drafted (target-only, or a step the policy kept short): every exact chain
+            # rule draws one token from the warped target, with the same uniform as below and
+            # the same inverse-CDF sampler, so the token is identical; without the rules'
+            # residual machinery (about 0.5 ms a step over a 150k vocabulary).
+            target_probs = sampling.warp(logits)[:, 0]
+            sample = sampling.uniforms([1] * draft.batch, target_probs.device)[:, 0]
+            tokens = sample_from_weights(target_probs, sample)[:, None]
+            empty = torch.zeros(draft.batch, dtype=torch.int64)
+            no_path = torch.zeros(draft.batch, 0, dtype=torch.int64)
+            return TreeResult(tokens.cpu(), empty, no_path, "token")
         else:
             target_probs = sampling.warp(logits)
             draft_probs = draft.probs
@@ -488,14 +503,17 @@ class Engine:
             step.add_to(request.stats, [b], timing)
             request.stats.draft_passes += timing.draft_passes
         self.stats.draft_passes += timing.draft_passes
-        width = int(draft.valid.sum(dim=1).max()) if draft.num_nodes else 0
         bucket = self.costs_by_batch.setdefault(batch_bucket(draft.batch), StepCosts())
         for costs in (self.costs, bucket):
             for _ in range(timing.draft_passes):
                 costs.draft_step.add(timing.draft_seconds / timing.draft_passes)
+            if not timing.target_tokens:
+                continue
             # scoring and verifying: what a step with these many tokens per row costs beyond
             # drafting
-            costs.add_target_pass(width + 1, timing.target_seconds + timing.verify_seconds)
+            costs.add_target_pass(
+                timing.target_tokens, timing.target_seconds + timing.verify_seconds
+            )
             costs.last_step_seconds = (
                 timing.draft_seconds + timing.target_seconds + timing.verify_seconds
             )
@@ -509,6 +527,7 @@ class _StepTiming:
     target_seconds: float
     verify_seconds: float
     draft_passes: int
+    target_tokens: int = 1  # tokens per row of the target pass; 0: none ran
 
 
 @dataclass
@@ -542,11 +561,13 @@ class _StepRows:
         """Adds the rows `rows` of this step to `stats`. A row "drafts at depth i" when its kept
         path reached a node with children there; alpha is the chance that one of those children
         is kept (for a chain: the next draft). The pass counts once in rules_used, under its
-        rule, or under "a+b" when its rows were verified by several."""
-        stats.target_passes += 1
-        stats.tree_steps += int(self.tree)
-        rule = "+".join(sorted({self.rules_used[b] for b in rows}))
-        stats.rules_used[rule] = stats.rules_used.get(rule, 0) + 1
+        rule, or under "a+b" when its rows were verified by several; a step that ran no target
+        pass (its rows' distributions came from their prompt pass) counts in neither."""
+        if timing.target_tokens:
+            stats.target_passes += 1
+            stats.tree_steps += int(self.tree)
+            rule = "+".join(sorted({self.rules_used[b] for b in rows}))
+            stats.rules_used[rule] = stats.rules_used.get(rule, 0) + 1
         for b in rows:
             accepted, tested = self.accepted[b], self.tested_depth[b]
             depth = self.depths[b]
@@ -606,9 +627,13 @@ def _emitted_logprobs(
     # vocab] indices cost several times more per step), then log p = logit - logsumexp: the
     # emitted tokens' and the top alternatives' log-probabilities come from the same lse.
     vocab = logits.shape[2]
-    flat = logits.reshape(batch * logits.shape[1], vocab)
-    index = (torch.arange(batch)[:, None] * logits.shape[1] + rows).reshape(-1)
-    picked = flat.index_select(0, index.to(logits.device)).float().reshape(batch, width, vocab)
+    if width == 1:  # one token per row (nothing kept): the root's row
+        picked = logits[:, :1].float()
+    else:
+        flat = logits.reshape(batch * logits.shape[1], vocab)
+        index = (torch.arange(batch)[:, None] * logits.shape[1] + rows).reshape(-1)
+        picked = flat.index_select(0, index.to(logits.device)).float()
+        picked = picked.reshape(batch, width, vocab)
     lse = torch.logsumexp(picked, dim=-1, keepdim=True)
     tokens = result.tokens.to(logits.device).clamp(min=0, max=vocab - 1)
     values = (picked.gather(2, tokens[:, :, None]) - lse)[:, :, 0].cpu()
