@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from specsample.analysis.theory import expected_speedup
 from specsample.engine.length import (
+    EARLY_LEVEL,
+    EARLY_TESTS,
     EXPLORE_REACH,
     GUARD_STEPS,
     PROBE_ATTEMPTS,
@@ -14,6 +18,7 @@ from specsample.engine.length import (
     AdaptiveDraftLength,
     FixedDraftLength,
     StepCosts,
+    _rate_upper_bound,
 )
 
 
@@ -417,6 +422,8 @@ def test_step_costs_are_the_median_of_the_recent_samples():
         ({"probe_every": 0}, "probe_every"),
         ({"recheck_every": 0}, "recheck_every"),
         ({"recheck_every": 2.5}, "recheck_every"),
+        ({"early_tests": 0}, "early_tests"),
+        ({"early_tests": True}, "early_tests"),
         ({"smoothing": 0.0}, "smoothing"),
         ({"smoothing": 1.5}, "smoothing"),
         ({"lengths": "schedule"}, "lengths"),
@@ -546,17 +553,43 @@ def test_adaptive_caps_row_lengths_at_the_theory_best_k():
     assert policy.next_lengths(2).tolist() == [1, 1]
 
 
-def test_adaptive_needs_min_tests_before_pausing():
-    """One unlucky first step (nothing kept) must not stop drafting by itself."""
+def test_adaptive_needs_min_tests_before_pausing_unless_even_a_high_rate_cannot_pay():
+    """One unlucky first step (nothing kept) must not stop drafting by itself: a row pauses
+    before min_tests only after EARLY_TESTS tests or more, when drafting does not pay even at
+    the upper 95% bound of its keep rate (0 kept of 4: 0.527; with a draft step of 0.9 and a
+    flat target pass, one draft at rate a gives (1 + a) / 1.9 tokens per pass: below 1)."""
     slow = costs(0.9)
     policy = AdaptiveDraftLength(max_k=4, start_k=2)  # default min_tests = 12
-    for _ in range(11):
+    for _ in range(EARLY_TESTS - 1):
         policy.next_lengths(1)
         policy.update(lengths(1), lengths(0), slow)  # one failed keep test each
     assert paused(policy) == [False]
     policy.next_lengths(1)
     policy.update(lengths(1), lengths(0), slow)
-    assert paused(policy) == [True]  # 12 failed keep tests
+    assert paused(policy) == [True]  # 4 failed keep tests: strong evidence
+    assert _rate_upper_bound(0, 4, EARLY_LEVEL) == pytest.approx(1 - 0.05**0.25)
+    # a row that kept a few of its drafts, where a keep rate above 0.5 would pay (draft step
+    # 0.5): 3 of its first 11 tests kept leave 0.56 plausible, so it waits for min_tests
+    policy = AdaptiveDraftLength(max_k=4, start_k=1)
+    cheaper = costs(0.5)
+    for kept in [0, 0, 1, 0, 0, 1, 0, 0, 1, 0, 0]:  # one draft a step
+        policy.next_lengths(1)
+        policy.update(lengths(1), lengths(kept), cheaper)
+        assert paused(policy) == [False]
+    policy.next_lengths(1)
+    policy.update(lengths(1), lengths(0), cheaper)
+    assert paused(policy) == [True]  # 12 tests, 3 kept: past min_tests, it does not pay
+
+
+def test_the_rate_upper_bound_is_the_clopper_pearson_one():
+    """P(X <= kept | tests, bound) = 1 - level at the bound (binomial), 1 when all were kept."""
+    for kept, tests in [(0, 4), (1, 6), (3, 11), (5, 8)]:
+        bound = _rate_upper_bound(kept, tests, 0.95)
+        cdf = sum(
+            math.comb(tests, i) * bound**i * (1 - bound) ** (tests - i) for i in range(kept + 1)
+        )
+        assert cdf == pytest.approx(0.05, abs=1e-9) and kept / tests < bound < 1
+    assert _rate_upper_bound(4, 4, 0.95) == 1.0
 
 
 def test_adaptive_rows_are_independent_and_a_joining_row_starts_from_the_prior():
@@ -710,7 +743,8 @@ def test_a_batch_drafts_to_the_depth_with_the_most_tokens_per_cost():
         for n in range(1, 10):
             steep.add_target_pass(n, 1.0 + 0.1 * (n - 1))
     rows = list(range(8))
-    policy = warmed(AdaptiveDraftLength(max_k=8, start_k=8, min_tests=100), steep, rows=rows)
+    policy = AdaptiveDraftLength(max_k=8, start_k=8, min_tests=100, early_tests=None)
+    policy = warmed(policy, steep, rows=rows)
     for _ in range(12):
         policy.update(rows, lengths(*[8] * 8), lengths(8, *[0] * 7), steep)
     wanted = [min(policy.rows[r].k, max(1, policy.rows[r].best_k)) for r in rows]

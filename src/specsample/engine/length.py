@@ -59,9 +59,11 @@
      given the drafts before it were kept; runs of near-certain tokens make deeper positions
      likelier to pass, which a single rate misses), each position's prior the rates pooled over
      all rows (2/3 before any keep test). Before min_tests keep tests the cap is at least 1.
-     When the best k is 0 the row drafts nothing, and after `probe_every` steps it drafts one
-     token to measure its acceptance again (the gap doubles after every probe that leaves it
-     paused, up to MAX_GAP steps, and starts over when it drafts again).
+     When the best k is 0 (after min_tests keep tests; before, from EARLY_TESTS on, only when
+     no k pays even at the upper 95% bound of the row's keep rate) the row drafts nothing, and
+     after `probe_every` steps it drafts one token to measure its acceptance again (the gap
+     doubles after every probe that leaves it paused, up to MAX_GAP steps, and starts over
+     when it drafts again).
      That is lengths="theory". With lengths="costs" (the default for a drafter that stops
      a row itself where it is unsure, such as the command line's model drafter) a row that
      drafts is offered the longest draft the pass costs justify were every draft kept, and
@@ -84,6 +86,7 @@ exact.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import deque
 from collections.abc import Hashable, Sequence
@@ -126,6 +129,14 @@ MARGIN = 1.1
 # k - 1), but never below one more than the drafts kept.
 GROWTH = 2
 SHRINK = 2
+# Before min_tests keep tests a row may pause early, on strong evidence only: once it saw
+# EARLY_TESTS tests or more and drafting does not pay even at the highest keep rate its counts
+# leave plausible (the one-sided EARLY_LEVEL upper bound of a binomial rate from its kept of
+# its tests). A row whose drafts are almost never kept (an n-gram drafter on text without
+# repeats) stops paying for them after a few tests instead of min_tests; a row that kept a
+# few drafts goes on to min_tests. A paused row is probed again later, as any other.
+EARLY_TESTS = 4
+EARLY_LEVEL = 0.95
 
 
 class FixedDraftLength:
@@ -288,6 +299,7 @@ class _RowSchedule:
     test_weight: float = 0.0
     prior_weight: float = 1.0
     tests_seen: int = 0
+    kept_seen: int = 0
     alpha: float | None = None
     paused: bool = False
     best_k: int = 0
@@ -332,10 +344,12 @@ class AdaptiveDraftLength:
 
     smoothing: weight of the newest step in the acceptance estimate (older steps decay by
     1 - smoothing each step); min_tests: keep tests to see before the theory may pause a row;
-    probe_every: a newly paused row drafts one token after probe_every steps (then after twice
-    as many, ...); recheck_every: None (default) keeps a "drafting cannot pay" verdict; an int
-    makes one step draft one token after that many steps to measure the costs again (then
-    after twice as many, ...).
+    early_tests: before min_tests, keep tests to see before a row may pause on strong evidence
+    (no draft length pays even at the upper EARLY_LEVEL bound of its keep rate; None: never
+    before min_tests); probe_every: a newly paused row drafts one token after probe_every
+    steps (then after twice as many, ...); recheck_every: None (default) keeps a "drafting
+    cannot pay" verdict; an int makes one step draft one token after that many steps to
+    measure the costs again (then after twice as many, ...).
 
     lengths: how long a row that drafts drafts. "theory": its schedule capped by its best k
     (part 2 of the module docstring). "costs": the longest draft the pass costs justify were
@@ -358,6 +372,7 @@ class AdaptiveDraftLength:
         recheck_every: int | None = None,
         smoothing: float = 0.2,
         min_tests: int = 12,
+        early_tests: int | None = EARLY_TESTS,
         lengths: str = "auto",
     ):
         if isinstance(max_k, bool) or not isinstance(max_k, int) or max_k < 1:
@@ -378,12 +393,17 @@ class AdaptiveDraftLength:
             )
         if not 0 < smoothing <= 1:
             raise ValueError(f"smoothing: expected a number in (0, 1], got {smoothing!r}")
+        if early_tests is not None and (
+            isinstance(early_tests, bool) or not isinstance(early_tests, int) or early_tests < 1
+        ):
+            raise ValueError(f"early_tests: expected None or an integer >= 1, got {early_tests!r}")
         self.max_k = max_k
         self.start_k = min(start_k or 4, max_k)
         self.probe_every = probe_every
         self.recheck_every = recheck_every
         self.smoothing = smoothing
         self.min_tests = min_tests
+        self.early_tests = early_tests
         if lengths not in LENGTH_RULES:
             raise ValueError(f"lengths: expected one of {list(LENGTH_RULES)}, got {lengths!r}")
         self.lengths = lengths
@@ -712,6 +732,7 @@ class AdaptiveDraftLength:
         state.test_weight = decay * state.test_weight + accepted + failed
         state.prior_weight *= decay
         state.tests_seen += accepted + failed
+        state.kept_seen += accepted
         for counts in (state, self.pooled):
             _count_positions(counts, drafted, accepted, decay)
         self.pooled.prior_weight *= decay
@@ -723,9 +744,25 @@ class AdaptiveDraftLength:
         pays = self._drafting_pays(state, costs)
         if state.tests_seen >= self.min_tests:
             paused = not pays
-            if paused and not state.paused:
-                state.steps, state.probe_gap = 0, self.probe_every
-            state.paused = paused
+        else:  # early: only when even a high plausible rate does not pay
+            paused = (
+                not pays
+                and self.early_tests is not None
+                and state.tests_seen >= self.early_tests
+                and not self._pays_at(
+                    _rate_upper_bound(state.kept_seen, state.tests_seen, EARLY_LEVEL), costs
+                )
+            )
+        if paused and not state.paused:
+            state.steps, state.probe_gap = 0, self.probe_every
+        state.paused = paused
+
+    def _pays_at(self, alpha: float, costs: StepCosts) -> bool:
+        """Whether some draft length pays with keep rate alpha at every position."""
+        if costs.target(1) is None:
+            return True
+        tokens = _expected_tokens([alpha] * self.max_k)
+        return self._most_tokens_per_cost(tokens, costs, shortest=0, longer_on_tie=False) > 0
 
     def _drafting_pays(self, state: _RowSchedule, costs: StepCosts) -> bool:
         """Sets the row's best_k: the k in 0..max_k with the most expected tokens per unit of
@@ -765,6 +802,26 @@ def _count_positions(state: _RowSchedule, drafted: int, accepted: int, decay: fl
     for i in range(len(state.position_tests)):
         state.position_tests[i] = decay * state.position_tests[i] + (i < tested)
         state.position_kept[i] = decay * state.position_kept[i] + (i < accepted)
+
+
+def _rate_upper_bound(kept: int, tests: int, level: float) -> float:
+    """The one-sided upper confidence bound (at `level`) of a binomial rate that passed `kept`
+    of `tests` trials (Clopper-Pearson): the largest a with P(X <= kept | tests, a) >=
+    1 - level, by bisection."""
+    if kept >= tests:
+        return 1.0
+
+    def cdf(a: float) -> float:
+        return sum(math.comb(tests, i) * a**i * (1 - a) ** (tests - i) for i in range(kept + 1))
+
+    low, high = kept / tests, 1.0
+    for _ in range(40):
+        middle = (low + high) / 2
+        if cdf(middle) >= 1 - level:
+            low = middle
+        else:
+            high = middle
+    return low
 
 
 def _expected_tokens(rates: list[float]) -> list[float]:

@@ -15,7 +15,9 @@ class DecodeStats:
     target_passes: int = 0
     draft_passes: int = 0
     new_tokens: int = 0  # emitted tokens kept (after EOS / max_new_tokens cuts)
-    row_steps: int = 0  # (row, target pass) pairs
+    # (row, step) pairs; every step runs a target pass, but for a first step without drafts
+    # over rows just prefilled (their token comes from the prompt pass)
+    row_steps: int = 0
     drafted: int = 0  # drafted tokens verified
     accepted: int = 0  # drafts kept
     keep_tests: int = 0  # keep tests run: accepted drafts + one per rejection
