@@ -386,8 +386,8 @@ def _print_stats(summary: dict, memory=None) -> None:
         f"s, target {seconds['target']:.2f} "
         f"s, verify {seconds['verify']:.2f} s, rest {seconds['rest']:.2f} s",
         f"  predicted speedup     {summary['predicted_speedup']}  (theory, from alpha, the draft "
-        "lengths and the measured costs; trees: from tokens per pass; None when no 1-token "
-        "target pass was timed)",
+        "lengths and the measured costs; trees: from tokens per pass; None without a draft "
+        "pass or a timed 1-token target pass)",
         f"  rules used            {summary['rules_used']}",
     ]
     if memory is not None:

@@ -78,7 +78,8 @@ class DecodeStats:
 
     def predicted_speedup(self) -> float | None:
         """Theory's speedup over target-only decoding from the measured acceptance rate, draft
-        lengths and costs; None until a 1-token target pass (the target-only step) was timed.
+        lengths and costs; None without a draft pass (no c: an n-gram drafter, or nothing
+        drafted) or until a 1-token target pass (the target-only step) was timed.
 
         Chains: the expected tokens per pass, (1 - alpha^(k+1)) / (1 - alpha), averaged over the
         draft lengths the rows actually used (adaptive lengths and draft-side stops make k vary,
