@@ -246,7 +246,7 @@ class ModelCursor:
         [b, 1+j] follows node j (arbitrary for invalid nodes and rows that are not active)."""
         self._catch_up(sequences)
         self._roll_back(sequences, active)
-        self._hold_back_last(active)  # a tree hangs under a fed pending token (see _Tree)
+        self._hold_back_last(sequences, active)  # a tree hangs under a fed pending token
         batch, n = tokens.shape
         self.fed, self.fed_width = True, 1 + int(valid.sum(dim=1).max()) if n else 1
         tails = [
@@ -358,12 +358,12 @@ class ModelCursor:
                     self.ready[b] = None
             self.cached = [c[:k] for c, k in zip(self.cached, keep, strict=True)]
 
-    def _hold_back_last(self, active: list[bool]) -> None:
-        """Active rows holding their whole sequence (ready) give their last token back to be
-        fed again as the pending token."""
+    def _hold_back_last(self, sequences: list[list[int]], active: list[bool]) -> None:
+        """Active rows holding their whole sequence (ready rows without a tail) give their last
+        token back to be fed again as the pending token."""
         keep = [
-            len(c) - 1 if (on and r is not None and c) else len(c)
-            for c, r, on in zip(self.cached, self.ready, active, strict=True)
+            len(c) - 1 if (on and r is not None and len(c) == len(seq)) else len(c)
+            for c, r, seq, on in zip(self.cached, self.ready, sequences, active, strict=True)
         ]
         self._truncate(keep)
 
