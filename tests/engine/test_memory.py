@@ -9,6 +9,9 @@ import time
 import pytest
 import torch
 
+from specsample.adapters.toy import ToyLM
+from specsample.drafters.model import ModelDrafter
+from specsample.engine import Engine
 from specsample.engine.length import AdaptiveDraftLength, StepCosts
 from specsample.engine.memory import (
     MATCH_FACTOR,
@@ -134,6 +137,41 @@ def test_a_machine_at_another_speed_drops_the_memory_and_checks_again(tmp_path, 
     policy.update(lengths(k), lengths(k), measured)
     assert policy.memory.dropped == [1] and 1 not in policy.verdicts
     assert list(measured.target_pass) == [k + 1]
+
+
+def test_the_check_waits_for_the_first_target_pass(tmp_path):
+    """A request's first step may run no target pass (its token comes from the prompt pass):
+    the memory is checked against the first pass that ran, not against a remembered sample
+    the step's costs start from."""
+    memory = remembered(tmp_path, NO_DRAFT, NO_PASSES)
+    policy = AdaptiveDraftLength(16)
+    policy.recall(memory)
+    measured = policy.bucket_costs[1].copy()  # as an engine holds them: no pass of its own
+    assert int(policy.next_lengths(1)) == 0
+    policy.update(lengths(0), lengths(0), measured)  # a step without a target pass
+    assert policy.verdicts == {1: False} and not memory.dropped
+    assert int(policy.next_lengths(1)) == 0
+    measured.add_target_pass(1, NO_PASSES[1] * 1.4)  # outside MATCH_FACTOR
+    policy.update(lengths(0), lengths(0), measured)
+    assert memory.dropped == [1] and 1 not in policy.verdicts
+
+
+def test_an_engine_checks_a_remembered_no_at_its_first_target_pass(tmp_path):
+    """Through the Engine on toy models (passes of about a millisecond) and a memory that
+    remembers 1-token passes of 4.8 s: the first step draws its token from the prompt pass
+    (no pass to check), the second's pass is far outside MATCH_FACTOR, and the memory is
+    dropped."""
+    slow = {n: seconds * 100 for n, seconds in NO_PASSES.items()}
+    memory = remembered(tmp_path, NO_DRAFT * 100, slow)
+    policy = AdaptiveDraftLength(16)
+    policy.recall(memory)
+    target = ToyLM(16, seed=1, scale=1.5)
+    engine = Engine(target, ModelDrafter(ToyLM(16, seed=2)), draft_length=policy)
+    engine.add_request([3, 1, 4], max_new_tokens=6, seed=1)
+    engine.step()
+    assert engine.stats.target_passes == 0 and not memory.dropped
+    engine.step()
+    assert engine.stats.target_passes == 1 and memory.dropped == [1]
 
 
 def test_a_memory_is_per_batch_size_and_a_no_carries_to_bigger_batches(tmp_path):

@@ -173,6 +173,9 @@ class StepCosts:
         # wall seconds of the step just recorded (draft passes, target pass, verification):
         # what the policy's check of drafting steps against target-only compares
         self.last_step_seconds: float | None = None
+        # (tokens, seconds) of the last target pass added to this object (not copied: a copy
+        # or costs read from a memory have timed no pass of their own yet)
+        self.last_pass: tuple[int, float] | None = None
 
     def copy(self) -> StepCosts:
         """An independent copy of the samples (not of last_step_seconds: no step of its own)."""
@@ -211,6 +214,7 @@ class StepCosts:
 
     def add_target_pass(self, tokens: int, seconds: float) -> None:
         self.target_pass.setdefault(tokens, _Recent()).add(seconds)
+        self.last_pass = (tokens, seconds)
 
     def target(self, tokens: int) -> float | None:
         if tokens in self.target_pass:
@@ -481,16 +485,15 @@ class AdaptiveDraftLength:
             for bucket, costs in self.bucket_costs.items()
         }
 
-    def _check_recalled(self, bucket: int, width: int, costs: StepCosts) -> None:
-        """The first step of a remembered batch size scored `width` tokens per row: its target
-        pass must cost what the remembered costs say a pass of that width costs (between
-        remembered lengths, on the line between them), else that batch size's memory is
-        dropped (its costs start from this pass, its verdict from the cost check)."""
+    def _check_recalled(self, bucket: int, costs: StepCosts) -> None:
+        """The first target pass of a remembered batch size (costs.last_pass: its tokens per
+        row and seconds) must cost what the remembered costs say a pass of that width costs
+        (between remembered lengths, on the line between them), else that batch size's memory
+        is dropped (its costs start from this pass, its verdict from the cost check)."""
         from specsample.engine.memory import MATCH_FACTOR
 
         remembered = self._recalled.pop(bucket)
-        timed = costs.target_pass.get(width)
-        fresh = timed.samples[-1] if timed is not None and timed.samples else None
+        width, fresh = costs.last_pass
         relative = remembered.relative_pass_cost(width, interpolate=True)
         single = remembered.target(1)
         expected = None if relative is None or single is None else relative * single
@@ -631,8 +634,10 @@ class AdaptiveDraftLength:
         bucket = self._use_bucket(len(rows))
         self.bucket_costs[bucket] = self._costs = costs
         verdicts_before = dict(self.verdicts)
-        if bucket in self._recalled:
-            self._check_recalled(bucket, 1 + max(drafted.tolist(), default=0), costs)
+        if bucket in self._recalled and costs.last_pass is not None:
+            # the first target pass of this batch size (a request's first step may run none:
+            # its token comes from the prompt pass)
+            self._check_recalled(bucket, costs)
             self._use_bucket(len(rows))
         # A "no" stands until a step drafts again (only a recheck does): the target-only steps
         # after it time nothing new about drafting, and their 1-token passes drift with the
