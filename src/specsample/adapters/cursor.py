@@ -61,12 +61,18 @@ class ModelCursor:
         # per row: the logits after every token its cache holds, while that is known (a
         # prompt pass's last position; see the module's docstring), else None
         self.ready: list[torch.Tensor | None] = []
-        self.fed = False  # whether the last feed/feed_tree ran the model (ready rows need not)
-        self.fed_width = 0  # its tokens per row (the most of any row; a tree: 1 + its nodes)
+        # tokens per row of the model pass the last feed/feed_tree ran (the most of any row; a
+        # tree: 1 + its nodes); 0: it ran none (every active row was ready)
+        self.fed_width = 0
         self._tree: _Tree | None = None
         self._owns_rows = False  # False until this cursor reset the model's rows
         self._deferred = False  # lazy and not prefilled yet
         self.prefill_seconds = 0.0  # time spent in deferred (lazy) prefills, in all
+
+    @property
+    def fed(self) -> bool:
+        """Whether the last feed/feed_tree ran the model."""
+        return self.fed_width > 0
 
     @property
     def vocab_size(self) -> int:
@@ -193,10 +199,12 @@ class ModelCursor:
         # [b, 0] of a row with no tail is its ready logits (active rows without a tail are
         # ready: _roll_back keeps a whole sequence only then); the rest follow the fed tokens
         ready = [self.ready[b] if (active[b] and not tails[b]) else None for b in range(batch)]
-        self.fed = any(rows)
         self.fed_width = max(len(row) for row in rows)
         if not self.fed:
-            return self._ready_logits(ready, 1 + width)
+            known = next((r for r in [*ready, *self.ready] if r is not None), None)
+            if known is None:  # no row is active
+                return torch.zeros(batch, 1 + width, self.vocab_size)
+            return _put_ready(known.new_zeros(batch, 1 + width, known.shape[-1]), ready)
         for b, row in enumerate(rows):
             if row:  # the cache changes: its ready logits no longer follow it
                 self.ready[b] = None
@@ -207,22 +215,7 @@ class ModelCursor:
         positions = torch.tensor(starts, dtype=torch.int64)[:, None] + torch.arange(1 + width)
         positions = positions.clamp(min=0, max=logits.shape[1] - 1).to(logits.device)
         out = logits.gather(1, positions[:, :, None].expand(-1, -1, logits.shape[2]))
-        for b, row_logits in enumerate(ready):
-            if row_logits is not None:
-                out[b, 0] = row_logits
-        return out
-
-    def _ready_logits(self, ready: list[torch.Tensor | None], width: int) -> torch.Tensor:
-        """[batch, width, vocab]: each row's ready logits at column 0 (zeros for rows that
-        have none: rows that are not active), zeros after."""
-        known = next((r for r in [*ready, *self.ready] if r is not None), None)
-        if known is None:  # no row is active
-            return torch.zeros(len(ready), width, self.vocab_size)
-        out = known.new_zeros(len(ready), width, known.shape[-1])
-        for b, row_logits in enumerate(ready):
-            if row_logits is not None:
-                out[b, 0] = row_logits
-        return out
+        return _put_ready(out, ready)
 
     def append(self, tokens: torch.Tensor, num_valid: torch.Tensor) -> torch.Tensor:
         """Feeds tokens [batch, n] (row b: its first num_valid[b]) after what each row holds.
@@ -248,7 +241,7 @@ class ModelCursor:
         self._roll_back(sequences, active)
         self._hold_back_last(sequences, active)  # a tree hangs under a fed pending token
         batch, n = tokens.shape
-        self.fed, self.fed_width = True, 1 + int(valid.sum(dim=1).max()) if n else 1
+        self.fed_width = 1 + int(valid.sum(dim=1).max()) if n else 1
         tails = [
             seq[len(cached) :] if on else []
             for seq, cached, on in zip(sequences, self.cached, active, strict=True)
@@ -382,3 +375,11 @@ class ModelCursor:
                 self.ready[b] = None
         num_valid = torch.tensor([len(r) for r in rows], dtype=torch.int64)
         return tokens, num_valid
+
+
+def _put_ready(out: torch.Tensor, ready: list[torch.Tensor | None]) -> torch.Tensor:
+    """out [batch, 1+m, vocab] with row b's ready logits at column 0 where ready[b] is given."""
+    for b, row_logits in enumerate(ready):
+        if row_logits is not None:
+            out[b, 0] = row_logits
+    return out

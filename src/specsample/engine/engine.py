@@ -310,8 +310,8 @@ class Engine:
         logits = self.target.score(sequences, [True] * len(rows), _scorable(draft, self.target))
         target_seconds = time.perf_counter() - clock
         # rows just prefilled hold their prompt's last distribution: a step without drafts over
-        # such rows alone runs no target pass (nothing is timed or counted as one)
-        target_tokens = self.target.fed_width if self.target.fed else 0
+        # such rows alone runs no target pass (fed_width 0: nothing is timed or counted as one)
+        target_tokens = self.target.fed_width
         # 4. verify
         clock = time.perf_counter()
         result, rules_used = self._verify(draft, logits, sampling, [r.rule for r in rows])
