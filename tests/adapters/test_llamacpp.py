@@ -29,7 +29,11 @@ from tiny_gguf import CHAT_TEMPLATE, EOS, TOKENS, VOCAB, write_tiny_gguf  # noqa
 
 from specsample.adapters.gguf_meta import read_gguf_metadata  # noqa: E402
 from specsample.adapters.llamacpp import LlamaCppLM, LlamaCppTokenizer  # noqa: E402
-from specsample.adapters.protocol import LanguageModel, TreeLanguageModel  # noqa: E402
+from specsample.adapters.protocol import (  # noqa: E402
+    LanguageModel,
+    PromptScoring,
+    TreeLanguageModel,
+)
 
 NUMERICS = {  # name -> (LlamaCppLM options, tolerance)
     "float32": (dict(kv_type="f32", flash_attn=False), 1e-4),
@@ -97,6 +101,7 @@ def random_seq(rng: random.Random, low: int, high: int) -> list[int]:
 
 def test_implements_the_protocols(lm):
     assert isinstance(lm, LanguageModel) and isinstance(lm, TreeLanguageModel)
+    assert isinstance(lm, PromptScoring)
     assert lm.vocab_size == VOCAB
     assert lm.architecture == "qwen2"
 
@@ -184,7 +189,7 @@ def test_any_sequence_of_calls_equals_a_fresh_prefill(gguf_path, numerics, seed)
     seqs = [random_seq(rng, 1, 6) for _ in range(3)]
     lm.prefill(seqs)
     for _ in range(8):
-        op = rng.choice(["extend", "extend", "truncate", "add", "remove"])
+        op = rng.choice(["extend", "extend", "truncate", "add", "add_last", "remove"])
         if op == "extend" and seqs:
             n = rng.randint(1, 4)
             tokens = torch.tensor([[rng.randrange(VOCAB) for _ in range(n)] for _ in seqs])
@@ -205,6 +210,16 @@ def test_any_sequence_of_calls_equals_a_fresh_prefill(gguf_path, numerics, seed)
             for row, seq in zip(logits, new, strict=True):
                 torch.testing.assert_close(row, reference(seq)[-1], atol=atol, rtol=0)
             seqs += new
+        elif op == "add_last" and len(seqs) < 6:
+            new = [random_seq(rng, 1, 5) for _ in range(rng.randint(1, 2))]
+            last = rng.randint(1, 6)
+            logits = lm.add_rows_last(new, last)
+            assert logits.shape == (len(new), last, VOCAB)
+            for row, seq in zip(logits, new, strict=True):
+                scored = min(last, len(seq))
+                expected = reference(seq)[len(seq) - scored :]
+                torch.testing.assert_close(row[last - scored :], expected, atol=atol, rtol=0)
+            seqs += new
         elif op == "remove" and seqs:
             keep = sorted(rng.sample(range(len(seqs)), rng.randint(0, len(seqs))))
             lm.remove_rows(torch.tensor(keep, dtype=torch.int64))
@@ -218,6 +233,23 @@ def test_any_sequence_of_calls_equals_a_fresh_prefill(gguf_path, numerics, seed)
             seq.append(int(probe[b, 0]))
             torch.testing.assert_close(logits[b, 0], reference(seq)[-1], atol=atol, rtol=0)
     assert lm.cells_used == sum(len(s) for s in seqs)
+
+
+def test_add_rows_last_scores_the_last_tokens_of_each_prompt(lm, reference):
+    """The prompt pass of rows that join scores their last tokens (a request's prompt and its
+    first drafts, fed together); it equals add_rows followed by extend, next to running rows."""
+    lm.prefill([[1, 2, 3]])
+    new = [[4, 5, 6, 7, 8], [9, 10]]  # the second shorter than `last`: its first column is junk
+    logits = lm.add_rows_last(new, 3)
+    assert logits.shape == (2, 3, VOCAB) and torch.isfinite(logits).all()
+    torch.testing.assert_close(logits[0], reference(new[0])[-3:], atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits[1, 1:], reference(new[1]), atol=ATOL, rtol=0)
+    assert lm.lengths.tolist() == [3, 5, 2] and lm.cells_used == 10
+    step = lm.extend(torch.tensor([[11], [12], [13]]), torch.ones(3, dtype=torch.int64))
+    for b, seq in enumerate([[1, 2, 3, 11], new[0] + [12], new[1] + [13]]):
+        torch.testing.assert_close(step[b, 0], reference(seq)[-1], atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="last: expected an int >= 1, got 0"):
+        lm.add_rows_last([[1]], 0)
 
 
 def test_rows_can_all_leave_and_new_ones_join(lm, reference):

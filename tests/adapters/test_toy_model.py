@@ -146,3 +146,16 @@ def test_errors_name_argument_expected_and_got() -> None:
     with pytest.raises(TypeError, match="lengths: expected an integer tensor"):
         lm.truncate(torch.tensor([1.0, 1.0]))
     assert lm.sequences == [[1, 2], [3]]
+
+
+def test_add_rows_last_scores_the_last_tokens_of_each_prompt() -> None:
+    model = ToyLM(VOCAB, seed=3)
+    model.prefill([[1, 2]])
+    logits = model.add_rows_last([[3, 4, 5], [6]], 2)
+    assert logits.shape == (2, 2, VOCAB) and model.sequences == [[1, 2], [3, 4, 5], [6]]
+    assert torch.equal(logits[0, 0], model.logits_for([3, 4]))
+    assert torch.equal(logits[0, 1], model.logits_for([3, 4, 5]))
+    assert torch.equal(logits[1, 1], model.logits_for([6]))
+    assert torch.isfinite(logits[1, 0]).all()  # before the one-token prompt: arbitrary
+    with pytest.raises(ValueError, match="last: expected an int >= 1, got 0"):
+        model.add_rows_last([[1]], 0)

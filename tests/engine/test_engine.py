@@ -275,12 +275,18 @@ def test_bad_engine_arguments_are_refused_naming_them():
 # ---------------------------------------------------------------- exactness through the engine
 
 
-def engine_p_value(drafter, *, draft_length=2, abort_every: int = 0, seed: int = 0) -> float:
+def engine_p_value(
+    drafter, *, draft_length=2, abort_every: int = 0, seed: int = 0, prompt_pass_apart=False
+) -> float:
     """About ROWS requests over two prompts and four sampling configs; half are added before
     the first step, the rest after two steps (queued behind max_batch, joining as rows free
     up). Every `abort_every`-th request (by id, so independently of its tokens) is aborted after
-    the first step and left out. Each (prompt, config) group is G-tested against its exact law."""
+    the first step and left out. Each (prompt, config) group is G-tested against its exact law.
+    The toy target scores a request's prompt and first drafts in one pass (`add_rows_last`);
+    with prompt_pass_apart it lacks that, and a request's prompt pass runs when it joins."""
     target, _ = toy_pair()
+    if prompt_pass_apart:
+        target.add_rows_last = None  # not a PromptScoring model
     engine = Engine(target, drafter, draft_length=draft_length, max_batch=2500)
     groups = [(p, c) for p in (PROMPT, SHORT_PROMPT) for c in CONFIGS[:4]]
     per_group = 500
@@ -325,6 +331,9 @@ def engine_p_value(drafter, *, draft_length=2, abort_every: int = 0, seed: int =
 ENGINE_VARIANTS = {
     "model-mixed-configs-joining": lambda: engine_p_value(ModelDrafter(toy_pair()[1])),
     "model-aborts": lambda: engine_p_value(ModelDrafter(toy_pair()[1]), abort_every=7),
+    "model-prompt-pass-apart": lambda: engine_p_value(
+        ModelDrafter(toy_pair()[1]), prompt_pass_apart=True
+    ),
     "ngram-joining": lambda: engine_p_value(NgramDrafter(max_ngram=2), draft_length=3),
     "tree-joining-aborts": lambda: engine_p_value(
         TreeDrafter(toy_pair()[1], TreeShape((2, 1))), abort_every=5
@@ -366,8 +375,10 @@ def test_stream_labels_and_pass_sizes_agree_with_the_statistics(drafter_name):
     """Without EOS no step is cut (drafts stop one short of the limit), so per request:
     recovered labels = keep tests - accepted (one per rejection), bonus labels = the other row
     steps, accepted labels = accepted; and every step with d drafted nodes recorded a target
-    pass over d + 1 tokens (one request: the pass is that row's), but the first: its pending
-    distribution came from the prompt pass, so it fed its d drafts alone."""
+    pass over d + 1 tokens (one request: the pass is that row's), but the first. A chain's
+    first drafts were scored by the request's prompt pass (prefill time: no pass cost recorded,
+    one target pass counted); a tree's first step fed its d nodes after the prompt pass, which
+    left no pending token (a pass over d tokens)."""
     target, draft = pair16()
     engine = Engine(target, DRAFTERS[drafter_name](draft), draft_length=3)
     request_id = engine.add_request([1, 2, 1, 2, 1], max_new_tokens=40, seed=4)
@@ -389,14 +400,33 @@ def test_stream_labels_and_pass_sizes_agree_with_the_statistics(drafter_name):
     assert kinds.count(ACCEPTED) == stats.accepted
     assert stats.accepted > 0 and kinds.count(RECOVERED) > 0
     passes = {tokens: mean.count for tokens, mean in engine.costs.target_pass.items()}
-    assert sum(passes.values()) == stats.target_passes
-    if drafter_name in ("model", "ngram"):  # chains: nodes = draft length
+    first = drafted_nodes[0]
+    assert first > 0  # else the first step ran no pass (its token came from the prompt's)
+    chain = drafter_name in ("model", "ngram")
+    assert sum(passes.values()) == stats.target_passes - int(chain)
+    assert engine.target.prompt_scored is False  # only the first step's pass was a prompt pass
+    if chain:  # nodes = draft length
         expected = {length + 1: steps for length, steps in stats.draft_lengths.items()}
-        first = drafted_nodes[0]
-        assert first > 0  # else the first step ran no pass (its token came from the prompt's)
         expected[first + 1] -= 1
-        expected[first] = expected.get(first, 0) + 1
         assert passes == {n: c for n, c in expected.items() if c}
+
+
+def test_a_request_scores_its_prompt_and_first_drafts_in_one_target_pass():
+    """One request, 3 drafts a step: the target runs one pass per step, the first over the
+    prompt and its drafts (counted as a target pass, timed as prefill, priced as no pass
+    length); a target without add_rows_last runs one pass more (its prompt pass apart)."""
+    for apart in (False, True):
+        target, draft = pair16()
+        if apart:
+            target.add_rows_last = None
+        engine = Engine(target, ModelDrafter(draft), draft_length=3)
+        engine.add_request([1, 2, 1, 2, 1], max_new_tokens=12, seed=4)
+        run_to_end(engine)
+        steps = sum(engine.stats.draft_lengths.values())
+        assert engine.stats.target_passes == steps
+        assert target.num_calls == steps + int(apart)
+        priced = sum(mean.count for mean in engine.costs.target_pass.values())
+        assert priced == steps - (0 if apart else 1)
 
 
 # ---------------------------------------------------------------- a drafter's lazy prefill
@@ -730,14 +760,17 @@ def test_draft_passes_and_prefill_time_are_counted_once(drafter_name):
     assert engine.costs.draft_step.count <= 16
     assert sum(engine.costs.draft_step.samples) <= stats.draft_seconds + 1e-9
     # each step's scoring and verification is one target-pass sample (fewer than 16 per length),
-    # but for a first step without drafts: it took its token from the prompt pass (no target
-    # pass; its verification time is in stats.verify_seconds, not in a pass's cost)
+    # but for the first step: without drafts it took its token from the prompt pass (no target
+    # pass; its verification time is in stats.verify_seconds, not in a pass's cost); a chain's
+    # first drafts were scored by the prompt pass (one target pass, its time prefill's)
     timed = [x for recent in engine.costs.target_pass.values() for x in recent.samples]
     assert all(recent.count <= 16 for recent in engine.costs.target_pass.values())
     steps = sum(stats.draft_lengths.values())  # one row
     first_has_pass = drafter_name in ("model", "tree")  # they draft at step 1; none/ngram not
-    assert stats.target_passes == steps - (0 if first_has_pass else 1) == len(timed)
-    if first_has_pass:
+    first_is_timed = drafter_name == "tree"  # a tree is fed after a prompt pass of its own
+    assert stats.target_passes == steps - (0 if first_has_pass else 1)
+    assert len(timed) == steps - (0 if first_is_timed else 1)
+    if first_is_timed:
         assert sum(timed) == pytest.approx(stats.target_seconds + stats.verify_seconds)
     else:
         assert sum(timed) < stats.target_seconds + stats.verify_seconds

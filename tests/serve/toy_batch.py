@@ -44,10 +44,17 @@ class CrashingToyLM(ControlledToyLM):
         self.crash_token, self.marker = crash_token, marker
 
     def add_rows(self, prompts):
+        self._maybe_crash(prompts)
+        return super().add_rows(prompts)
+
+    def add_rows_last(self, prompts, last):
+        self._maybe_crash(prompts)
+        return super().add_rows_last(prompts, last)
+
+    def _maybe_crash(self, prompts):
         if any(self.crash_token in p for p in prompts) and not os.path.exists(self.marker):
             Path(self.marker).touch()
             os.kill(os.getpid(), signal.SIGKILL)
-        return super().add_rows(prompts)
 
 
 def load_crashing_models(marker: str):

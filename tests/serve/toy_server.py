@@ -58,15 +58,26 @@ class ControlledToyLM(ToyLM):
         self.delay = delay
 
     def add_rows(self, prompts):
-        if self.poison is not None and any(self.poison in p for p in prompts):
-            raise RuntimeError("the model failed on this row")
+        self._check_poison(prompts)
         return super().add_rows(prompts)
 
+    def add_rows_last(self, prompts, last):  # a request's first scoring pass: it waits too
+        self._check_poison(prompts)
+        self._wait()
+        return super().add_rows_last(prompts, last)
+
+    def _check_poison(self, prompts):
+        if self.poison is not None and any(self.poison in p for p in prompts):
+            raise RuntimeError("the model failed on this row")
+
     def extend(self, tokens, num_valid):
+        self._wait()
+        return super().extend(tokens, num_valid)
+
+    def _wait(self):
         if self.gate is not None:
             self.gate.wait()
         time.sleep(self.delay)
-        return super().extend(tokens, num_valid)
 
 
 def served_models(

@@ -13,6 +13,11 @@ their own after the prompt. That distribution is the one the prompt pass compute
 "the target" for that position (on kernels whose rounding depends on the pass size, as for any
 other position: the pass that scores a position defines its distribution).
 
+Where the model can score the last tokens of a prompt pass (`PromptScoring`), a request that
+joins is not prefilled when it joins: its first feed runs its prompt and its first drafts in one
+pass (a model without it gets a prompt pass, then a pass over the drafts). The logits after the
+prompt and after each draft then come from that one pass, "the target" for those positions.
+
 Token trees (multi-draft and tree drafting) stay open in the model until the next step: it then
 keeps the longest path of tree nodes whose tokens the committed sequence continues with. A node's
 keys and values depend only on the tokens before it and its own token, so keeping any matching
@@ -67,7 +72,15 @@ class ModelCursor:
         self._tree: _Tree | None = None
         self._owns_rows = False  # False until this cursor reset the model's rows
         self._deferred = False  # lazy and not prefilled yet
-        self.prefill_seconds = 0.0  # time spent in deferred (lazy) prefills, in all
+        # eager cursors on a model with add_rows_last (PromptScoring): rows that joined and
+        # are not in the model yet (always the last ones), fed with their first drafts by
+        # the next feed
+        self._joins_with_drafts = not lazy and callable(getattr(model, "add_rows_last", None))
+        self._unadded: list[list[int]] = []
+        # whether the last feed ran a prompt pass that scored drafts (its time is prefill's)
+        self.prompt_scored = False
+        # time spent in deferred (lazy) prefills and in prompt passes run by feeds, in all
+        self.prefill_seconds = 0.0
 
     @property
     def fed(self) -> bool:
@@ -79,15 +92,69 @@ class ModelCursor:
         return self.model.vocab_size
 
     def start(self, prompts: list[list[int]]) -> None:
-        """Prefills the prompts and holds back each prompt's last token as pending (lazy: at
-        the first feed)."""
+        """Prefills the prompts (lazy: at the first feed; on a PromptScoring model: at the
+        first feed, with the drafts it feeds)."""
         self._tree = None
         self._owns_rows = True
         self._deferred = self.lazy
+        self._unadded = []
         if self.lazy:
             self.cached, self.ready = [], []
             return
+        if self._joins_with_drafts and self._drop_all_rows():
+            self.cached, self.ready = [], []
+            self._join(prompts)
+            return
         self._prefill(prompts)
+
+    def _drop_all_rows(self) -> bool:
+        """Drops the rows another user left in the model without a model pass; False where it
+        cannot (a token tree is open: `prefill` resets that)."""
+        if len(self.model.lengths) == 0:
+            return True
+        try:
+            self.model.remove_rows(torch.zeros(0, dtype=torch.int64))
+        except RuntimeError:
+            return False
+        return True
+
+    def _join(self, prompts: list[list[int]]) -> None:
+        """Rows for `prompts`, added to the model by the next feed."""
+        self.cached.extend([] for _ in prompts)
+        self.ready.extend(None for _ in prompts)
+        self._unadded.extend(list(p) for p in prompts)
+
+    def _add_unadded(self, sequences: list[list[int]], extra_rows: list[list[int]]) -> list:
+        """Adds the rows that joined since the last feed to the model, each with its committed
+        tokens and then its extra_rows tokens, in one prompt pass (timed as prefill). Returns
+        per row of the batch None, or for a row added here its logits [1 + m, vocab]: [0]
+        follows its last committed token, [j] its extra token j-1 (m: its extra tokens)."""
+        out: list = [None] * len(sequences)
+        if not self._unadded:
+            return out
+        first = len(sequences) - len(self._unadded)
+        new = range(first, len(sequences))
+        rows = [list(sequences[b]) + extra_rows[b] for b in new]
+        clock = time.perf_counter()
+        if any(extra_rows[b] for b in new):
+            last = 1 + max(len(extra_rows[b]) for b in new)
+            logits = self.model.add_rows_last(rows, last)  # [rows, last, vocab]
+            self.prompt_scored = True
+            for r, b in enumerate(new):
+                out[b] = logits[r, last - 1 - len(extra_rows[b]) :]
+                self.cached[b] = rows[r]
+        else:
+            logits = self.model.add_rows(rows)  # [rows, vocab]
+            for r, b in enumerate(new):
+                out[b] = logits[r][None]
+                self.cached[b], self.ready[b] = rows[r], logits[r]
+        self.prefill_seconds += time.perf_counter() - clock
+        self._unadded = []
+        return out
+
+    def _flush(self, sequences: list[list[int]]) -> None:
+        """Adds the rows that joined since the last feed with their committed tokens alone."""
+        self._add_unadded(sequences, [[] for _ in sequences])
 
     def _prefill(self, prompts: list[list[int]]) -> None:
         logits = self.model.prefill(prompts)  # [batch, vocab]: after each prompt
@@ -137,14 +204,16 @@ class ModelCursor:
     ) -> None:
         """Changes the batch between steps: closes an open tree (against `sequences`, every
         current row's committed tokens), keeps the rows `keep` (increasing indices; renumbered
-        in order), then adds one row per prompt, prefilled with its last token held back. The
-        first call resets the model (rows another user left in it are dropped)."""
+        in order), then adds one row per prompt (prefilled now, or by the next feed on a model
+        with add_rows_last). The first call resets the model (rows another user left in it are
+        dropped)."""
         if not self._owns_rows:
             if prompts:
                 self.start(prompts)
             return
         if self._deferred:  # the first feed prefills the rows as they are then
             return
+        self._flush(sequences)
         if self._tree is not None:
             self._close_tree(sequences)
         keep_list = keep.tolist()
@@ -152,7 +221,9 @@ class ModelCursor:
             self.model.remove_rows(keep.to(torch.int64))
             self.cached = [self.cached[i] for i in keep_list]
             self.ready = [self.ready[i] for i in keep_list]
-        if prompts:
+        if prompts and self._joins_with_drafts:
+            self._join(prompts)
+        elif prompts:
             logits = self.model.add_rows(prompts)  # [len(prompts), vocab]
             self.cached.extend(list(p) for p in prompts)
             self.ready.extend(logits)
@@ -184,6 +255,24 @@ class ModelCursor:
         batch = len(sequences)
         width = 0 if extra is None else extra.shape[1]
         self._catch_up(sequences)
+        lengths = [0] * batch if extra_lengths is None else extra_lengths.tolist()
+        extra_rows = [
+            extra[b, : lengths[b]].tolist() if (active[b] and width) else [] for b in range(batch)
+        ]
+        self.prompt_scored = False
+        joined = self._add_unadded(sequences, extra_rows)  # rows that join: in a prompt pass
+        active = [on and j is None for on, j in zip(active, joined, strict=True)]
+        out = self._feed_rows(sequences, active, extra_rows, width)
+        for b, row_logits in enumerate(joined):
+            if row_logits is not None:
+                out[b, : row_logits.shape[0]] = row_logits.to(out.device)
+        return out
+
+    def _feed_rows(
+        self, sequences: list[list[int]], active: list[bool], extra_rows: list[list[int]], width
+    ) -> torch.Tensor:
+        """`feed` for rows the model holds (rows that are not active are left alone)."""
+        batch = len(sequences)
         self._roll_back(sequences, active)
         if self.lazy:
             self._catch_up_tails(sequences, active)
@@ -191,18 +280,14 @@ class ModelCursor:
             seq[len(cached) :] if on else []
             for seq, cached, on in zip(sequences, self.cached, active, strict=True)
         ]
-        lengths = [0] * batch if extra_lengths is None else extra_lengths.tolist()
-        rows = []
-        for b in range(batch):
-            extra_row = extra[b, : lengths[b]].tolist() if (active[b] and width) else []
-            rows.append(tails[b] + extra_row)
+        rows = [tails[b] + extra_rows[b] if active[b] else [] for b in range(batch)]
         # [b, 0] of a row with no tail is its ready logits (active rows without a tail are
         # ready: _roll_back keeps a whole sequence only then); the rest follow the fed tokens
         ready = [self.ready[b] if (active[b] and not tails[b]) else None for b in range(batch)]
         self.fed_width = max(len(row) for row in rows)
         if not self.fed:
             known = next((r for r in [*ready, *self.ready] if r is not None), None)
-            if known is None:  # no row is active
+            if known is None:  # no row is active, or every active row just joined
                 return torch.zeros(batch, 1 + width, self.vocab_size)
             return _put_ready(known.new_zeros(batch, 1 + width, known.shape[-1]), ready)
         for b, row in enumerate(rows):
@@ -238,6 +323,8 @@ class ModelCursor:
         Returns logits [batch, 1+n, vocab]: [b, 0] follows the last token of sequences[b],
         [b, 1+j] follows node j (arbitrary for invalid nodes and rows that are not active)."""
         self._catch_up(sequences)
+        self.prompt_scored = False
+        self._flush(sequences)  # rows that join get a prompt pass of their own
         self._roll_back(sequences, active)
         self._hold_back_last(sequences, active)  # a tree hangs under a fed pending token
         batch, n = tokens.shape

@@ -37,6 +37,7 @@ from specsample.adapters.protocol import (
     check_commit_path_args,
     check_extend_args,
     check_extend_tree_args,
+    check_last,
     check_prompts,
     check_remove_rows_args,
     check_truncate_args,
@@ -228,6 +229,11 @@ class HFCausalLM:
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Reset to `prompts`; returns float logits `[batch, vocab]` after each prompt."""
+        return self._prefill(prompts, 1)[:, -1]
+
+    def _prefill(self, prompts: Sequence[Sequence[int]], last: int) -> torch.Tensor:
+        """Reset to `prompts`; float logits `[batch, last, vocab]` after each prompt's last
+        `last` tokens (left padding puts them in the final slots)."""
         rows = check_prompts(prompts, self._input_vocab)
         batch, width = len(rows), max(map(len, rows))
         # Left-pad so every row's last prompt token sits in the final slot: then one
@@ -241,8 +247,13 @@ class HFCausalLM:
         self._tree = None
         self._real = torch.zeros(batch, 0, dtype=torch.bool, device=self.device)
         self._lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
-        logits = self._forward(tokens.to(self.device), valid.to(self.device), keep_last=True)
-        return logits[:, -1]
+        logits = self._forward(
+            tokens.to(self.device), valid.to(self.device), keep_last=True, last=last
+        )
+        logits = logits[:, -last:]
+        if logits.shape[1] < last:  # every prompt is shorter than `last`: arbitrary columns
+            logits = torch.nn.functional.pad(logits, (0, 0, last - logits.shape[1], 0))
+        return logits
 
     @torch.inference_mode()
     def extend(self, tokens: torch.Tensor, num_valid: torch.Tensor) -> torch.Tensor:
@@ -282,12 +293,21 @@ class HFCausalLM:
         the running one along the batch; the shorter timeline is padded with holes, which the
         mask never lets anyone attend to. Existing rows are untouched.
         """
-        self._require_no_tree("add_rows")
+        return self._add_rows(prompts, 1, "add_rows")[:, -1]
+
+    @torch.inference_mode()
+    def add_rows_last(self, prompts: Sequence[Sequence[int]], last: int) -> torch.Tensor:
+        """`add_rows` returning the logits after each of each prompt's last `last` tokens,
+        `[len(prompts), last, vocab]` (see `PromptScoring`)."""
+        return self._add_rows(prompts, check_last(last), "add_rows_last")
+
+    def _add_rows(self, prompts: Sequence[Sequence[int]], last: int, call: str) -> torch.Tensor:
+        self._require_no_tree(call)
         rows = check_prompts(prompts, self._input_vocab)
         if self._cache is None or self.batch_size == 0:
-            return self.prefill(rows)
+            return self._prefill(rows, last)
         running = (self._cache, self._real, self._lengths)
-        logits = self.prefill(rows)
+        logits = self._prefill(rows, last)
         joined_cache, joined_real, joined_lengths = running
         total = max(joined_real.shape[1], self._real.shape[1])
 
@@ -437,10 +457,13 @@ class HFCausalLM:
         if self._tree is not None:
             raise RuntimeError(f"{method}: a token tree is open; call commit_path() first")
 
-    def _forward(self, tokens: torch.Tensor, valid: torch.Tensor, keep_last: bool) -> torch.Tensor:
+    def _forward(
+        self, tokens: torch.Tensor, valid: torch.Tensor, keep_last: bool, last: int = 1
+    ) -> torch.Tensor:
         """Run new slots `tokens[batch, n]` (real where `valid`) through the model.
 
-        Appends n slots to the timeline and returns float logits `[batch, n or 1, vocab]`.
+        Appends n slots to the timeline and returns float logits `[batch, n or at least the
+        last `last`, vocab]`.
         """
         n = tokens.shape[1]
         past = self._real.shape[1]
@@ -452,7 +475,7 @@ class HFCausalLM:
         # With no padding or holes anywhere (one row, or rows kept in step) the plain causal mask
         # is the right one: let the model build it and use its fastest attention path.
         mask = None if bool(real.all()) else self._mask(real, past, n)
-        logits = self._run(tokens, valid, positions, mask, keep_last)
+        logits = self._run(tokens, valid, positions, mask, keep_last, last)
         self._real = real
         self._lengths = self._lengths + valid.sum(dim=1)
         return logits
@@ -464,9 +487,11 @@ class HFCausalLM:
         positions: torch.Tensor,
         mask: torch.Tensor | None,
         keep_last: bool,
+        last: int = 1,
     ) -> torch.Tensor:
-        """One model call on n new slots (appended to the cache); float logits `[batch, n or 1,
-        vocab]`. mask: additive `[batch, 1, n, past + n]`, or None for the plain causal one."""
+        """One model call on n new slots (appended to the cache); float logits `[batch, n or
+        the last `last` (keep_last), vocab]` (all n where the model cannot keep fewer). mask:
+        additive `[batch, 1, n, past + n]`, or None for the plain causal one."""
         assert self._cache.get_seq_length() == self._real.shape[1], "cache and timeline differ"
         kwargs: dict[str, Any] = {
             "input_ids": torch.where(valid, tokens, 0),
@@ -476,7 +501,7 @@ class HFCausalLM:
             "use_cache": True,
         }
         if keep_last and self._keep_kw is not None:
-            kwargs[self._keep_kw] = 1
+            kwargs[self._keep_kw] = min(last, tokens.shape[1])
         out = self.model(**kwargs)
         returned = getattr(out, self._cache_kw, None)
         if returned is not None:  # some versions hand back a new object

@@ -20,10 +20,10 @@ weights take other code paths for several tokens; some attention paths accumulat
 precision for one token), so the logits of one position can differ between a pass of 1 token and
 a pass of K tokens. Decoding is exact with respect to the distributions the verifying pass
 computed: that pass defines the target for every position it scores (the position after a
-prompt: the prompt pass, whose last distribution the cursor keeps). With the defaults here (no
-weight repacking) the default pair's logits are identical in passes of 1 to 4 tokens; from 8
-tokens on, llama.cpp's multi-row matrix kernels move them by up to 0.7 (total variation up to
-0.04 at T = 1; benchmarks/llamacpp_passes.md). tests/adapters/test_llamacpp.py states the
+prompt: the prompt pass, which may also score a request's first drafts). With the defaults
+here (no weight repacking) the default pair's logits are identical in passes of 1 to 4 tokens;
+from 8 tokens on, llama.cpp's multi-row matrix kernels move them by up to 0.7 (total variation
+up to 0.04 at T = 1; benchmarks/llamacpp_passes.md). tests/adapters/test_llamacpp.py states the
 tolerances the protocol's consistency properties hold to on a float32 test model.
 
 Everything llama.cpp-specific (ctypes structures, the log callback, memory calls) stays in this
@@ -50,6 +50,7 @@ from specsample.adapters.protocol import (
     check_commit_path_args,
     check_extend_args,
     check_extend_tree_args,
+    check_last,
     check_prompts,
     check_remove_rows_args,
     check_truncate_args,
@@ -349,7 +350,16 @@ class LlamaCppLM:
 
     def add_rows(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Append one row per prompt; returns float logits `[len(prompts), vocab]`."""
-        self._require_no_tree("add_rows")
+        return self._add_rows(prompts, 1, "add_rows")[:, -1]
+
+    def add_rows_last(self, prompts: Sequence[Sequence[int]], last: int) -> torch.Tensor:
+        """`add_rows` returning the logits after each of each prompt's last `last` tokens,
+        `[len(prompts), last, vocab]` (see `PromptScoring`); only those positions' logits
+        are computed."""
+        return self._add_rows(prompts, check_last(last), "add_rows_last")
+
+    def _add_rows(self, prompts: Sequence[Sequence[int]], last: int, call: str) -> torch.Tensor:
+        self._require_no_tree(call)
         rows = check_prompts(prompts, self.vocab_size)
         self._check_new_rows(rows, existing=len(self._rows), used=self.cells_used)
         seqs = [self._free.pop(0) for _ in rows]
@@ -358,7 +368,8 @@ class LlamaCppLM:
             tokens += row
             positions += range(len(row))
             seq_ids += [(seq,)] * len(row)
-            wanted += [False] * (len(row) - 1) + [True]
+            scored = min(last, len(row))
+            wanted += [False] * (len(row) - scored) + [True] * scored
         try:
             logits = self._decode(tokens, positions, seq_ids, wanted)
         except BaseException:
@@ -369,7 +380,15 @@ class LlamaCppLM:
         self._rows += seqs
         self._lengths += [len(row) for row in rows]
         self._started = True
-        return torch.from_numpy(logits)
+        if last == 1:
+            return torch.from_numpy(logits)[:, None]
+        out = torch.zeros(len(rows), last, self.vocab_size)
+        at = 0
+        for r, row in enumerate(rows):
+            scored = min(last, len(row))
+            out[r, last - scored :] = torch.from_numpy(logits[at : at + scored])
+            at += scored
+        return out
 
     def remove_rows(self, keep: torch.Tensor) -> None:
         """Keep only the rows `keep` (increasing indices), renumbered 0..m-1."""

@@ -116,6 +116,28 @@ class TreeLanguageModel(LanguageModel, Protocol):
         ...
 
 
+@runtime_checkable
+class PromptScoring(Protocol):
+    """A model that can score the last tokens of new prompts in their prompt pass. The cursor
+    uses it to feed a request's prompt and its first drafts in one pass instead of two (a
+    prompt pass, then a pass over the drafts); a model without it gets the two."""
+
+    def add_rows_last(self, prompts: list[list[int]], last: int) -> torch.Tensor:
+        """`add_rows`, returning float logits `[len(prompts), last, vocab]` after each of each
+        prompt's last `last` tokens: `[r, last - 1]` follows the last token of prompts[r],
+        `[r, last - 1 - j]` follows the token j places before it (arbitrary but finite where a
+        prompt is shorter than that)."""
+        ...
+
+
+def check_last(last: object) -> int:
+    """Validate `add_rows_last`'s `last`: an int >= 1."""
+    value = _as_int(last, "last")
+    if value < 1:
+        raise ValueError(f"last: expected an int >= 1, got {value}")
+    return value
+
+
 def _as_int(value: object, what: str) -> int:
     """`operator.index(value)` with a TypeError that names the offending argument."""
     try:

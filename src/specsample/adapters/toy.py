@@ -23,6 +23,7 @@ from specsample.adapters.protocol import (
     check_commit_path_args,
     check_extend_args,
     check_extend_tree_args,
+    check_last,
     check_prompts,
     check_remove_rows_args,
     check_truncate_args,
@@ -130,6 +131,22 @@ class ToyLM:
         self.num_calls += 1
         self.num_positions += len(rows)
         return torch.stack([self.logits_for(s) for s in rows])
+
+    def add_rows_last(self, prompts: Sequence[Sequence[int]], last: int) -> torch.Tensor:
+        """`add_rows` returning the logits after each of each prompt's last `last` tokens,
+        `[len(prompts), last, vocab]` (see `PromptScoring`)."""
+        self._require_no_tree("add_rows_last")
+        rows = check_prompts(prompts, self.vocab_size)
+        last = check_last(last)
+        out = torch.full((len(rows), last, self.vocab_size), self.pad_value)
+        for r, row in enumerate(rows):
+            for j in range(min(last, len(row))):
+                out[r, last - 1 - j] = self.logits_for(row[: len(row) - j])
+        self._seqs.extend(rows)
+        self._started = True
+        self.num_calls += 1
+        self.num_positions += sum(len(row) for row in rows)
+        return out
 
     def remove_rows(self, keep: torch.Tensor) -> None:
         """Keep only the rows `keep` (increasing indices), renumbered 0..m-1."""

@@ -163,6 +163,7 @@ class Engine:
                 self.costs_by_batch[bucket] = costs.copy()
         self._draft_passes_seen = getattr(drafter, "forward_passes", 0)
         self._draft_prefill_seen = getattr(drafter, "prefill_seconds", 0.0)
+        self._target_prefill_seen = 0.0  # the target cursor's prompt passes, seen so far
         self._ids = itertools.count()
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []  # the model rows, in order
@@ -309,9 +310,16 @@ class Engine:
         clock = time.perf_counter()
         logits = self.target.score(sequences, [True] * len(rows), _scorable(draft, self.target))
         target_seconds = time.perf_counter() - clock
+        # Rows that join are prefilled by their first step: with their first drafts in one
+        # prompt pass where the target can (prompt_scored). A prompt pass is prefill time, not
+        # a pass cost the draft-length policy may price steps with.
+        prompt_seconds = self._new_target_prefill_seconds()
+        target_seconds = max(0.0, target_seconds - prompt_seconds)
+        self.stats.prefill_seconds += prompt_seconds
         # rows just prefilled hold their prompt's last distribution: a step without drafts over
         # such rows alone runs no target pass (fed_width 0: nothing is timed or counted as one)
         target_tokens = self.target.fed_width
+        prompt_scored = self.target.prompt_scored
         # 4. verify
         clock = time.perf_counter()
         result, rules_used = self._verify(draft, logits, sampling, [r.rule for r in rows])
@@ -325,7 +333,9 @@ class Engine:
             emitted = _commit(request, result, b)
             committed += len(emitted)
             outputs.append(self._output(request, emitted, kinds[b], logprobs[b], tops[b]))
-        timing = _StepTiming(draft_seconds, target_seconds, verify_seconds, passes, target_tokens)
+        timing = _StepTiming(
+            draft_seconds, target_seconds, verify_seconds, passes, target_tokens, prompt_scored
+        )
         self.stats.new_tokens += committed
         self._record(_StepRows.of(draft, result, recovered, rules_used), draft, timing, started)
         costs = self.costs_by_batch[batch_bucket(len(ids))]
@@ -433,6 +443,7 @@ class Engine:
         if self.drafter is not None:
             self.drafter.set_rows(sequences, keep, prompts)
         self.stats.prefill_seconds += time.perf_counter() - clock
+        self._target_prefill_seen = self.target.prefill_seconds  # counted just now
         for request in self._running:
             if request.finish_reason is not None:
                 self.policy.forget(request.id)
@@ -492,6 +503,11 @@ class Engine:
         seen, self._draft_prefill_seen = self._draft_prefill_seen, total
         return total - seen
 
+    def _new_target_prefill_seconds(self) -> float:
+        """Seconds the target cursor spent in prompt passes since the last call."""
+        seen, self._target_prefill_seen = self._target_prefill_seen, self.target.prefill_seconds
+        return self.target.prefill_seconds - seen
+
     def _single_pass_seconds(self) -> float | None:
         """The measured mean of a 1-token target pass, None until one was timed."""
         single = self.costs.target_pass.get(1)
@@ -507,7 +523,8 @@ class Engine:
         for costs in (self.costs, bucket):
             for _ in range(timing.draft_passes):
                 costs.draft_step.add(timing.draft_seconds / timing.draft_passes)
-            if not timing.target_tokens:
+            if not timing.target_tokens:  # no pass, or only a prompt pass: nothing to price
+                costs.last_step_seconds = None
                 continue
             # scoring and verifying: what a step with these many tokens per row costs beyond
             # drafting
@@ -528,6 +545,13 @@ class _StepTiming:
     verify_seconds: float
     draft_passes: int
     target_tokens: int = 1  # tokens per row of the target pass; 0: none ran
+    # a prompt pass scored the first drafts of rows that joined (its time is prefill's)
+    prompt_scored: bool = False
+
+    @property
+    def target_pass(self) -> bool:
+        """Whether the step ran a target pass that scored its rows."""
+        return bool(self.target_tokens) or self.prompt_scored
 
 
 @dataclass
@@ -563,7 +587,7 @@ class _StepRows:
         is kept (for a chain: the next draft). The pass counts once in rules_used, under its
         rule, or under "a+b" when its rows were verified by several; a step that ran no target
         pass (its rows' distributions came from their prompt pass) counts in neither."""
-        if timing.target_tokens:
+        if timing.target_pass:
             stats.target_passes += 1
             stats.tree_steps += int(self.tree)
             rule = "+".join(sorted({self.rules_used[b] for b in rows}))
