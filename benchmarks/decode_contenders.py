@@ -20,7 +20,12 @@ from typing import Any
 import torch
 
 from common import pooled
-from specsample.drafters.model import DEFAULT_CONFIDENCE, DEFAULT_SURVIVAL, ModelDrafter
+from specsample.drafters.model import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_GREEDY_SURVIVAL,
+    DEFAULT_SURVIVAL,
+    ModelDrafter,
+)
 from specsample.drafters.ngram import NgramDrafter
 from specsample.engine import generate
 from specsample.engine.length import AdaptiveDraftLength
@@ -28,13 +33,14 @@ from specsample.engine.memory import CostMemory
 from specsample.engine.stats import DecodeStats
 from specsample.warpers import SamplingConfig
 
-ADAPTIVE_MAX_K = 16
+ADAPTIVE_MAX_K = 20  # the command line's --max-k
 PROMPT_LOOKUP_TOKENS = 10
 
 # contender names
 OURS_TO = "ours target-only"
 ADAPTIVE_TAG = (
-    f"adaptive (max {ADAPTIVE_MAX_K}, confidence {DEFAULT_CONFIDENCE}, survival {DEFAULT_SURVIVAL})"
+    f"adaptive (max {ADAPTIVE_MAX_K}, confidence {DEFAULT_CONFIDENCE}, survival {DEFAULT_SURVIVAL}"
+    f", greedy {DEFAULT_GREEDY_SURVIVAL})"
 )
 HF_ASSISTED_INT8 = "transformers assisted (defaults, int8 draft)"
 HF_TO = "transformers target-only"
@@ -226,7 +232,12 @@ def make_contenders(
         return ModelDrafter(draft_lm)
 
     def confident_drafter():  # adaptive: the command line's default draft-side stop
-        return ModelDrafter(draft_lm, confidence=DEFAULT_CONFIDENCE, survival=DEFAULT_SURVIVAL)
+        return ModelDrafter(
+            draft_lm,
+            confidence=DEFAULT_CONFIDENCE,
+            survival=DEFAULT_SURVIVAL,
+            greedy_survival=DEFAULT_GREEDY_SURVIVAL,
+        )
 
     out = [
         Contender(OURS_TO, "ours", "target-only", None, ours(lambda: None, lambda: 0)),

@@ -23,7 +23,11 @@ from decode_contenders import (
     Names,
 )
 from decode_rows import TABLE_HEAD, Row, goals, kind_summary, row_line
-from specsample.drafters.model import DEFAULT_CONFIDENCE, DEFAULT_SURVIVAL
+from specsample.drafters.model import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_GREEDY_SURVIVAL,
+    DEFAULT_SURVIVAL,
+)
 
 
 @dataclass
@@ -127,7 +131,8 @@ def settings_lines(rec: Record) -> list[str]:
         "top_k is 50). Ours gets a fresh `torch.Generator` seeded per run; transformers "
         "`torch.manual_seed` with the same seed.",
         f"- batch 1 contenders: {'; '.join(contenders)}. Ours: `specsample.engine.generate` "
-        f"with `ModelDrafter(draft, confidence={DEFAULT_CONFIDENCE}, survival={DEFAULT_SURVIVAL})` "
+        f"with `ModelDrafter(draft, confidence={DEFAULT_CONFIDENCE}, survival={DEFAULT_SURVIVAL}, "
+        f"greedy_survival={DEFAULT_GREEDY_SURVIVAL})` "
         "(the command line's "
         f"default draft-side stop) and `AdaptiveDraftLength({ADAPTIVE_MAX_K})`, "
         + ("" if args.no_fixed else f"or `ModelDrafter(draft)` with fixed k={args.k}, ")

@@ -17,12 +17,13 @@ machine's measured pass costs (a k-draft step: k draft passes and a (k + 1)-toke
   step continues along the target's text; 400 replays per prompt, seeded. This is a model of
   decoding, not decoding: the sampled tokens of a real run differ from the text.
 
-Rules: (max drafts, confidence stop, survival stop, whether the token below the confidence
-stop is still drafted). "ours": the command line's model drafter (the confidence and survival
-stops cut before a position where the draft is unsure). "assisted": transformers' assisted
-generation (20 drafts; its confidence check stops after drafting a token whose probability is
-below 0.4, so that token is still drafted). The draft-length policy's pauses and probes are
-not replayed (every step drafts under the rule alone).
+Rules: (max drafts, confidence stop, survival stop (at T = 0 its greedy value), whether the
+token below the confidence stop is still drafted). "ours": the command line's model drafter
+(the confidence and survival stops cut before a position where the draft is unsure).
+"assisted": transformers' assisted generation (20 drafts; its confidence check stops after
+drafting a token whose probability is below 0.4, so that token is still drafted). The
+draft-length policy's pauses and probes are not replayed (every step drafts under the rule
+alone).
 
 Run: python benchmarks/draft_stops.py [--tokens 64]
 Writes benchmarks/draft_stops.md (--no-write: markdown on stdout only).
@@ -52,31 +53,44 @@ class Rule:
     max_k: int
     confidence: float
     survival: float
+    greedy_survival: float  # the survival stop at T = 0
     drafts_the_unsure_token: bool
+
+    def survival_at(self, temperature: float) -> float:
+        return self.greedy_survival if temperature == 0 else self.survival
 
 
 RULES = [
-    Rule("ours (16, confidence 0.4, survival 0.25)", 16, 0.4, 0.25, False),
-    Rule("16, confidence 0.4, survival 0.1", 16, 0.4, 0.1, False),
-    Rule("16, confidence 0.4, no survival stop", 16, 0.4, 0.0, False),
-    Rule("20, confidence 0.4, survival 0.25", 20, 0.4, 0.25, False),
-    Rule("20, confidence 0.4, survival 0.1", 20, 0.4, 0.1, False),
-    Rule("20, confidence 0.4, no survival stop", 20, 0.4, 0.0, False),
-    Rule("16, confidence 0.3, survival 0.1", 16, 0.3, 0.1, False),
-    Rule("16, confidence 0.5, unsure token drafted", 16, 0.5, 0.0, True),
-    Rule("16, confidence 0.4, survival 0.25, unsure token drafted", 16, 0.4, 0.25, True),
-    Rule("assisted (20, confidence 0.4, unsure token drafted)", 20, 0.4, 0.0, True),
+    Rule(
+        "ours, command line (20, confidence 0.4, survival 0.25, greedy 0.1)",
+        20,
+        0.4,
+        0.25,
+        0.1,
+        False,
+    ),
+    Rule("ours before (16, confidence 0.4, survival 0.25)", 16, 0.4, 0.25, 0.25, False),
+    Rule("16, confidence 0.4, survival 0.1", 16, 0.4, 0.1, 0.1, False),
+    Rule("16, confidence 0.4, no survival stop", 16, 0.4, 0.0, 0.0, False),
+    Rule("20, confidence 0.4, survival 0.25", 20, 0.4, 0.25, 0.25, False),
+    Rule("20, confidence 0.4, survival 0.1", 20, 0.4, 0.1, 0.1, False),
+    Rule("20, confidence 0.4, no survival stop", 20, 0.4, 0.0, 0.0, False),
+    Rule("16, confidence 0.3, survival 0.1", 16, 0.3, 0.1, 0.1, False),
+    Rule("16, confidence 0.5, unsure token drafted", 16, 0.5, 0.0, 0.0, True),
+    Rule("16, confidence 0.4, survival 0.25, unsure token drafted", 16, 0.4, 0.25, 0.25, True),
+    Rule("assisted (20, confidence 0.4, unsure token drafted)", 20, 0.4, 0.0, 0.0, True),
 ]
+BINS = 10  # the calibration table's bins of the draft's top probability
 
 
-def planned(top: list[float], start: int, end: int, rule: Rule) -> int:
+def planned(top: list[float], start: int, end: int, rule: Rule, floor: float) -> int:
     """The drafts the rule drafts from position `start` (at most to `end`), reading the draft's
-    top probability at each position."""
+    top probability at each position; floor: its survival stop."""
     survival, k = 1.0, 0
     while k < rule.max_k and start + k < end:
         t = top[start + k]
         survival *= t
-        unsure = t < rule.confidence or (rule.survival > 0 and survival < rule.survival)
+        unsure = t < rule.confidence or (floor > 0 and survival < floor)
         if unsure and not rule.drafts_the_unsure_token:
             break
         k += 1
@@ -90,10 +104,11 @@ def replay(cell: dict, rule: Rule, cost, draft_cost: float, rng: random.Random |
     draft is kept when cell["keep"] says 1 (greedy); else with that probability."""
     top, keep = cell["top"], cell["keep"]
     n = len(top)
+    floor = rule.survival_at(cell["T"])
     at = passes = drafted = 0
     seconds = 0.0
     while at < n:
-        k = planned(top, at, n - 1, rule)  # the last token comes from the target
+        k = planned(top, at, n - 1, rule, floor)  # the last token comes from the target
         kept = 0
         for i in range(k):
             if (keep[at + i] >= 0.5) if rng is None else (rng.random() < keep[at + i]):
@@ -244,6 +259,30 @@ def main() -> int:
                 f"| {rule.name} | " + " | ".join(parts) + f" | {statistics.mean(speedups):.3f} |"
             )
         lines.append("")
+    lines += [
+        "## The draft's top probability against the keep rate",
+        "",
+        "All positions of the texts above, by the draft's top probability (T = 0: the plain "
+        "softmax's, which the stops read; the keep rate is how often the draft's argmax is the "
+        "target's token. T = 0.7: the warped one; the keep rate sum_x min(p, q)).",
+        "",
+        "| top probability | T = 0 positions | T = 0 keep rate | T = 0.7 positions | "
+        "T = 0.7 keep rate |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for b in range(BINS):
+        row = [f"{b / BINS:.1f}-{(b + 1) / BINS:.1f}"]
+        for temperature in (0.0, 0.7):
+            kept = [
+                k
+                for c in cells
+                if c["T"] == temperature
+                for t, k in zip(c["top"], c["keep"], strict=True)
+                if min(int(t * BINS), BINS - 1) == b
+            ]
+            row += [str(len(kept)), f"{statistics.mean(kept):.2f}" if kept else "-"]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
     markdown = "\n".join(lines)
     print(markdown)
     if not args.no_write:

@@ -221,7 +221,7 @@ def main() -> None:
             serve += ["--drafter", "none"]
         else:
             serve += ["--draft", args.draft, "--k", args.k, "--draft-confidence", "0"]
-            serve += ["--draft-survival", "0"]
+            serve += ["--draft-survival", "0", "--draft-survival-greedy", "0"]
         load_start = os.getloadavg()
         wall = time.time()
         counts = Counts()

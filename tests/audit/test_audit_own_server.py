@@ -165,7 +165,7 @@ def test_audit_passes_the_specsample_serve_command_on_gguf_files_with_llamacpp(t
     common += ["--context", "64", "--max-batch", "8", "--model-name", "tiny"]
     # stops off: the tiny model is unsure everywhere, and would not draft at the defaults
     speculative = ["--draft", str(draft), "--k", "3", "--draft-confidence", "0"]
-    speculative += ["--draft-survival", "0"]
+    speculative += ["--draft-survival", "0", "--draft-survival-greedy", "0"]
     with (
         ServeProcess([*common, "--drafter", "none"]) as reference,
         ServeProcess([*common, *speculative]) as server,

@@ -88,19 +88,28 @@ def test_greedy_output_is_the_same_with_and_without_a_drafter(tiny_pair, capsys,
     common = ["def reverse(head):", "--target", target, "--temperature", "0"]
     baseline = run_json(capsys, *common, "--drafter", "none")
     # stops off (unless the case sets one): the tiny random draft would draft nothing.
-    off = ["--draft-confidence", "0", "--draft-survival", "0"]
+    off = ["--draft-confidence", "0", "--draft-survival", "0", "--draft-survival-greedy", "0"]
     speculative = run_json(capsys, *common, "--draft", draft, *off, *options)
     assert speculative["texts"] == baseline["texts"]
 
 
-@pytest.mark.parametrize("option", ["--draft-confidence", "--draft-survival"])
-def test_draft_stops_reach_the_drafter(tiny_pair, capsys, option):
+@pytest.mark.parametrize(
+    ("option", "temperature"),
+    [
+        ("--draft-confidence", "0"),
+        ("--draft-survival", "0.7"),  # the survival stop of sampled rows
+        ("--draft-survival-greedy", "0"),
+    ],
+)
+def test_draft_stops_reach_the_drafter(tiny_pair, capsys, option, temperature):
     # The tiny random draft is never sure of anything (top probabilities near 1/vocab), so a
     # threshold of 0.9 stops every draft before its first token (so do the defaults,
-    # confidence 0.4 and survival 0.25); with both stops off, it drafts.
+    # confidence 0.4, survival 0.25 and 0.1 for greedy decoding); with the stops off, it
+    # drafts.
     target, draft = tiny_pair
-    common = ["def f", "--target", target, "--draft", draft, "--k", "3", "--temperature", "0"]
-    off = ["--draft-confidence", "0", "--draft-survival", "0"]
+    common = ["def f", "--target", target, "--draft", draft, "--k", "3"]
+    common += ["--temperature", temperature]
+    off = ["--draft-confidence", "0", "--draft-survival", "0", "--draft-survival-greedy", "0"]
     assert run_json(capsys, *common, *off)["stats"]["mean_draft_length"] > 0
     assert run_json(capsys, *common, *off, option, "0.9")["stats"]["mean_draft_length"] == 0
     assert run_json(capsys, *common)["stats"]["mean_draft_length"] == 0
@@ -196,6 +205,7 @@ def test_repack_on_the_transformers_backend_is_an_error_naming_it(tiny_pair, cap
         (["--max-new-tokens", "0"], "--max-new-tokens"),
         (["--draft-confidence", "1"], "--draft-confidence"),
         (["--draft-survival", "-0.1"], "--draft-survival"),
+        (["--draft-survival-greedy", "1"], "--draft-survival-greedy"),
         (["--tree", "wide"], "--tree: expected WIDTHxDEPTH"),
         (["--tree", "2,0"], "--tree"),
         (["--drafts", "0"], "--drafts: expected an integer >= 1"),
@@ -221,6 +231,7 @@ def test_cost_memory_is_written_then_recalled_and_can_be_turned_off(
     monkeypatch.setenv("SPECSAMPLE_COST_MEMORY", str(folder))
     common = ["generate", "def f", "--target", target, "--draft", draft, "--dtype", "float32"]
     common += ["--max-new-tokens", "16", "--draft-confidence", "0", "--draft-survival", "0"]
+    common += ["--draft-survival-greedy", "0"]
 
     def stats_lines(*extra):
         assert main([*common, "--stats", *extra]) == 0

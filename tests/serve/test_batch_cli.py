@@ -58,20 +58,24 @@ def test_serve_command_checks_options_before_loading(capsys):
     assert "--max-queue" in capsys.readouterr().err
     assert main(["serve", "--k", "many"]) == 2
     assert "--k" in capsys.readouterr().err
-    for option in ("--draft-confidence", "--draft-survival"):
+    for option in ("--draft-confidence", "--draft-survival", "--draft-survival-greedy"):
         assert main(["serve", option, "1.5"]) == 2
         assert f"{option}: expected a number in [0, 1), got 1.5" in capsys.readouterr().err
 
 
 def test_serving_drafter_stops_reach_the_drafter_and_pick_the_length_rule(tiny_pair):
-    """The model drafter of serve and batch gets both draft-side stops (defaults 0.4 and
-    0.25), and with either on, --k auto offers the longest draft the costs justify."""
+    """The model drafter of serve and batch gets the draft-side stops (defaults 0.4, 0.25
+    and 0.1 for greedy requests), and with any on, --k auto offers the longest draft the costs
+    justify."""
     target, draft = tiny_pair
     common = ("--target", target, "--draft", draft, "--k", "auto", "--max-batch", "2")
     engine = _loaded_engine(*common)
-    assert (engine.drafter.confidence, engine.drafter.survival) == (0.4, 0.25)
-    assert engine.policy.length_rule == "costs"
-    engine = _loaded_engine(*common, "--draft-confidence", "0", "--draft-survival", "0")
+    drafter = engine.drafter
+    assert (drafter.confidence, drafter.survival, drafter.greedy_survival) == (0.4, 0.25, 0.1)
+    assert engine.policy.length_rule == "costs" and engine.policy.max_k == 20
+    off = ("--draft-confidence", "0", "--draft-survival", "0")
+    assert _loaded_engine(*common, *off).policy.length_rule == "costs"  # the greedy stop is on
+    engine = _loaded_engine(*common, *off, "--draft-survival-greedy", "0")
     assert engine.policy.length_rule == "theory"
 
 

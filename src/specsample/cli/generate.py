@@ -10,7 +10,11 @@ from pathlib import Path
 import torch
 
 from specsample.cli.models import add_backend_arguments, default_repack, recall_costs
-from specsample.drafters.model import DEFAULT_CONFIDENCE, DEFAULT_SURVIVAL
+from specsample.drafters.model import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_GREEDY_SURVIVAL,
+    DEFAULT_SURVIVAL,
+)
 
 DEFAULT_PROMPT = "Write a Python function that reverses a linked list."
 COLORS = {"accepted": "\033[32m", "recovered": "\033[33m", "bonus": "\033[36m"}
@@ -59,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="draft length: an integer, or 'auto' for the adaptive schedule (default)",
     )
     parser.add_argument(
-        "--max-k", type=int, default=16, help="largest draft length for --k auto (default 16)"
+        "--max-k", type=int, default=20, help="largest draft length for --k auto (default 20)"
     )
     parser.add_argument(
         "--rule",
@@ -114,6 +118,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"this (0 = off; default {DEFAULT_SURVIVAL}); exact either way. With either stop on, "
         "--k auto offers the longest draft the measured pass costs justify and the stops cut it",
     )
+    parser.add_argument(
+        "--draft-survival-greedy",
+        type=float,
+        default=DEFAULT_GREEDY_SURVIVAL,
+        help="model drafter: --draft-survival for greedy decoding (--temperature 0), where the "
+        "draft's top probabilities understate how often its argmax is the target's (0 = off; "
+        f"default {DEFAULT_GREEDY_SURVIVAL}, chosen by benchmarks/draft_stops.py); exact either "
+        "way",
+    )
     parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     parser.add_argument("--top-k", type=int, default=0, help="0 = off (default)")
     parser.add_argument("--top-p", type=float, default=1.0, help="1 = off (default)")
@@ -150,6 +163,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
+def _check_draft_stops(args: argparse.Namespace) -> None:
+    for option, value in (
+        ("--draft-confidence", args.draft_confidence),
+        ("--draft-survival", args.draft_survival),
+        ("--draft-survival-greedy", args.draft_survival_greedy),
+    ):
+        if not 0 <= value < 1:
+            raise argparse.ArgumentTypeError(f"{option}: expected a number in [0, 1), got {value}")
+
+
 def run(args: argparse.Namespace) -> int:
     from specsample.adapters.loading import load_pair
     from specsample.drafters.model import ModelDrafter
@@ -174,14 +197,7 @@ def run(args: argparse.Namespace) -> int:
         import specsample.lossy  # noqa: F401 - registers the lossy rules (front ends only)
 
         _note(args, "note: --rule typical is LOSSY: the output is NOT distributed as the target")
-    if not 0 <= args.draft_confidence < 1:
-        raise argparse.ArgumentTypeError(
-            f"--draft-confidence: expected a number in [0, 1), got {args.draft_confidence}"
-        )
-    if not 0 <= args.draft_survival < 1:
-        raise argparse.ArgumentTypeError(
-            f"--draft-survival: expected a number in [0, 1), got {args.draft_survival}"
-        )
+    _check_draft_stops(args)
     if args.max_new_tokens < 1:
         raise argparse.ArgumentTypeError(
             f"--max-new-tokens: expected an integer >= 1, got {args.max_new_tokens}"
@@ -213,7 +229,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     drafter = {
         "model": lambda: ModelDrafter(
-            pair.draft, confidence=args.draft_confidence, survival=args.draft_survival
+            pair.draft,
+            confidence=args.draft_confidence,
+            survival=args.draft_survival,
+            greedy_survival=args.draft_survival_greedy,
         ),
         "ngram": NgramDrafter,
         "none": lambda: None,

@@ -12,7 +12,11 @@ import argparse
 import sys
 from dataclasses import dataclass, field
 
-from specsample.drafters.model import DEFAULT_CONFIDENCE, DEFAULT_SURVIVAL
+from specsample.drafters.model import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_GREEDY_SURVIVAL,
+    DEFAULT_SURVIVAL,
+)
 from specsample.rules.registry import EXACT
 
 LOSSY_RULES = ("typical",)
@@ -39,7 +43,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         f"{DEFAULT_SERVING_K} on transformers (on the tiny benchmark pair a fixed k served more "
         "than auto with several clients): benchmarks/serve.md",
     )
-    group.add_argument("--max-k", type=int, default=16, help="largest --k auto length (16)")
+    group.add_argument("--max-k", type=int, default=20, help="largest --k auto length (20)")
     group.add_argument(
         "--rule",
         choices=[*sorted(EXACT), *LOSSY_RULES],
@@ -59,6 +63,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_SURVIVAL,
         help="stop drafting a row where the product of the draft's top probabilities so far "
         f"falls below this (0 = off; default {DEFAULT_SURVIVAL})",
+    )
+    group.add_argument(
+        "--draft-survival-greedy",
+        type=float,
+        default=DEFAULT_GREEDY_SURVIVAL,
+        help="--draft-survival for greedy requests (temperature 0; 0 = off; default "
+        f"{DEFAULT_GREEDY_SURVIVAL})",
     )
     add_backend_arguments(group)
     group.add_argument(
@@ -150,7 +161,8 @@ class ModelLoader:
     def from_args(args: argparse.Namespace) -> ModelLoader:
         check_model_arguments(args)
         names = (
-            "target draft drafter k max_k rule draft_confidence draft_survival dtype device "
+            "target draft drafter k max_k rule draft_confidence draft_survival "
+            "draft_survival_greedy dtype device "
             "backend threads draft_quantize repack max_batch context default_max_tokens "
             "model_name cost_memory"
         ).split()
@@ -262,6 +274,7 @@ def recall_costs(options: argparse.Namespace, pair, policy, rule: str, tree=None
         "drafter": options.drafter,
         "draft_confidence": options.draft_confidence,
         "draft_survival": options.draft_survival,
+        "draft_survival_greedy": options.draft_survival_greedy,
         "rule": rule,
         "tree": tree,
         "max_k": policy.max_k,
@@ -277,7 +290,12 @@ def _drafter(o: argparse.Namespace, draft_model):
     from specsample.drafters.ngram import NgramDrafter
 
     if o.drafter == "model":
-        return ModelDrafter(draft_model, confidence=o.draft_confidence, survival=o.draft_survival)
+        return ModelDrafter(
+            draft_model,
+            confidence=o.draft_confidence,
+            survival=o.draft_survival,
+            greedy_survival=o.draft_survival_greedy,
+        )
     if o.drafter == "ngram":
         return NgramDrafter()
     return None
@@ -295,6 +313,7 @@ def check_model_arguments(args: argparse.Namespace) -> None:
     for option, value in (
         ("--draft-confidence", args.draft_confidence),
         ("--draft-survival", args.draft_survival),
+        ("--draft-survival-greedy", args.draft_survival_greedy),
     ):
         if not 0 <= value < 1:
             raise argparse.ArgumentTypeError(f"{option}: expected a number in [0, 1), got {value}")

@@ -19,6 +19,13 @@ from specsample.warpers import RowSampling
 DEFAULT_CONFIDENCE = 0.4
 # The command line's default `survival` (with lengths from the costs: see AdaptiveDraftLength).
 DEFAULT_SURVIVAL = 0.25
+# The command line's default `greedy_survival`: for greedy rows the draft's plain top
+# probability understates the chance that its argmax is the target's (benchmarks/draft_stops.md:
+# where the draft's top probability is 0.3-0.6 its argmax matched the target's 0.56-0.90 of
+# the time, where the warped top probability at T = 0.7 was about the keep rate), so the
+# survival product reads low and the stop sits lower; chosen by replaying the stop rules on
+# the target's own texts there.
+DEFAULT_GREEDY_SURVIVAL = 0.1
 
 
 class ModelDrafter:
@@ -30,29 +37,42 @@ class ModelDrafter:
     probabilities at positions 1..i falls below this (0 disables it). That product estimates the
     chance that every draft up to i is kept, which is what an extra draft position buys: long
     drafts where the draft is sure, short ones where it is not.
-    Both use the warped draft distribution's top probability (for greedy decoding, where that is
-    a point mass, the plain softmax's). Both decisions depend only on the draft's own
+    greedy_survival: the survival stop of greedy rows (None: `survival`).
+    They use the warped draft distribution's top probability (for greedy decoding, where that
+    is a point mass, the plain softmax's). Every decision depends only on the draft's own
     distribution, so verification stays exact.
     """
 
     fixed_depth = None
 
-    def __init__(self, model: LanguageModel, *, confidence: float = 0.0, survival: float = 0.0):
+    def __init__(
+        self,
+        model: LanguageModel,
+        *,
+        confidence: float = 0.0,
+        survival: float = 0.0,
+        greedy_survival: float | None = None,
+    ):
         if not 0 <= confidence < 1:
             raise ValueError(f"confidence: expected a number in [0, 1), got {confidence!r}")
         if not 0 <= survival < 1:
             raise ValueError(f"survival: expected a number in [0, 1), got {survival!r}")
+        if greedy_survival is not None and not 0 <= greedy_survival < 1:
+            raise ValueError(
+                f"greedy_survival: expected None or a number in [0, 1), got {greedy_survival!r}"
+            )
         self.cursor = ModelCursor(model, lazy=True)
         self.confidence = confidence
         self.survival = survival
+        self.greedy_survival = survival if greedy_survival is None else greedy_survival
         self.forward_passes = 0
 
     @property
     def stops_itself(self) -> bool:
-        """Whether it stops a row's draft where it is unsure (confidence or survival set): the
-        adaptive draft length then offers the longest draft the costs justify and leaves the
-        stop to it (AdaptiveDraftLength, lengths="auto")."""
-        return self.confidence > 0 or self.survival > 0
+        """Whether it stops a row's draft where it is unsure (a confidence or survival stop
+        set): the adaptive draft length then offers the longest draft the costs justify and
+        leaves the stop to it (AdaptiveDraftLength, lengths="auto")."""
+        return self.confidence > 0 or self.survival > 0 or self.greedy_survival > 0
 
     @property
     def prefill_seconds(self) -> float:
@@ -91,13 +111,16 @@ class ModelDrafter:
         lengths = torch.zeros(batch, dtype=torch.int64)
         survival = torch.ones(batch, dtype=torch.float64)
         greedy = sampling.greedy  # [batch]
+        # each row's survival stop (0: none)
+        floor = torch.where(greedy.cpu(), self.greedy_survival, self.survival).double()
+        surviving = self.survival > 0 or self.greedy_survival > 0
         # coupled rows (rule "coupled") draft with their (seed, position) noise, the others
         # draw from their generators: a batch may hold both
         noise = sampling.gumbel(k, self.vocab_size, logits.device) if sampling.coupled else None
         coupled = sampling.coupled_mask
         for i in range(k):
             q = sampling.warp(logits.float())  # [batch, vocab]
-            if self.confidence > 0 or self.survival > 0:
+            if self.confidence > 0 or surviving:
                 # Greedy warping makes q a point mass; its confidence is the plain softmax's.
                 plain = torch.softmax(logits.float(), dim=-1)
                 scores = torch.where(greedy.to(q.device)[:, None], plain, q)
@@ -105,8 +128,8 @@ class ModelDrafter:
                 survival *= top
                 if self.confidence > 0:
                     drafting &= top >= self.confidence
-                if self.survival > 0:
-                    drafting &= survival >= self.survival
+                if surviving:
+                    drafting &= survival >= floor
             drafting &= max_lengths > i
             if not bool(drafting.any()):
                 break
