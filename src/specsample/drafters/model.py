@@ -21,10 +21,10 @@ DEFAULT_CONFIDENCE = 0.4
 DEFAULT_SURVIVAL = 0.25
 # The command line's default `greedy_survival`: for greedy rows the draft's plain top
 # probability understates the chance that its argmax is the target's (benchmarks/draft_stops.md:
-# where the draft's top probability is 0.3-0.6 its argmax matched the target's 0.56-0.90 of
-# the time, where the warped top probability at T = 0.7 was about the keep rate), so the
-# survival product reads low and the stop sits lower; chosen by replaying the stop rules on
-# the target's own texts there.
+# where the draft's top probability was 0.3-0.6 its argmax was the target's token 56-61% of the
+# time, while at T = 0.7 the warped top probability was about the keep rate), so the survival
+# product reads low and the stop sits lower; chosen by replaying the stop rules on the
+# target's own texts there.
 DEFAULT_GREEDY_SURVIVAL = 0.1
 
 
