@@ -40,7 +40,7 @@ from typing import Any
 
 from llamacpp_tool import N_CTX
 
-MAX_K = 16  # --max-k's default
+MAX_K = 20  # --max-k's default
 TARGET_KS = (1, 2, 3, 4, 5, 8, 11)  # cost curve: target pass sizes (prompt lookup feeds <= 11)
 DRAFT_KS = (1, 2, 4)
 PROBE_REPEATS = 3
@@ -299,7 +299,12 @@ class Ours:
     def run(
         self, prompt, temperature, seed, tokens, batch=1, drafter=None, memory=True, **_
     ) -> dict:
-        from specsample.drafters.model import DEFAULT_CONFIDENCE, DEFAULT_SURVIVAL, ModelDrafter
+        from specsample.drafters.model import (
+            DEFAULT_CONFIDENCE,
+            DEFAULT_GREEDY_SURVIVAL,
+            DEFAULT_SURVIVAL,
+            ModelDrafter,
+        )
         from specsample.drafters.ngram import NgramDrafter
         from specsample.engine import AdaptiveDraftLength, generate
         from specsample.engine.memory import CostMemory
@@ -308,7 +313,10 @@ class Ours:
         kind = drafter or self.drafter
         made = {
             "model": lambda: ModelDrafter(
-                self.pair.draft, confidence=DEFAULT_CONFIDENCE, survival=DEFAULT_SURVIVAL
+                self.pair.draft,
+                confidence=DEFAULT_CONFIDENCE,
+                survival=DEFAULT_SURVIVAL,
+                greedy_survival=DEFAULT_GREEDY_SURVIVAL,
             ),
             "ngram": NgramDrafter,
             "none": lambda: None,

@@ -190,7 +190,7 @@ def _header(meta, curve, cells) -> list[str]:
         "position and keeps the draft while they are equal (sample-and-match: exact, but a draft "
         "is kept with probability p(draft token), not min(1, p/q)). llama-cpp-python prompt "
         f"lookup: {_lookup_facts(meta)}. Ours: `specsample generate`'s "
-        "settings (block verification, adaptive k up to 16, draft confidence and survival "
+        "settings (block verification, adaptive k up to 20, draft confidence and survival "
         "stops), llama.cpp backend with weights repacked (as llama.cpp); the cost memory of "
         "each worker was filled by its warm-up run (32 tokens), as a setting's first run fills "
         "it for the command line, so these runs start from the remembered verdict ('first run "
