@@ -72,11 +72,10 @@ class ModelCursor:
         self._tree: _Tree | None = None
         self._owns_rows = False  # False until this cursor reset the model's rows
         self._deferred = False  # lazy and not prefilled yet
-        # eager cursors on a model with add_rows_last (PromptScoring): rows that joined and
-        # are not in the model yet (always the last ones), fed with their first drafts by
-        # the next feed
+        # eager cursors on a model with add_rows_last (PromptScoring) add rows that join at
+        # the next feed, with their first drafts
         self._joins_with_drafts = not lazy and callable(getattr(model, "add_rows_last", None))
-        self._unadded: list[list[int]] = []
+        self._unadded = 0  # rows that joined and are not in the model yet (the last ones)
         # whether the last feed ran a prompt pass that scored drafts (its time is prefill's)
         self.prompt_scored = False
         # time spent in deferred (lazy) prefills and in prompt passes run by feeds, in all
@@ -97,7 +96,7 @@ class ModelCursor:
         self._tree = None
         self._owns_rows = True
         self._deferred = self.lazy
-        self._unadded = []
+        self._unadded = 0
         if self.lazy:
             self.cached, self.ready = [], []
             return
@@ -122,7 +121,7 @@ class ModelCursor:
         """Rows for `prompts`, added to the model by the next feed."""
         self.cached.extend([] for _ in prompts)
         self.ready.extend(None for _ in prompts)
-        self._unadded.extend(list(p) for p in prompts)
+        self._unadded += len(prompts)
 
     def _add_unadded(self, sequences: list[list[int]], extra_rows: list[list[int]]) -> list:
         """Adds the rows that joined since the last feed to the model, each with its committed
@@ -132,7 +131,7 @@ class ModelCursor:
         out: list = [None] * len(sequences)
         if not self._unadded:
             return out
-        first = len(sequences) - len(self._unadded)
+        first = len(sequences) - self._unadded
         new = range(first, len(sequences))
         rows = [list(sequences[b]) + extra_rows[b] for b in new]
         clock = time.perf_counter()
@@ -149,7 +148,7 @@ class ModelCursor:
                 out[b] = logits[r][None]
                 self.cached[b], self.ready[b] = rows[r], logits[r]
         self.prefill_seconds += time.perf_counter() - clock
-        self._unadded = []
+        self._unadded = 0
         return out
 
     def _flush(self, sequences: list[list[int]]) -> None:

@@ -247,9 +247,7 @@ class HFCausalLM:
         self._tree = None
         self._real = torch.zeros(batch, 0, dtype=torch.bool, device=self.device)
         self._lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
-        logits = self._forward(
-            tokens.to(self.device), valid.to(self.device), keep_last=True, last=last
-        )
+        logits = self._forward(tokens.to(self.device), valid.to(self.device), last=last)
         logits = logits[:, -last:]
         if logits.shape[1] < last:  # every prompt is shorter than `last`: arbitrary columns
             logits = torch.nn.functional.pad(logits, (0, 0, last - logits.shape[1], 0))
@@ -269,7 +267,7 @@ class HFCausalLM:
         if n == 0:
             return torch.zeros(self.batch_size, 0, self.vocab_size, device=self.device)
         valid = torch.arange(n, device=self.device) < num_valid[:, None]
-        logits = self._forward(tokens, valid, keep_last=False)
+        logits = self._forward(tokens, valid)
         self._trim()  # slots that are padding in every row need not stay in the cache
         return logits
 
@@ -400,9 +398,7 @@ class HFCausalLM:
                 root, self._lengths, positions[rows, parent.clamp(min=0)] + 1
             )
         new_positions = positions[:, before:]
-        logits = self._run(
-            tokens, valid, new_positions, self._additive(sees[:, before:]), keep_last=False
-        )
+        logits = self._run(tokens, valid, new_positions, self._additive(sees[:, before:]), None)
         self._real = torch.nn.functional.pad(self._real, (0, n))
         self._tree = _OpenTree(
             start=tree.start,
@@ -458,12 +454,12 @@ class HFCausalLM:
             raise RuntimeError(f"{method}: a token tree is open; call commit_path() first")
 
     def _forward(
-        self, tokens: torch.Tensor, valid: torch.Tensor, keep_last: bool, last: int = 1
+        self, tokens: torch.Tensor, valid: torch.Tensor, last: int | None = None
     ) -> torch.Tensor:
         """Run new slots `tokens[batch, n]` (real where `valid`) through the model.
 
-        Appends n slots to the timeline and returns float logits `[batch, n or at least the
-        last `last`, vocab]`.
+        Appends n slots to the timeline and returns float logits `[batch, n, vocab]` (with
+        `last`: at least the last `last` slots').
         """
         n = tokens.shape[1]
         past = self._real.shape[1]
@@ -475,7 +471,7 @@ class HFCausalLM:
         # With no padding or holes anywhere (one row, or rows kept in step) the plain causal mask
         # is the right one: let the model build it and use its fastest attention path.
         mask = None if bool(real.all()) else self._mask(real, past, n)
-        logits = self._run(tokens, valid, positions, mask, keep_last, last)
+        logits = self._run(tokens, valid, positions, mask, last)
         self._real = real
         self._lengths = self._lengths + valid.sum(dim=1)
         return logits
@@ -486,12 +482,12 @@ class HFCausalLM:
         valid: torch.Tensor,
         positions: torch.Tensor,
         mask: torch.Tensor | None,
-        keep_last: bool,
-        last: int = 1,
+        last: int | None,
     ) -> torch.Tensor:
-        """One model call on n new slots (appended to the cache); float logits `[batch, n or
-        the last `last` (keep_last), vocab]` (all n where the model cannot keep fewer). mask:
-        additive `[batch, 1, n, past + n]`, or None for the plain causal one."""
+        """One model call on n new slots (appended to the cache); float logits `[batch, n,
+        vocab]`, or with `last` those of the last `last` slots (all n where the model cannot
+        keep fewer). mask: additive `[batch, 1, n, past + n]`, or None for the plain causal
+        one."""
         assert self._cache.get_seq_length() == self._real.shape[1], "cache and timeline differ"
         kwargs: dict[str, Any] = {
             "input_ids": torch.where(valid, tokens, 0),
@@ -500,7 +496,7 @@ class HFCausalLM:
             self._cache_kw: self._cache,
             "use_cache": True,
         }
-        if keep_last and self._keep_kw is not None:
+        if last is not None and self._keep_kw is not None:
             kwargs[self._keep_kw] = min(last, tokens.shape[1])
         out = self.model(**kwargs)
         returned = getattr(out, self._cache_kw, None)

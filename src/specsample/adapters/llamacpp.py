@@ -363,13 +363,13 @@ class LlamaCppLM:
         rows = check_prompts(prompts, self.vocab_size)
         self._check_new_rows(rows, existing=len(self._rows), used=self.cells_used)
         seqs = [self._free.pop(0) for _ in rows]
+        scored = [min(last, len(row)) for row in rows]  # positions whose logits are computed
         tokens, positions, seq_ids, wanted = [], [], [], []
-        for seq, row in zip(seqs, rows, strict=True):
+        for seq, row, n in zip(seqs, rows, scored, strict=True):
             tokens += row
             positions += range(len(row))
             seq_ids += [(seq,)] * len(row)
-            scored = min(last, len(row))
-            wanted += [False] * (len(row) - scored) + [True] * scored
+            wanted += [False] * (len(row) - n) + [True] * n
         try:
             logits = self._decode(tokens, positions, seq_ids, wanted)
         except BaseException:
@@ -384,10 +384,9 @@ class LlamaCppLM:
             return torch.from_numpy(logits)[:, None]
         out = torch.zeros(len(rows), last, self.vocab_size)
         at = 0
-        for r, row in enumerate(rows):
-            scored = min(last, len(row))
-            out[r, last - scored :] = torch.from_numpy(logits[at : at + scored])
-            at += scored
+        for r, n in enumerate(scored):
+            out[r, last - n :] = torch.from_numpy(logits[at : at + n])
+            at += n
         return out
 
     def remove_rows(self, keep: torch.Tensor) -> None:

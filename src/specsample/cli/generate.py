@@ -9,7 +9,12 @@ from pathlib import Path
 
 import torch
 
-from specsample.cli.models import add_backend_arguments, default_repack, recall_costs
+from specsample.cli.models import (
+    add_backend_arguments,
+    check_draft_stops,
+    default_repack,
+    recall_costs,
+)
 from specsample.drafters.model import (
     DEFAULT_CONFIDENCE,
     DEFAULT_GREEDY_SURVIVAL,
@@ -163,16 +168,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def _check_draft_stops(args: argparse.Namespace) -> None:
-    for option, value in (
-        ("--draft-confidence", args.draft_confidence),
-        ("--draft-survival", args.draft_survival),
-        ("--draft-survival-greedy", args.draft_survival_greedy),
-    ):
-        if not 0 <= value < 1:
-            raise argparse.ArgumentTypeError(f"{option}: expected a number in [0, 1), got {value}")
-
-
 def run(args: argparse.Namespace) -> int:
     from specsample.adapters.loading import load_pair
     from specsample.drafters.model import ModelDrafter
@@ -197,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
         import specsample.lossy  # noqa: F401 - registers the lossy rules (front ends only)
 
         _note(args, "note: --rule typical is LOSSY: the output is NOT distributed as the target")
-    _check_draft_stops(args)
+    check_draft_stops(args)
     if args.max_new_tokens < 1:
         raise argparse.ArgumentTypeError(
             f"--max-new-tokens: expected an integer >= 1, got {args.max_new_tokens}"

@@ -301,6 +301,17 @@ def _drafter(o: argparse.Namespace, draft_model):
     return None
 
 
+def check_draft_stops(args: argparse.Namespace) -> None:
+    """Raises argparse.ArgumentTypeError for a model drafter stop outside [0, 1)."""
+    for option, value in (
+        ("--draft-confidence", args.draft_confidence),
+        ("--draft-survival", args.draft_survival),
+        ("--draft-survival-greedy", args.draft_survival_greedy),
+    ):
+        if not 0 <= value < 1:
+            raise argparse.ArgumentTypeError(f"{option}: expected a number in [0, 1), got {value}")
+
+
 def check_model_arguments(args: argparse.Namespace) -> None:
     """Raises argparse.ArgumentTypeError for an option value out of range."""
     for option, value, low in (
@@ -310,13 +321,7 @@ def check_model_arguments(args: argparse.Namespace) -> None:
     ):
         if value is not None and value < low:
             raise argparse.ArgumentTypeError(f"{option}: expected an integer >= {low}, got {value}")
-    for option, value in (
-        ("--draft-confidence", args.draft_confidence),
-        ("--draft-survival", args.draft_survival),
-        ("--draft-survival-greedy", args.draft_survival_greedy),
-    ):
-        if not 0 <= value < 1:
-            raise argparse.ArgumentTypeError(f"{option}: expected a number in [0, 1), got {value}")
+    check_draft_stops(args)
     from specsample.cli.generate import _draft_length
     from specsample.engine.length import AdaptiveDraftLength
 

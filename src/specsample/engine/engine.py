@@ -161,9 +161,12 @@ class Engine:
             # "yes" would be priced on no 1-token pass at all (drafting steps time none).
             for bucket, costs in self.policy.bucket_costs.items():
                 self.costs_by_batch[bucket] = costs.copy()
-        self._draft_passes_seen = getattr(drafter, "forward_passes", 0)
-        self._draft_prefill_seen = getattr(drafter, "prefill_seconds", 0.0)
-        self._target_prefill_seen = 0.0  # the target cursor's prompt passes, seen so far
+        # running totals of the drafter's and the target cursor's, as last seen (`_since`)
+        self._seen = {
+            "draft passes": getattr(drafter, "forward_passes", 0),
+            "draft prefill": getattr(drafter, "prefill_seconds", 0.0),
+            "target prefill": 0.0,
+        }
         self._ids = itertools.count()
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []  # the model rows, in order
@@ -299,13 +302,12 @@ class Engine:
         clock = time.perf_counter()
         draft = self._propose(sequences, limits, sampling)
         draft_seconds = time.perf_counter() - clock
-        passes = self._new_draft_passes()
+        passes = int(self._since("draft passes", getattr(self.drafter, "forward_passes", 0)))
         # A lazy drafter prefills its prompts at its first draft, and a row that skipped
         # drafting steps catches up on them: prefill time, not a draft pass's (it would
         # inflate the measured draft cost the draft-length policy uses).
-        prefill = self._new_draft_prefill_seconds()
-        draft_seconds = max(0.0, draft_seconds - prefill)
-        self.stats.prefill_seconds += prefill
+        draft_prefill = getattr(self.drafter, "prefill_seconds", 0.0)
+        draft_seconds = self._without_prefill(draft_seconds, "draft prefill", draft_prefill)
         # 3. score
         clock = time.perf_counter()
         logits = self.target.score(sequences, [True] * len(rows), _scorable(draft, self.target))
@@ -313,9 +315,8 @@ class Engine:
         # Rows that join are prefilled by their first step: with their first drafts in one
         # prompt pass where the target can (prompt_scored). A prompt pass is prefill time, not
         # a pass cost the draft-length policy may price steps with.
-        prompt_seconds = self._new_target_prefill_seconds()
-        target_seconds = max(0.0, target_seconds - prompt_seconds)
-        self.stats.prefill_seconds += prompt_seconds
+        target_prefill = self.target.prefill_seconds
+        target_seconds = self._without_prefill(target_seconds, "target prefill", target_prefill)
         # rows just prefilled hold their prompt's last distribution: a step without drafts over
         # such rows alone runs no target pass (fed_width 0: nothing is timed or counted as one)
         target_tokens = self.target.fed_width
@@ -443,7 +444,7 @@ class Engine:
         if self.drafter is not None:
             self.drafter.set_rows(sequences, keep, prompts)
         self.stats.prefill_seconds += time.perf_counter() - clock
-        self._target_prefill_seen = self.target.prefill_seconds  # counted just now
+        self._since("target prefill", self.target.prefill_seconds)  # counted just now
         for request in self._running:
             if request.finish_reason is not None:
                 self.policy.forget(request.id)
@@ -490,23 +491,18 @@ class Engine:
             request.id, emitted, kinds, logprobs, True, request.finish_reason, stats, tops
         )
 
-    def _new_draft_passes(self) -> int:
-        """Draft forward passes made since the last call."""
-        if self.drafter is None:
-            return 0
-        seen, self._draft_passes_seen = self._draft_passes_seen, self.drafter.forward_passes
-        return self.drafter.forward_passes - seen
-
-    def _new_draft_prefill_seconds(self) -> float:
-        """Seconds the drafter spent in lazy prompt prefills since the last call."""
-        total = getattr(self.drafter, "prefill_seconds", 0.0) if self.drafter else 0.0
-        seen, self._draft_prefill_seen = self._draft_prefill_seen, total
+    def _since(self, counter: str, total: float) -> float:
+        """How much a running total of the drafter's or the target cursor's (`counter`: a key
+        of self._seen) grew since the last call for it."""
+        seen, self._seen[counter] = self._seen[counter], total
         return total - seen
 
-    def _new_target_prefill_seconds(self) -> float:
-        """Seconds the target cursor spent in prompt passes since the last call."""
-        seen, self._target_prefill_seen = self._target_prefill_seen, self.target.prefill_seconds
-        return self.target.prefill_seconds - seen
+    def _without_prefill(self, seconds: float, counter: str, total: float) -> float:
+        """`seconds` of a step's part less the prompt prefills it ran (the growth of `total`,
+        the part's prefill seconds so far), which go to stats.prefill_seconds."""
+        prefill = self._since(counter, total)
+        self.stats.prefill_seconds += prefill
+        return max(0.0, seconds - prefill)
 
     def _single_pass_seconds(self) -> float | None:
         """The measured mean of a 1-token target pass, None until one was timed."""
