@@ -3,6 +3,7 @@ builder of tiny random-weight transformers models (`tiny_config`, `tiny_causal_l
 
 from __future__ import annotations
 
+import pytest
 import torch
 from scipy.stats import chi2
 
@@ -269,3 +270,22 @@ def random_tree_case(seed, *, batch, n, vocab, dtype, point_mass=False, parents=
         accept_uniforms,
         sample_uniforms,
     )
+
+
+def check_add_rows_last(lm, reference, vocab: int, atol: float) -> None:
+    """An adapter's `add_rows_last` (PromptScoring) next to a running row: the logits after the
+    last tokens of each new prompt equal reference(seq) [len(seq), vocab] (a fresh forward of
+    the sequence), a prompt shorter than `last` fills the last columns, every row continues
+    exactly, and a bad `last` is refused by name. Leaves lm holding rows of lengths 4, 6, 3."""
+    lm.prefill([[1, 2, 3]])
+    new = [[4, 5, 6, 7, 8], [9, 10]]  # the second shorter than `last`: its first column is junk
+    logits = lm.add_rows_last(new, 3)
+    assert logits.shape == (2, 3, vocab) and torch.isfinite(logits).all()
+    torch.testing.assert_close(logits[0], reference(new[0])[-3:], atol=atol, rtol=0)
+    torch.testing.assert_close(logits[1, 1:], reference(new[1]), atol=atol, rtol=0)
+    assert lm.lengths.tolist() == [3, 5, 2]
+    step = lm.extend(torch.tensor([[11], [12], [13]]), torch.ones(3, dtype=torch.int64))
+    for b, seq in enumerate([[1, 2, 3, 11], new[0] + [12], new[1] + [13]]):
+        torch.testing.assert_close(step[b, 0], reference(seq)[-1], atol=atol, rtol=0)
+    with pytest.raises(ValueError, match="last: expected an int >= 1, got 0"):
+        lm.add_rows_last([[1]], 0)

@@ -6,6 +6,7 @@ row can be compared with the model's own distribution after that prefix."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from specsample.adapters.cursor import ModelCursor
@@ -70,15 +71,18 @@ def test_a_truncated_ready_row_drops_its_prompt_distribution():
     assert torch.allclose(logits[0, 0], expected(model, [1, 2, 4]))
 
 
-def test_a_tree_hangs_under_a_fed_pending_token_also_for_a_ready_row():
-    model = PlainToyLM(16, seed=3)
+@pytest.mark.parametrize("model_class", [PlainToyLM, ToyLM])
+def test_a_tree_hangs_under_a_fed_pending_token_also_for_a_ready_row(model_class):
+    """With add_rows_last (ToyLM) the row joins at the tree's step: it gets a prompt pass of
+    its own first (not one with the tree), then the tree hangs under its fed last token."""
+    model = model_class(16, seed=3)
     cursor = ModelCursor(model)
     cursor.start([[1, 2, 3]])
     tokens = torch.tensor([[5, 6, 7]])
     parents = torch.tensor([-1, -1, 0])
     valid = torch.ones(1, 3, dtype=torch.bool)
     logits = cursor.feed_tree([[1, 2, 3]], [True], tokens, parents, valid)
-    assert cursor.fed and cursor.fed_width == 4
+    assert cursor.fed and cursor.fed_width == 4 and not cursor.prompt_scored
     prefixes = [[1, 2, 3], [1, 2, 3, 5], [1, 2, 3, 6], [1, 2, 3, 5, 7]]
     for j, prefix in enumerate(prefixes):
         assert torch.allclose(logits[0, j], expected(model, prefix)), j
@@ -168,20 +172,6 @@ def test_rows_that_join_are_kept_or_dropped_before_their_first_feed():
     logits = cursor.feed(sequences, [True, True], drafts, lengths)
     assert_follows(model, logits, sequences, drafts, lengths)
     assert model.sequences == [[3, 4, 7], [6, 8]]
-
-
-def test_rows_that_join_before_a_tree_get_a_prompt_pass_first():
-    model = ToyLM(16, seed=3)
-    cursor = ModelCursor(model)
-    cursor.start([[1, 2, 3]])
-    tokens = torch.tensor([[5, 6, 7]])
-    parents = torch.tensor([-1, -1, 0])
-    valid = torch.ones(1, 3, dtype=torch.bool)
-    logits = cursor.feed_tree([[1, 2, 3]], [True], tokens, parents, valid)
-    assert not cursor.prompt_scored and cursor.fed_width == 4
-    prefixes = [[1, 2, 3], [1, 2, 3, 5], [1, 2, 3, 6], [1, 2, 3, 5, 7]]
-    for j, prefix in enumerate(prefixes):
-        assert torch.allclose(logits[0, j], expected(model, prefix)), j
 
 
 def test_start_drops_rows_left_in_the_model_without_a_pass():

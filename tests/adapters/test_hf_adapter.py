@@ -11,7 +11,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from helpers import TINY_CONFIG, tiny_causal_lm  # noqa: E402
+from helpers import TINY_CONFIG, check_add_rows_last, tiny_causal_lm  # noqa: E402
 from specsample.adapters.hf import HFCausalLM  # noqa: E402
 from specsample.adapters.protocol import LanguageModel, PromptScoring  # noqa: E402
 
@@ -192,21 +192,10 @@ def test_add_rows_last_scores_the_last_tokens_of_each_prompt(model: torch.nn.Mod
     first drafts, fed together), next to running rows, and the rows continue exactly."""
     lm, ref = HFCausalLM(model), reference(model)
     assert isinstance(lm, PromptScoring)
-    lm.prefill([[1, 2, 3]])
-    new = [[4, 5, 6, 7, 8], [9, 10]]  # the second shorter than `last`: its first column is junk
-    logits = lm.add_rows_last(new, 3)
-    assert logits.shape == (2, 3, VOCAB) and torch.isfinite(logits).all()
-    torch.testing.assert_close(logits[0], ref(new[0])[-3:], atol=ATOL, rtol=0)
-    torch.testing.assert_close(logits[1, 1:], ref(new[1]), atol=ATOL, rtol=0)
-    assert lm.lengths.tolist() == [3, 5, 2]
-    step = lm.extend(torch.tensor([[11], [12], [13]]), torch.ones(3, dtype=torch.int64))
-    for b, seq in enumerate([[1, 2, 3, 11], new[0] + [12], new[1] + [13]]):
-        torch.testing.assert_close(step[b, 0], ref(seq)[-1], atol=ATOL, rtol=0)
+    check_add_rows_last(lm, ref, VOCAB, ATOL)
     short = HFCausalLM(model).add_rows_last([[1, 2]], 4)  # every prompt shorter than `last`
     assert short.shape == (1, 4, VOCAB)
     torch.testing.assert_close(short[0, 2:], ref([1, 2]), atol=ATOL, rtol=0)
-    with pytest.raises(ValueError, match="last: expected an int >= 1, got 0"):
-        lm.add_rows_last([[1]], 0)
 
 
 def test_from_pretrained_roundtrip(qwen: torch.nn.Module, tmp_path: object) -> None:

@@ -27,6 +27,7 @@ pytest.importorskip("gguf", reason="the tiny test models are written with the gg
 
 from tiny_gguf import CHAT_TEMPLATE, EOS, TOKENS, VOCAB, write_tiny_gguf  # noqa: E402
 
+from helpers import check_add_rows_last  # noqa: E402
 from specsample.adapters.gguf_meta import read_gguf_metadata  # noqa: E402
 from specsample.adapters.llamacpp import LlamaCppLM, LlamaCppTokenizer  # noqa: E402
 from specsample.adapters.protocol import (  # noqa: E402
@@ -238,18 +239,8 @@ def test_any_sequence_of_calls_equals_a_fresh_prefill(gguf_path, numerics, seed)
 def test_add_rows_last_scores_the_last_tokens_of_each_prompt(lm, reference):
     """The prompt pass of rows that join scores their last tokens (a request's prompt and its
     first drafts, fed together); it equals add_rows followed by extend, next to running rows."""
-    lm.prefill([[1, 2, 3]])
-    new = [[4, 5, 6, 7, 8], [9, 10]]  # the second shorter than `last`: its first column is junk
-    logits = lm.add_rows_last(new, 3)
-    assert logits.shape == (2, 3, VOCAB) and torch.isfinite(logits).all()
-    torch.testing.assert_close(logits[0], reference(new[0])[-3:], atol=ATOL, rtol=0)
-    torch.testing.assert_close(logits[1, 1:], reference(new[1]), atol=ATOL, rtol=0)
-    assert lm.lengths.tolist() == [3, 5, 2] and lm.cells_used == 10
-    step = lm.extend(torch.tensor([[11], [12], [13]]), torch.ones(3, dtype=torch.int64))
-    for b, seq in enumerate([[1, 2, 3, 11], new[0] + [12], new[1] + [13]]):
-        torch.testing.assert_close(step[b, 0], reference(seq)[-1], atol=ATOL, rtol=0)
-    with pytest.raises(ValueError, match="last: expected an int >= 1, got 0"):
-        lm.add_rows_last([[1]], 0)
+    check_add_rows_last(lm, reference, VOCAB, ATOL)
+    assert lm.cells_used == 13  # the rows' 4 + 6 + 3 tokens, nothing more
 
 
 def test_rows_can_all_leave_and_new_ones_join(lm, reference):
