@@ -12,7 +12,7 @@ import torch
 from specsample.adapters.toy import ToyLM
 from specsample.drafters.model import ModelDrafter
 from specsample.engine import Engine
-from specsample.engine.length import AdaptiveDraftLength, StepCosts
+from specsample.engine.length import TRUST_SAMPLES, AdaptiveDraftLength, StepCosts
 from specsample.engine.memory import (
     MATCH_FACTOR,
     MAX_AGE_DAYS,
@@ -98,6 +98,49 @@ def test_a_remembered_yes_drafts_from_the_first_step(tmp_path):
     policy.update(lengths(2), lengths(1), measured)
     assert policy.can_pay is True and not memory.dropped
     assert int(policy.next_lengths(1)) >= 4
+
+
+def test_the_memory_keeps_the_pass_lengths_timed_after_the_verdict(tmp_path):
+    """The memory is written at the verdict (passes over 1 and 5 tokens), again when a pass
+    length is timed for the first time and when it comes to be trusted (TRUST_SAMPLES
+    timings), and not for timings that teach the curve nothing new. A later process then
+    offers long drafts from its first step (with only the verdict's lengths remembered it
+    offers fewer and times the longer ones anew)."""
+    memory = remembered(tmp_path, YES_DRAFT, YES_PASSES)
+    short_offer = int(_recalling(memory).next_lengths(1))
+    policy = _recalling(memory)
+    measured = policy.bucket_costs[1]
+
+    def saved() -> dict[str, list]:
+        return json.loads(memory.path.read_text())["buckets"]["1"]["target_pass"]
+
+    assert set(saved()) == {"1", "5"}
+    policy.next_lengths(1)
+    for _ in range(4):  # a first step that matches the memory (the drafter stopped at 4)
+        measured.draft_step.add(YES_DRAFT)
+    measured.add_target_pass(5, YES_PASSES[5])
+    policy.update(lengths(4), lengths(4), measured)
+    assert policy.can_pay is True and not memory.dropped
+    assert set(saved()) == {"1", "5"}  # nothing new
+    counts = []
+    for _ in range(TRUST_SAMPLES + 1):
+        policy.next_lengths(1)
+        for _ in range(16):
+            measured.draft_step.add(YES_DRAFT)
+        measured.add_target_pass(17, 0.80)
+        policy.update(lengths(16), lengths(16), measured)
+        counts.append(len(saved().get("17", [])))
+    assert policy.can_pay is True and not memory.dropped
+    # written at the first timing and at the TRUST_SAMPLES-th, not in between or after
+    assert counts == [1] * (TRUST_SAMPLES - 1) + [TRUST_SAMPLES] * 2
+    later = CostMemory(KEY, tmp_path)
+    assert int(_recalling(later).next_lengths(1)) > short_offer
+
+
+def _recalling(memory: CostMemory) -> AdaptiveDraftLength:
+    policy = AdaptiveDraftLength(20, lengths="costs")
+    assert policy.recall(memory)
+    return policy
 
 
 def test_the_match_factor_is_thirty_percent_either_way():

@@ -47,8 +47,12 @@
      Pass costs are the machine's, so they can be kept across processes: `recall` starts
      from a CostMemory (engine.memory) of the same setting, its verdict and costs per batch
      size, checks the first pass of each remembered batch size against it (dropping it when
-     the machine runs at another speed) and writes it on every verdict change. The command
-     line's default: its runs after a setting's first need no probes.
+     the machine runs at another speed) and writes it on every verdict change and whenever
+     a pass length is timed for the first time or becomes trusted (TRUST_SAMPLES), so a
+     later process starts from the whole cost curve this one learned, not the probe's part
+     of it (on transformers with a memory written at the verdict, the first drafting steps
+     of each later run were offered 3, 3 and 9 drafts while the curve was timed anew). The
+     command line's default: its runs after a setting's first need no probes.
   2. Acceptance. Where drafting can pay, each row keeps a schedule that doubles after every
      draft of a row was kept and halves after a rejection (but not below one more than the
      drafts kept; within [1, max_k]; on transformers on CPUs, where a 16-token pass costs 2.8
@@ -288,6 +292,12 @@ class StepCosts:
         return estimate
 
 
+def _timed_lengths(costs: StepCosts) -> set[tuple[int, bool]]:
+    """The target pass lengths timed, each with whether the schedule trusts it yet
+    (TRUST_SAMPLES): what a cost memory is written again for when it grows."""
+    return {(n, r.count >= TRUST_SAMPLES) for n, r in costs.target_pass.items()}
+
+
 LENGTH_RULES = ("auto", "theory", "costs")  # AdaptiveDraftLength's `lengths`
 PRIOR_KEPT, PRIOR_TESTS = 2.0, 3.0
 DEPTH_PRIOR_TESTS = 1.0  # the weight of a deeper position's prior (module docstring)
@@ -437,6 +447,8 @@ class AdaptiveDraftLength:
         # remembered costs that this process's first pass of that size is checked against
         self.memory = None
         self._recalled: dict[int, StepCosts] = {}
+        # per batch size, the pass lengths the memory holds (see _timed_lengths)
+        self._saved_lengths: dict[int, set[tuple[int, bool]]] = {}
 
     @property
     def stopped(self) -> bool:
@@ -448,7 +460,8 @@ class AdaptiveDraftLength:
 
     def recall(self, memory) -> bool:
         """Starts from the pass costs and verdicts a CostMemory (engine.memory) kept from earlier
-        processes with the same setting, and writes it on every verdict change from now on.
+        processes with the same setting, and writes it on every verdict change and every new
+        (or newly trusted) pass length from now on.
         The first step of a remembered batch size is priced against the memory: if its target
         pass (1 token after a "no", a drafting step's width after a "yes") costs what the
         remembered costs say (within memory.MATCH_FACTOR either way) the remembered verdict
@@ -474,6 +487,7 @@ class AdaptiveDraftLength:
             self.bucket_costs[bucket] = costs
             self.verdicts[bucket] = verdict
             self._recalled[bucket] = costs.copy()
+            self._saved_lengths[bucket] = _timed_lengths(costs)
             taken = True
         memory.recalled = taken
         return taken
@@ -655,8 +669,11 @@ class AdaptiveDraftLength:
             if d > 0:
                 self._update_row(self.schedule(row), d, a, costs)
         if self.memory is not None and self.verdicts.get(bucket) is not None:
-            if verdicts_before.get(bucket) is not self.verdicts[bucket]:
+            timed = _timed_lengths(costs)
+            changed = verdicts_before.get(bucket) is not self.verdicts[bucket]
+            if changed or not timed <= self._saved_lengths.get(bucket, set()):
                 self.memory.save(self.memory_state())
+                self._saved_lengths[bucket] = timed
 
     def _real_steps_pay(self, bucket: int, depths: list[int], costs: StepCosts) -> bool:
         """Adds a drafting step taken under a "yes" to its batch size's tally; False once
