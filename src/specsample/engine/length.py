@@ -47,12 +47,13 @@
      Pass costs are the machine's, so they can be kept across processes: `recall` starts
      from a CostMemory (engine.memory) of the same setting, its verdict and costs per batch
      size, checks the first pass of each remembered batch size against it (dropping it when
-     the machine runs at another speed) and writes it on every verdict change and whenever
-     a pass length is timed for the first time or becomes trusted (TRUST_SAMPLES), so a
-     later process starts from the whole cost curve this one learned, not the probe's part
-     of it (on transformers with a memory written at the verdict, the first drafting steps
-     of each later run were offered 3, 3 and 9 drafts while the curve was timed anew). The
-     command line's default: its runs after a setting's first need no probes.
+     that pass and the next both say the machine runs at another speed) and writes it on
+     every verdict change and whenever a pass length is timed for the first time or becomes
+     trusted (TRUST_SAMPLES), so a later process starts from the whole cost curve this one
+     learned, not the probe's part of it (on transformers with a memory written at the
+     verdict only, the first drafting steps of each later run were offered 3, 3 and 9
+     drafts while the curve was timed anew). The command line's default: its runs after a
+     setting's first need no probes.
   2. Acceptance. Where drafting can pay, each row keeps a schedule that doubles after every
      draft of a row was kept and halves after a rejection (but not below one more than the
      drafts kept; within [1, max_k]; on transformers on CPUs, where a 16-token pass costs 2.8
@@ -447,6 +448,8 @@ class AdaptiveDraftLength:
         # remembered costs that this process's first pass of that size is checked against
         self.memory = None
         self._recalled: dict[int, StepCosts] = {}
+        # per batch size, the first pass that did not match its memory (_check_recalled)
+        self._mismatched: dict[int, tuple[int, float]] = {}
         # per batch size, the pass lengths the memory holds (see _timed_lengths)
         self._saved_lengths: dict[int, set[tuple[int, bool]]] = {}
 
@@ -465,8 +468,9 @@ class AdaptiveDraftLength:
         The first step of a remembered batch size is priced against the memory: if its target
         pass (1 token after a "no", a drafting step's width after a "yes") costs what the
         remembered costs say (within memory.MATCH_FACTOR either way) the remembered verdict
-        and costs stand (no probes, and after a "no" no draft prefill); else they are dropped
-        and its cost check starts over. True when some entry was taken."""
+        and costs stand (no probes, and after a "no" no draft prefill); if neither it nor the
+        next pass does, they are dropped and its cost check starts over. True when some entry
+        was taken."""
         from specsample.engine.memory import CostMemory
 
         if not isinstance(memory, CostMemory):
@@ -502,18 +506,28 @@ class AdaptiveDraftLength:
     def _check_recalled(self, bucket: int, costs: StepCosts) -> None:
         """The first target pass of a remembered batch size (costs.last_pass: its tokens per
         row and seconds) must cost what the remembered costs say a pass of that width costs
-        (between remembered lengths, on the line between them), else that batch size's memory
-        is dropped (its costs start from this pass, its verdict from the cost check)."""
+        (between remembered lengths, on the line between them). If it does not, the next pass
+        is checked too: one slow pass (the machine busy for a moment) must not drop a memory.
+        If that one does not either, the batch size's memory is dropped (its costs start from
+        that pass, its verdict from the cost check)."""
         from specsample.engine.memory import MATCH_FACTOR
 
-        remembered = self._recalled.pop(bucket)
+        if costs.last_pass is self._mismatched.get(bucket):
+            return  # no pass since the one that did not match
+        remembered = self._recalled[bucket]
         width, fresh = costs.last_pass
         relative = remembered.relative_pass_cost(width, interpolate=True)
         single = remembered.target(1)
         expected = None if relative is None or single is None else relative * single
         if fresh is not None and expected is not None:
             if expected / MATCH_FACTOR <= fresh <= expected * MATCH_FACTOR:
+                del self._recalled[bucket]
+                self._mismatched.pop(bucket, None)
                 return
+        if bucket not in self._mismatched:
+            self._mismatched[bucket] = costs.last_pass
+            return
+        del self._recalled[bucket], self._mismatched[bucket]
         costs.keep_only(width, fresh)
         self.verdicts.pop(bucket, None)
         if self.memory is not None:
