@@ -28,15 +28,19 @@ def _format_p(p: float) -> str:
     return "0" if p == 0 else f"{p:.2g}"
 
 
+def heading(title: str, verdict: str, exit_code: int, message: str | None) -> list[str]:
+    """The first lines of an audit's markdown report (this one's and the server audit's):
+    the title, the verdict with its exit code, and why it could not judge, if so."""
+    lines = [f"# {title}", "", f"**Verdict: {verdict}** (exit code {exit_code})", ""]
+    if message:
+        lines += [f"Could not judge: {message}", ""]
+    return lines
+
+
 def markdown(report: AuditReport) -> str:
-    lines = [
-        f"# Exactness audit of `{report.target}`",
-        "",
-        f"**Verdict: {report.verdict}** (exit code {report.exit_code})",
-        "",
-    ]
-    if report.message:
-        lines += [f"Could not judge: {report.message}", ""]
+    lines = heading(
+        f"Exactness audit of `{report.target}`", report.verdict, report.exit_code, report.message
+    )
     lines += [
         f"- version: {report.version or 'unknown'}",
         f"- trials per case: {report.samples}; seed {report.seed}",

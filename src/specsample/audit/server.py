@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from specsample.audit import stats
+from specsample.audit.report import heading
 
 # Prompts whose next tokens are uncertain, where a drafter and its target tend to disagree.
 BUILT_IN_PROMPTS = (
@@ -419,14 +420,12 @@ def _top(keys: list[str], a: np.ndarray, b: np.ndarray, count: int = 5):
 
 
 def markdown(report: ServerAuditReport) -> str:
-    lines = [
-        f"# Exactness audit of the server {report.url}",
-        "",
-        f"**Verdict: {report.verdict}** (exit code {report.exit_code})",
-        "",
-    ]
-    if report.message:
-        lines += [f"Could not judge: {report.message}", ""]
+    lines = heading(
+        f"Exactness audit of the server {report.url}",
+        report.verdict,
+        report.exit_code,
+        report.message,
+    )
     lines += [
         f"- model: {report.model}",
         f"- reference: {report.reference}",

@@ -9,7 +9,7 @@ import torch
 
 from specsample.adapters.cursor import ModelCursor
 from specsample.adapters.protocol import LanguageModel
-from specsample.drafters.base import Draft
+from specsample.drafters.base import CursorDrafter, Draft
 from specsample.rules.coupled import coupled_sample
 from specsample.rules.sampling import sample_from_weights
 from specsample.warpers import RowSampling
@@ -28,7 +28,7 @@ DEFAULT_SURVIVAL = 0.25
 DEFAULT_GREEDY_SURVIVAL = 0.1
 
 
-class ModelDrafter:
+class ModelDrafter(CursorDrafter):
     """Drafts with a small model through the LanguageModel protocol.
 
     confidence: stop drafting a row before position i when the draft's largest probability there
@@ -73,23 +73,6 @@ class ModelDrafter:
         set): the adaptive draft length then offers the longest draft the costs justify and
         leaves the stop to it (AdaptiveDraftLength, lengths="auto")."""
         return self.confidence > 0 or self.survival > 0 or self.greedy_survival > 0
-
-    @property
-    def prefill_seconds(self) -> float:
-        """Time spent prefilling prompts (lazily, at the first draft), in all."""
-        return self.cursor.prefill_seconds
-
-    @property
-    def vocab_size(self) -> int:
-        return self.cursor.vocab_size
-
-    def start(self, prompts: list[list[int]]) -> None:
-        self.cursor.start(prompts)
-
-    def set_rows(
-        self, sequences: list[list[int]], keep: torch.Tensor, prompts: list[list[int]]
-    ) -> None:
-        self.cursor.set_rows(sequences, keep, prompts)
 
     def release(self) -> None:
         """Drafting has stopped for now (the draft-length policy found it cannot pay): the

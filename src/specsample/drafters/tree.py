@@ -18,6 +18,7 @@ import torch
 
 from specsample.adapters.cursor import ModelCursor
 from specsample.adapters.protocol import LanguageModel, TreeLanguageModel
+from specsample.drafters.base import CursorDrafter
 from specsample.drafters.children import draw_children
 from specsample.rules.coupled import coupled_top
 from specsample.rules.draft import Draft
@@ -93,7 +94,7 @@ class TreeShape:
         return tree_parents(self.branching)
 
 
-class TreeDrafter:
+class TreeDrafter(CursorDrafter):
     """Drafts a token tree of a fixed shape with a draft model.
 
     children: how a node's children are drawn from the draft distribution q there:
@@ -123,23 +124,6 @@ class TreeDrafter:
         self.children = children
         self.forward_passes = 0
         self.fixed_depth = shape.depth
-
-    @property
-    def prefill_seconds(self) -> float:
-        """Time spent prefilling prompts (lazily, at the first draft), in all."""
-        return self.cursor.prefill_seconds
-
-    @property
-    def vocab_size(self) -> int:
-        return self.cursor.vocab_size
-
-    def start(self, prompts: list[list[int]]) -> None:
-        self.cursor.start(prompts)
-
-    def set_rows(
-        self, sequences: list[list[int]], keep: torch.Tensor, prompts: list[list[int]]
-    ) -> None:
-        self.cursor.set_rows(sequences, keep, prompts)
 
     def propose(
         self, sequences: list[list[int]], max_lengths: torch.Tensor, sampling: RowSampling
