@@ -275,3 +275,39 @@ def test_weights_are_repacked_by_default_on_llamacpp(monkeypatch, tmp_path, opti
     target = str(tmp_path / "t.gguf")
     assert main(["generate", "hi", "--target", target, "--drafter", "none", *options]) == 1
     assert asked["repack"] is repack
+
+
+def test_prompt_cache_on_llamacpp_restores_a_prompt_and_can_be_turned_off(
+    tmp_path, capsys, monkeypatch
+):
+    """llama.cpp: the first run keeps its prompt in $SPECSAMPLE_PROMPT_CACHE, the second
+    restores all of it (--stats says how much) and, target-only with the same seed, writes the
+    same text; --no-prompt-cache neither reads nor writes."""
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("gguf")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "adapters"))
+    from tiny_gguf import write_tiny_gguf
+
+    gguf = str(write_tiny_gguf(tmp_path / "tiny.gguf"))
+    folder = tmp_path / "prompts"
+    monkeypatch.setenv("SPECSAMPLE_PROMPT_CACHE", str(folder))
+    common = ["generate", "hello there, a longer prompt", "--target", gguf, "--drafter", "none"]
+    common += ["--threads", "1", "--max-new-tokens", "12", "--temperature", "1", "--no-color"]
+
+    def run(*extra) -> tuple[str, list[str]]:
+        assert main([*common, "--stats", *extra]) == 0
+        out, err = capsys.readouterr()
+        return out, [line for line in err.splitlines() if "prompt cache" in line]
+
+    texts, lines = run("--no-prompt-cache")
+    assert lines == [] and not folder.exists()
+    first_texts, first = run()
+    assert len(first) == 1 and " 0 of " in first[0] and str(folder) in first[0]
+    total = int(first[0].split(" of ")[1].split()[0])
+    assert total >= 8 and len(list(folder.glob("prompts-*/*.npz"))) == 1
+    again_texts, again = run()
+    assert f"{total} of {total} target prompt tokens restored" in again[0]
+    assert again_texts == first_texts == texts

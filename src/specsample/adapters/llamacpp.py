@@ -14,13 +14,18 @@ How the protocol maps onto llama.cpp:
   A node is tagged with every chain through it and queries with the first one, so it attends to
   exactly the row and its ancestors. `commit_path` tags the kept chain with the row's sequence
   and removes the temporary ones.
+* A prompt cache (`prompt_cache`, adapters/prompt_cache.py; the command line's `generate`
+  attaches one): a row that joins restores the longest prefix the cache kept
+  (`llama_state_seq_set_data`), never a position whose logits are asked for unless the prompt
+  was kept whole with its logits, and gives the cache its own state afterwards.
 
 Numerics: llama.cpp's kernels may depend on how many tokens a pass holds (repacked quantised
 weights take other code paths for several tokens; some attention paths accumulate in half
 precision for one token), so the logits of one position can differ between a pass of 1 token and
 a pass of K tokens. Decoding is exact with respect to the distributions the verifying pass
 computed: that pass defines the target for every position it scores (the position after a
-prompt: the prompt pass, which may also score a request's first drafts). With the defaults
+prompt: the prompt pass, which may also score a request's first drafts; after a prefix from
+the prompt cache, the pass over the rest). With the defaults
 here (no weight repacking) the default pair's logits are identical in passes of 1 to 4 tokens;
 from 8 tokens on, llama.cpp's multi-row matrix kernels move them by up to 0.7 (total variation
 up to 0.04 at T = 1; benchmarks/llamacpp_passes.md). tests/adapters/test_llamacpp.py states the
@@ -46,6 +51,7 @@ import numpy as np
 import torch
 
 from specsample.adapters.gguf_meta import check_gguf_file
+from specsample.adapters.prompt_cache import MIN_TOKENS
 from specsample.adapters.protocol import (
     check_commit_path_args,
     check_extend_args,
@@ -277,7 +283,7 @@ class LlamaCppLM:
         self._model = _Model(path, argument, repack=repack)
         self.path, self.argument = self._model.path, argument
         self.n_ctx, self.max_batch, self.threads, self.n_batch = n_ctx, max_batch, threads, n_batch
-        self.repack = repack
+        self.repack, self.kv_type, self.flash_attn = repack, kv_type, flash_attn
         self.vocab_size = self._model.n_vocab
         params = llama.llama_context_default_params()
         params.n_ctx = n_ctx
@@ -315,6 +321,9 @@ class LlamaCppLM:
         self._tree_valid = torch.zeros(0, 0, dtype=torch.bool)
         self.num_calls = 0  # llama_decode calls
         self.num_positions = 0  # tokens fed
+        # adapters.prompt_cache.PromptCache: prompts that join restore the longest prefix it
+        # kept and give it their own state (None: every prompt is prefilled whole)
+        self.prompt_cache = None
 
     # ------------------------------------------------------------------ facts
 
@@ -365,12 +374,18 @@ class LlamaCppLM:
         seqs = [self._free.pop(0) for _ in rows]
         scored = [min(last, len(row)) for row in rows]  # positions whose logits are computed
         tokens, positions, seq_ids, wanted = [], [], [], []
-        for seq, row, n in zip(seqs, rows, scored, strict=True):
-            tokens += row
-            positions += range(len(row))
-            seq_ids += [(seq,)] * len(row)
-            wanted += [False] * (len(row) - n) + [True] * n
+        # per row: tokens taken from the prompt cache, and its logits when it was found whole
+        kept: list[tuple[int, np.ndarray | None]] = [(0, None)] * len(rows)
         try:
+            for r, (seq, row, n) in enumerate(zip(seqs, rows, scored, strict=True)):
+                if self.prompt_cache is not None:
+                    kept[r] = self._restore_prefix(seq, row, n)
+                start = kept[r][0] if kept[r][1] is None else len(row)
+                tokens += row[start:]
+                positions += range(start, len(row))
+                seq_ids += [(seq,)] * (len(row) - start)
+                fed = len(row) - start
+                wanted += [False] * (fed - min(n, fed)) + [True] * min(n, fed)
             logits = self._decode(tokens, positions, seq_ids, wanted)
         except BaseException:
             for seq in seqs:
@@ -380,14 +395,59 @@ class LlamaCppLM:
         self._rows += seqs
         self._lengths += [len(row) for row in rows]
         self._started = True
-        if last == 1:
-            return torch.from_numpy(logits)[:, None]
         out = torch.zeros(len(rows), last, self.vocab_size)
         at = 0
         for r, n in enumerate(scored):
+            if kept[r][1] is not None:  # found whole: its last logits were kept with it
+                out[r, last - 1] = torch.from_numpy(kept[r][1])
+                continue
             out[r, last - n :] = torch.from_numpy(logits[at : at + n])
             at += n
+            if self.prompt_cache is not None:
+                self._keep_prompt(seqs[r], rows[r], kept[r][0], logits[at - 1])
         return out
+
+    def _restore_prefix(
+        self, seq: int, row: list[int], scored: int
+    ) -> tuple[int, np.ndarray | None]:
+        """Restores into sequence `seq` the longest prefix of `row` the prompt cache kept
+        (adapters/prompt_cache.py), never one of the last `scored` positions, whose logits
+        the caller wants computed, unless the row was kept whole with its logits and only its
+        last position is wanted. Returns (tokens restored, those logits or None)."""
+        cache = self.prompt_cache
+        hit = cache.longest_prefix(row)
+        entry = None if hit is None else cache.load(hit[1])
+        if entry is None or entry.logits.shape != (self.vocab_size,):
+            cache.computed += len(row)
+            return 0, None
+        whole = len(entry.tokens) == len(row) == hit[0] and scored == 1
+        keep = len(row) if whole else min(hit[0], len(row) - scored)
+        if keep < MIN_TOKENS:
+            cache.computed += len(row)
+            return 0, None
+        state = (ctypes.c_uint8 * len(entry.state)).from_buffer_copy(entry.state)
+        llama = self._llama
+        if not llama.llama_state_seq_set_data(self._ctx, state, len(entry.state), seq):
+            llama.llama_memory_seq_rm(self._memory, seq, -1, -1)
+            cache.computed += len(row)
+            return 0, None
+        if keep < len(entry.tokens):
+            self._seq_rm(seq, keep)
+        cache.reused += keep
+        cache.computed += len(row) - keep
+        return keep, entry.logits if whole else None
+
+    def _keep_prompt(self, seq: int, row: list[int], restored: int, logits: np.ndarray) -> None:
+        """Gives the prompt cache this row's state and last logits (rows shorter than its
+        MIN_TOKENS, and rows restored whole, are not kept again)."""
+        if len(row) < MIN_TOKENS or restored == len(row):
+            return
+        llama = self._llama
+        size = int(llama.llama_state_seq_get_size(self._ctx, seq))
+        buffer = (ctypes.c_uint8 * size)()
+        written = int(llama.llama_state_seq_get_data(self._ctx, buffer, size, seq))
+        if written:
+            self.prompt_cache.save(row, bytes(buffer[:written]), logits)
 
     def remove_rows(self, keep: torch.Tensor) -> None:
         """Keep only the rows `keep` (increasing indices), renumbered 0..m-1."""

@@ -11,6 +11,7 @@ import torch
 
 from specsample.cli.models import (
     add_backend_arguments,
+    attach_prompt_caches,
     check_draft_stops,
     default_repack,
     recall_costs,
@@ -150,6 +151,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="send the prompt as raw text, not as a chat user turn",
     )
     add_backend_arguments(parser)
+    parser.add_argument(
+        "--prompt-cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="llama.cpp: keep each prompt's keys and values on disk and restore the longest "
+        "kept prefix of a later prompt instead of prefilling it (at most 8 prompts per model "
+        "and setting, least recently used first out); kept in $SPECSAMPLE_PROMPT_CACHE (a "
+        "folder, or 'off'), default the cache's prompts/ folder. Exact with respect to the "
+        "distributions the passes compute, as every pass (the tokens after a restored prefix "
+        "are computed in a pass of another shape than a fresh prefill's). Default: on",
+    )
     parser.add_argument("--stats", action="store_true", help="print decoding statistics")
     parser.add_argument(
         "--json",
@@ -235,6 +247,7 @@ def run(args: argparse.Namespace) -> int:
     if tree_shape is not None:
         children = args.tree_children.replace("-", "_")
         drafter = TreeDrafter(pair.draft, tree_shape, children=children)
+    prompt_cache = attach_prompt_caches(args, pair)
     memory = (
         recall_costs(args, pair, draft_length, rule)
         if drafter is not None and tree_shape is None
@@ -281,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
         for b, text in enumerate(texts):
             print(f"--- [{b}] {prompts[b]}\n{text}")
     if args.stats:
-        _print_stats(summary, memory)
+        _print_stats(summary, memory, prompt_cache)
     return 0
 
 
@@ -381,7 +394,7 @@ def _note(args: argparse.Namespace, message: str) -> None:
         print(message, file=sys.stderr)
 
 
-def _print_stats(summary: dict, memory=None) -> None:
+def _print_stats(summary: dict, memory=None, prompt_cache=None) -> None:
     seconds = summary["seconds"]
     lines = [
         "",
@@ -409,4 +422,10 @@ def _print_stats(summary: dict, memory=None) -> None:
         if memory.dropped:
             found += ", dropped: the machine ran at another speed than remembered"
         lines.append(f"  cost memory           {found} ({memory.path})")
+    if prompt_cache is not None:
+        total = prompt_cache.reused + prompt_cache.computed
+        lines.append(
+            f"  prompt cache          {prompt_cache.reused} of {total} target prompt tokens "
+            f"restored ({prompt_cache.folder})"
+        )
     print("\n".join(lines), file=sys.stderr)

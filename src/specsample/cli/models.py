@@ -285,6 +285,35 @@ def recall_costs(options: argparse.Namespace, pair, policy, rule: str, tree=None
     return memory
 
 
+def attach_prompt_caches(options: argparse.Namespace, pair):
+    """With --prompt-cache (default) on llama.cpp: each model gets the PromptCache of its
+    setting (adapters/prompt_cache.py; key: the model file by path, size and modification
+    time, the cache's number types, flash attention, repacking, threads, llama-cpp-python's
+    version and the machine). Returns the target's cache, or None."""
+    from specsample.adapters.prompt_cache import PromptCache
+    from specsample.engine.memory import file_identity, machine_facts
+
+    if not getattr(options, "prompt_cache", False) or pair.backend != "llama.cpp":
+        return None
+    caches = []
+    for lm in (pair.target, pair.draft):
+        if lm is None:
+            continue
+        key = {
+            "model": file_identity(lm.path),
+            "settings": {
+                "kv_type": lm.kv_type,
+                "flash_attn": lm.flash_attn,
+                "repack": lm.repack,
+                "threads": lm.threads,
+            },
+            "machine": machine_facts(),
+        }
+        lm.prompt_cache = PromptCache.from_environment(key)
+        caches.append(lm.prompt_cache)
+    return caches[0] if caches else None
+
+
 def _drafter(o: argparse.Namespace, draft_model):
     from specsample.drafters.model import ModelDrafter
     from specsample.drafters.ngram import NgramDrafter
