@@ -10,6 +10,14 @@ from scipy.stats import chi2
 from specsample.rules import draw_uniforms
 
 CASE_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+# logits dtype -> the dtype of the probabilities the warpers return (float64 kept, the rest
+# computed in float32)
+WARPED_DTYPES = [
+    (torch.float64, torch.float64),
+    (torch.float32, torch.float32),
+    (torch.float16, torch.float32),
+    (torch.bfloat16, torch.float32),
+]
 
 
 def random_distribution(

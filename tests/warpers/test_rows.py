@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import specsample.warpers as warpers
+from helpers import WARPED_DTYPES
 from specsample import SamplingConfig, logits_to_probs
 from specsample.rules.coupled import gumbel_noise
 from specsample.warpers import RowSampling, warp_rows
@@ -127,12 +128,7 @@ def test_one_config_for_every_row_is_logits_to_probs():
 
 @pytest.mark.parametrize(
     ("dtype", "expected"),
-    [
-        (torch.float64, torch.float64),
-        (torch.float32, torch.float32),
-        (torch.float16, torch.float32),
-        (torch.bfloat16, torch.float32),
-    ],
+    WARPED_DTYPES,
 )
 @pytest.mark.parametrize("same", [True, False], ids=["one-config", "mixed"])
 def test_output_is_float32_or_float64_for_float64_input(dtype, expected, same):

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from helpers import WARPED_DTYPES
 from specsample import SamplingConfig, logits_to_probs
 from specsample.warpers import apply_min_p, apply_top_k, apply_top_p
 
@@ -220,12 +221,7 @@ def test_batch_shapes_are_preserved(shape, config):
 
 @pytest.mark.parametrize(
     ("dtype", "expected"),
-    [
-        (torch.float64, torch.float64),
-        (torch.float32, torch.float32),
-        (torch.float16, torch.float32),
-        (torch.bfloat16, torch.float32),
-    ],
+    WARPED_DTYPES,
 )
 @pytest.mark.parametrize("config", [SamplingConfig(), SamplingConfig(temperature=0)])
 def test_output_is_float32_or_float64_for_float64_input(dtype, expected, config):
