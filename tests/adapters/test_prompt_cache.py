@@ -199,3 +199,23 @@ def test_a_run_from_the_cache_is_the_run_that_saved_it(gguf_path, tmp_path, temp
     again, second = run()
     assert again == tokens and len(tokens) == 12
     assert first.num_positions == 25 + 11 and second.num_positions == 11
+
+
+def test_a_kept_prompt_without_room_to_restore_is_computed_instead(gguf_path, tmp_path, reference):
+    """A kept prompt of 30 tokens shares its first 10 with a new 12-token row, but the context
+    (256 cells, 230 in use by another row) has no room to restore all 30: llama.cpp refuses
+    the state, and the row is prefilled whole, as without a cache."""
+    kept = prompt(10, 30)
+    model(gguf_path, PromptCache(KEY, tmp_path)).prefill([kept])
+    lm = LlamaCppLM(gguf_path, n_ctx=256, max_batch=2, threads=1, **NUMERICS["float32"][0])
+    other = prompt(11, 230)
+    lm.prefill([other])
+    cache = lm.prompt_cache = PromptCache(KEY, tmp_path)
+    row = kept[:10] + [3, 4]
+    logits = lm.add_rows([row])[0]
+    assert (cache.reused, cache.computed) == (0, 12) and lm.num_positions == 230 + 12
+    assert lm.cells_used == 242
+    assert (logits - reference(row)[-1]).abs().max() < NUMERICS["float32"][1]
+    after = lm.extend(torch.tensor([[5], [6]]), torch.tensor([1, 1]))
+    assert (after[0, 0] - reference(other + [5])[-1]).abs().max() < NUMERICS["float32"][1]
+    assert (after[1, 0] - reference(row + [6])[-1]).abs().max() < NUMERICS["float32"][1]
