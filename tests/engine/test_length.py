@@ -926,6 +926,42 @@ def test_costs_lengths_still_pause_a_row_whose_theory_says_drafting_does_not_pay
         assert policy.rows[0].paused and asked[-4:].count(0) >= 3, (rule, asked)
 
 
+def transformers_like() -> StepCosts:
+    """Transformers on 2 cores (benchmarks/decode_speed_reduced.md): a 2-token pass 2.06 1-token
+    passes, 5 tokens 3.0, 16 tokens 3.3; an int8 draft pass 0.134; each timed three times."""
+    measured = StepCosts()
+    for _ in range(3):
+        measured.draft_step.add(0.134)
+        for n, relative in ((1, 1.0), (2, 2.06), (5, 3.0), (16, 3.3)):
+            measured.add_target_pass(n, relative)
+    return measured
+
+
+def test_costs_lengths_judge_a_row_by_what_its_drafting_steps_emitted():
+    """Runs of kept drafts: steps that kept 15 of 15, 1 of 13, 0 of 7 and 2 of 3 emitted 22
+    tokens for about 18 1-token passes' cost. Under "costs" the row keeps drafting; the
+    per-position theory (about 3 of 4 first drafts kept) finds no length that pays and pauses
+    it under "theory". A row whose drafting steps lose (nothing kept) pauses under "costs"
+    too, and its probes offer the longest draft the costs justify, not one token."""
+    steps = [(15, 15), (13, 1), (7, 0), (3, 2)] * 2
+    for rule, pauses in (("costs", False), ("theory", True)):
+        policy = warmed(AdaptiveDraftLength(max_k=16, lengths=rule), transformers_like(), [0])
+        for drafted, kept in steps:
+            policy.next_lengths([0])
+            policy.update([0], lengths(drafted), lengths(kept), transformers_like())
+        assert policy.rows[0].paused is pauses, rule
+    policy = warmed(AdaptiveDraftLength(max_k=16, lengths="costs"), transformers_like(), [0])
+    cap = int(policy.next_lengths([0]))
+    assert cap == 16
+    asked, k = [], cap
+    for _ in range(12):  # the drafter's stops cut each draft to at most 4; none is kept
+        policy.update([0], lengths(min(k, 4)), lengths(0), transformers_like())
+        k = int(policy.next_lengths([0]))
+        asked.append(k)
+    assert policy.rows[0].paused and 0 in asked
+    assert set(asked) <= {0, cap} and cap in asked[asked.index(0) :]
+
+
 def test_auto_lengths_follow_whether_the_engines_drafter_stops_itself():
     """lengths="auto" (the default) is "costs" for a drafter that stops a row itself (a model
     drafter with a confidence or survival stop), "theory" otherwise; an explicit rule stands."""

@@ -72,8 +72,11 @@
      That is lengths="theory". With lengths="costs" (the default for a drafter that stops
      a row itself where it is unsure, such as the command line's model drafter) a row that
      drafts is offered the longest draft the pass costs justify were every draft kept, and
-     the drafter's confidence and survival stops decide how much of it is drafted; the
-     theory above still pauses rows and cuts a batch's depth. On transformers on 2 cores
+     the drafter's confidence and survival stops decide how much of it is drafted. A row
+     then pauses when its drafting steps emitted fewer tokens than they cost in 1-token
+     passes (decayed sums of accepted + 1 and k c + r(k + 1); the theory's position rates
+     miss how runs of kept drafts go on), and its probes offer that same longest draft; the
+     theory still cuts a batch's depth. On transformers on 2 cores
      (a 16-token pass 2.8x a 1-token one) the schedule's caps, which follow the keep rates a
      few steps late, kept drafts short where transformers' assisted generation (20 drafts,
      the same confidence stop) drafted long and won.
@@ -324,6 +327,10 @@ class _RowSchedule:
     # row drafted past i and kept every draft before it)
     position_tests: list[float] = field(default_factory=list)
     position_kept: list[float] = field(default_factory=list)
+    # lengths="costs": the row's drafting steps, decayed like its keep tests: tokens they
+    # emitted, and what they cost in 1-token target passes (k c + r(k + 1) each)
+    emitted_weight: float = 0.0
+    cost_weight: float = 0.0
 
     def position_rates(self, max_k: int, priors: list[float] | None = None) -> list[float]:
         """Acceptance rate at each draft position 0..max_k-1, given every draft before it was
@@ -374,9 +381,9 @@ class AdaptiveDraftLength:
     it is drafted, step by step, which the row's past keep rates (what "theory" goes by) can
     only follow a few steps late, and where passes cost little more for more tokens
     (transformers on CPUs, accelerators) long drafts cost little when they stop early. Rows
-    still pause when their theory says drafting does not pay (best k 0), and a batch's depth
-    is still cut as part 3 says. "auto" (default): "costs" when the engine's drafter says it
-    stops itself (`stops_itself`), else "theory"."""
+    pause when their drafting steps emitted fewer tokens than they cost (module docstring),
+    and a batch's depth is still cut as part 3 says. "auto" (default): "costs" when the
+    engine's drafter says it stops itself (`stops_itself`), else "theory"."""
 
     def __init__(
         self,
@@ -600,7 +607,9 @@ class AdaptiveDraftLength:
                 if probe:
                     state.steps = 0
                     state.probe_gap = min(2 * state.probe_gap, MAX_GAP)
-                out.append(1 if probe else 0)
+                # a probe under "costs" offers what a drafting row gets (the drafter's stops
+                # cut it): a 1-token draft can cost more than the token it may add
+                out.append((cap or 1) if probe else 0)
             else:
                 # Before min_tests the cap (at the prior-weighted alpha) may shorten a draft to
                 # one token but not stop it: only a row's own keep tests can pause it.
@@ -778,6 +787,16 @@ class AdaptiveDraftLength:
             state.test_weight + PRIOR_TESTS * state.prior_weight
         )
         pays = self._drafting_pays(state, costs)
+        if self.length_rule == "costs" and costs.target(1) is not None:
+            # The drafter's stops choose the lengths, so the row is judged on what its drafting
+            # steps did: tokens emitted against their modelled cost (target-only: 1 token per
+            # 1-token pass). The per-position theory misses how runs of kept drafts go on
+            # (lru-cache at T = 0 on transformers: steps that kept 15 of 15, 1 of 13, 0 of 7 and
+            # 2 of 3 emitted 22 tokens for about 18 passes' cost, and the theory paused the row).
+            verify = costs.relative_pass_cost(drafted + 1, TRUST_SAMPLES) or 1.0
+            state.emitted_weight = decay * state.emitted_weight + accepted + 1
+            state.cost_weight = decay * state.cost_weight + drafted * _cost_ratio(costs) + verify
+            pays = state.emitted_weight > state.cost_weight
         if state.tests_seen >= self.min_tests:
             paused = not pays
         else:  # early: only when even a high plausible rate does not pay
