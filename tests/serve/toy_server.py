@@ -47,7 +47,9 @@ TARGET = ToyLM(VOCAB, seed=11, scale=1.5)
 
 
 class ControlledToyLM(ToyLM):
-    """A ToyLM that fails (an internal error) once a row holds the token `poison`, and whose
+    """A ToyLM that fails (an internal error) when a prompt that joins holds the token `poison`
+    (not its drafts: a request's first pass scores its prompt and first drafts at once, and a
+    drafted `poison` would fail a clean request at random), and whose
     forward passes wait for `gate` to be set (to hold requests in flight) and take at least
     `delay` seconds (a slow model)."""
 
@@ -62,7 +64,7 @@ class ControlledToyLM(ToyLM):
         return super().add_rows(prompts)
 
     def add_rows_last(self, prompts, last):  # a request's first scoring pass: it waits too
-        self._check_poison(prompts)
+        self._check_poison([p[: len(p) - (last - 1)] for p in prompts])
         self._wait()
         return super().add_rows_last(prompts, last)
 
