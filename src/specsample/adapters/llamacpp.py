@@ -380,7 +380,9 @@ class LlamaCppLM:
             for r, (seq, row, n) in enumerate(zip(seqs, rows, scored, strict=True)):
                 if self.prompt_cache is not None:
                     kept[r] = self._restore_prefix(seq, row, n)
-                start = kept[r][0] if kept[r][1] is None else len(row)
+                    self.prompt_cache.reused += kept[r][0]
+                    self.prompt_cache.computed += len(row) - kept[r][0]
+                start = kept[r][0]  # a whole row (kept with its logits) feeds nothing
                 tokens += row[start:]
                 positions += range(start, len(row))
                 seq_ids += [(seq,)] * (len(row) - start)
@@ -404,7 +406,7 @@ class LlamaCppLM:
             out[r, last - n :] = torch.from_numpy(logits[at : at + n])
             at += n
             if self.prompt_cache is not None:
-                self._keep_prompt(seqs[r], rows[r], kept[r][0], logits[at - 1])
+                self._keep_prompt(seqs[r], rows[r], logits[at - 1])
         return out
 
     def _restore_prefix(
@@ -418,29 +420,24 @@ class LlamaCppLM:
         hit = cache.longest_prefix(row)
         entry = None if hit is None else cache.load(hit[1])
         if entry is None or entry.logits.shape != (self.vocab_size,):
-            cache.computed += len(row)
             return 0, None
         whole = len(entry.tokens) == len(row) == hit[0] and scored == 1
         keep = len(row) if whole else min(hit[0], len(row) - scored)
         if keep < MIN_TOKENS:
-            cache.computed += len(row)
             return 0, None
         state = (ctypes.c_uint8 * len(entry.state)).from_buffer_copy(entry.state)
         llama = self._llama
         if not llama.llama_state_seq_set_data(self._ctx, state, len(entry.state), seq):
             llama.llama_memory_seq_rm(self._memory, seq, -1, -1)
-            cache.computed += len(row)
             return 0, None
         if keep < len(entry.tokens):
             self._seq_rm(seq, keep)
-        cache.reused += keep
-        cache.computed += len(row) - keep
         return keep, entry.logits if whole else None
 
-    def _keep_prompt(self, seq: int, row: list[int], restored: int, logits: np.ndarray) -> None:
+    def _keep_prompt(self, seq: int, row: list[int], logits: np.ndarray) -> None:
         """Gives the prompt cache this row's state and last logits (rows shorter than its
-        MIN_TOKENS, and rows restored whole, are not kept again)."""
-        if len(row) < MIN_TOKENS or restored == len(row):
+        MIN_TOKENS are not kept; the caller skips rows restored whole)."""
+        if len(row) < MIN_TOKENS:
             return
         llama = self._llama
         size = int(llama.llama_state_seq_get_size(self._ctx, seq))

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from specsample.adapters.folders import cache_folder
+
 __all__ = ["CachedPrompt", "PromptCache", "prompt_cache_directory"]
 
 CACHE_VERSION = 1
@@ -41,12 +43,7 @@ MAX_BYTES = 1 << 30  # files kept per setting, in all
 
 def prompt_cache_directory() -> Path | None:
     """The folder of the prompt caches, or None when $SPECSAMPLE_PROMPT_CACHE is "off"."""
-    if (chosen := os.environ.get(ENVIRONMENT)) is not None:
-        return None if chosen.strip().lower() == "off" else Path(chosen)
-    if root := os.environ.get("SPECSAMPLE_CACHE"):
-        return Path(root) / "prompts"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "specsample" / "prompts"
+    return cache_folder(ENVIRONMENT, "prompts")
 
 
 @dataclass

@@ -296,6 +296,7 @@ def attach_prompt_caches(options: argparse.Namespace, pair):
     if not getattr(options, "prompt_cache", False) or pair.backend != "llama.cpp":
         return None
     caches = []
+    machine = machine_facts()
     for lm in (pair.target, pair.draft):
         if lm is None:
             continue
@@ -307,7 +308,7 @@ def attach_prompt_caches(options: argparse.Namespace, pair):
                 "repack": lm.repack,
                 "threads": lm.threads,
             },
-            "machine": machine_facts(),
+            "machine": machine,
         }
         lm.prompt_cache = PromptCache.from_environment(key)
         caches.append(lm.prompt_cache)

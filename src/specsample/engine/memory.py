@@ -38,6 +38,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from specsample.adapters.folders import cache_folder
+
 MEMORY_VERSION = 1
 MATCH_FACTOR = 1.3  # a first pass within this factor of what the memory says: the same speed
 MAX_AGE_DAYS = 7
@@ -46,12 +48,7 @@ ENVIRONMENT = "SPECSAMPLE_COST_MEMORY"
 
 def memory_directory() -> Path | None:
     """The folder of the cost memories, or None when $SPECSAMPLE_COST_MEMORY is "off"."""
-    if (chosen := os.environ.get(ENVIRONMENT)) is not None:
-        return None if chosen.strip().lower() == "off" else Path(chosen)
-    if root := os.environ.get("SPECSAMPLE_CACHE"):
-        return Path(root) / "costs"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "specsample" / "costs"
+    return cache_folder(ENVIRONMENT, "costs")
 
 
 def machine_facts() -> dict[str, Any]:
