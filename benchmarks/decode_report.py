@@ -9,12 +9,13 @@ import datetime
 import platform
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
 
-from common import PROBE_CONTEXT, load_average, sklearn_available
+from common import PROBE_CONTEXT, PROMPTS, load_average, sklearn_available
 from decode_contenders import (
     ADAPTIVE_MAX_K,
     HF_ASSISTED_INT8,
@@ -110,6 +111,13 @@ def machine_lines(rec: Record) -> list[str]:
     ]
 
 
+def prompts_file(args: argparse.Namespace) -> str:
+    """The prompts file as the repository names it (benchmarks/NAME.json), else its path."""
+    path = Path(getattr(args, "prompts_file", None) or PROMPTS).resolve()
+    root = PROMPTS.resolve().parent.parent
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
 def settings_lines(rec: Record) -> list[str]:
     args, n, temps, prompts = rec.args, rec.n, rec.temps, rec.prompts
     mismatched, contenders = rec.mismatched, rec.contenders
@@ -118,7 +126,7 @@ def settings_lines(rec: Record) -> list[str]:
     return [
         "## Settings",
         "",
-        f"- prompts: {', '.join(p['name'] for p in prompts)} (benchmarks/prompts.json), each "
+        f"- prompts: {', '.join(p['name'] for p in prompts)} ({prompts_file(args)}), each "
         "through the chat template (one user turn, generation prompt)",
         f"- {n} new tokens per row; EOS stopping is off for every contender (ours: "
         "`eos_token_ids=()`; transformers: `eos_token_id=None`, `pad_token_id` set), so each "
@@ -332,6 +340,7 @@ def json_record(rec: Record, goal_lines: list[str]) -> dict[str, Any]:
             "batches": args.batches,
             "repeats": args.repeats,
             "prompts": [p["name"] for p in prompts],
+            "prompts_file": prompts_file(args),
         },
         "probe": {
             "context": PROBE_CONTEXT,

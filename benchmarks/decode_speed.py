@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from common import (
+    PROMPTS,
     Counter,
     cpu_info,
     load_average,
@@ -76,7 +77,14 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--batches", type=ints, default=None, help="e.g. 1,4,8 (the default)")
     parser.add_argument("--repeats", type=int, default=None, help="runs per cell (default 1)")
-    parser.add_argument("--prompts", default=None, help="NAME,... from benchmarks/prompts.json")
+    parser.add_argument("--prompts", default=None, help="NAME,... from the prompts file")
+    parser.add_argument(
+        "--prompts-file",
+        type=Path,
+        default=PROMPTS,
+        help="a JSON list of {name, kind, prompt} (default benchmarks/prompts.json; "
+        "benchmarks/outside_prompts.json holds prompts the policies were not tuned on)",
+    )
     parser.add_argument("--probe-repeats", type=int, default=None, help="default 5")
     parser.add_argument(
         "--quick",
@@ -232,7 +240,7 @@ def main() -> None:
     args = parse_args()
     draft_tag = " (int8 draft)" if args.draft_quantize == "int8" else ""
     names = Names.for_run(draft_tag, args.k, args.ngram_k)
-    all_prompts = load_prompts()
+    all_prompts = load_prompts(args.prompts_file)
     prompts = select_prompts(args, all_prompts)
     started = datetime.datetime.now().astimezone()
     load_start = load_average()

@@ -247,6 +247,13 @@ def test_cost_memory_is_written_then_recalled_and_can_be_turned_off(
     assert json.loads(files[0].read_text())["buckets"]["1"]["verdict"] in (True, False)
     again = stats_lines()
     assert len(again) == 1 and "recalled" in again[0]
+    # --json says the same
+    assert main([*common, "--json"]) == 0
+    fact = json.loads(capsys.readouterr().out)["cost_memory"]
+    assert fact["recalled"] is True and fact["path"] == str(files[0])
+    assert fact["dropped"] in (True, False)  # a slower pass than remembered drops it
+    assert main([*common, "--json", "--no-cost-memory"]) == 0
+    assert "cost_memory" not in json.loads(capsys.readouterr().out)
     # another setting (here the largest draft length) is another memory
     assert "none yet" in stats_lines("--max-k", "5")[0]
     assert len(list(folder.glob("costs-*.json"))) == 2
@@ -311,3 +318,13 @@ def test_prompt_cache_on_llamacpp_restores_a_prompt_and_can_be_turned_off(
     again_texts, again = run()
     assert f"{total} of {total} target prompt tokens restored" in again[0]
     assert again_texts == first_texts == texts
+    # --json says the same
+    assert main([*common, "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["prompt_cache"] == {
+        "restored_tokens": total,
+        "computed_tokens": 0,
+        "folder": again[0].split("(")[-1].rstrip(")"),
+    }
+    assert main([*common, "--json", "--no-prompt-cache"]) == 0
+    assert "prompt_cache" not in json.loads(capsys.readouterr().out)

@@ -286,7 +286,9 @@ def run(args: argparse.Namespace) -> int:
     ]
     summary = generation.stats.summary()
     if args.json:
-        print(json.dumps({"prompts": prompts, "texts": texts, "stats": summary}, indent=2))
+        record = {"prompts": prompts, "texts": texts, "stats": summary}
+        record.update(_reuse_facts(memory, prompt_cache))
+        print(json.dumps(record, indent=2))
         return 0
     if live:
         print()
@@ -394,6 +396,26 @@ def _note(args: argparse.Namespace, message: str) -> None:
         print(message, file=sys.stderr)
 
 
+def _reuse_facts(memory=None, prompt_cache=None) -> dict:
+    """What the run took from earlier runs: the cost memory (recalled, dropped, its file) and
+    the target's prompt cache (prompt tokens restored and computed, its folder); a key only for
+    what this run used."""
+    facts: dict = {}
+    if memory is not None:
+        facts["cost_memory"] = {
+            "recalled": bool(memory.recalled),
+            "dropped": bool(memory.dropped),
+            "path": str(memory.path),
+        }
+    if prompt_cache is not None:
+        facts["prompt_cache"] = {
+            "restored_tokens": prompt_cache.reused,
+            "computed_tokens": prompt_cache.computed,
+            "folder": str(prompt_cache.folder),
+        }
+    return facts
+
+
 def _print_stats(summary: dict, memory=None, prompt_cache=None) -> None:
     seconds = summary["seconds"]
     lines = [
@@ -417,15 +439,18 @@ def _print_stats(summary: dict, memory=None, prompt_cache=None) -> None:
         "pass or a timed 1-token target pass)",
         f"  rules used            {summary['rules_used']}",
     ]
-    if memory is not None:
-        found = "recalled" if memory.recalled else "none yet for this setting"
-        if memory.dropped:
+    facts = _reuse_facts(memory, prompt_cache)
+    if "cost_memory" in facts:
+        fact = facts["cost_memory"]
+        found = "recalled" if fact["recalled"] else "none yet for this setting"
+        if fact["dropped"]:
             found += ", dropped: the machine ran at another speed than remembered"
-        lines.append(f"  cost memory           {found} ({memory.path})")
-    if prompt_cache is not None:
-        total = prompt_cache.reused + prompt_cache.computed
+        lines.append(f"  cost memory           {found} ({fact['path']})")
+    if "prompt_cache" in facts:
+        fact = facts["prompt_cache"]
+        total = fact["restored_tokens"] + fact["computed_tokens"]
         lines.append(
-            f"  prompt cache          {prompt_cache.reused} of {total} target prompt tokens "
-            f"restored ({prompt_cache.folder})"
+            f"  prompt cache          {fact['restored_tokens']} of {total} target prompt tokens "
+            f"restored ({fact['folder']})"
         )
     print("\n".join(lines), file=sys.stderr)
