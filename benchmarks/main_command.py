@@ -164,7 +164,7 @@ def markdown(record: dict) -> str:
             f"{max(run['rss_gib'] for run in entry['runs']):.2f} | "
             f"{median(name, 'target_passes'):g} | {median(name, 'draft_passes'):g} |"
         )
-    lines += ["", "Per run (tokens/s): "]
+    lines += ["", "Per run (tokens/s):"]
     for name, entry in record["contenders"].items():
         rates = ", ".join(f"{run['tokens_per_second']:.2f}" for run in entry["runs"])
         lines.append(f"- {name}: {rates}")

@@ -140,3 +140,49 @@ def test_serving_defaults_on_llamacpp_are_auto_length_and_repacked_weights(tmp_p
     engine = _loaded_engine(*common, "--max-batch", "2", "--k", "3", "--no-repack")
     assert isinstance(engine.policy, FixedDraftLength) and engine.policy.k == 3
     assert not engine.target.model.repack
+
+
+def test_serving_on_llamacpp_restores_kept_prompts_unless_turned_off(tmp_path):
+    """serve and batch on llama.cpp keep prompts as generate does (--prompt-cache, default on;
+    conftest points $SPECSAMPLE_PROMPT_CACHE at a fresh folder): both models get a cache, a
+    request whose prompt an earlier engine kept restores all of it, and a target-only request
+    with the same seed then writes the same tokens; --no-prompt-cache leaves it out."""
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("gguf")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "adapters"))
+    from tiny_gguf import write_tiny_gguf
+
+    from specsample import SamplingConfig
+
+    gguf = str(write_tiny_gguf(tmp_path / "tiny.gguf"))
+    common = ["--target", gguf, "--draft", gguf, "--threads", "1", "--context", "64"]
+    common += ["--max-batch", "2"]
+    engine = _loaded_engine(*common, "--no-prompt-cache")
+    assert engine.target.model.prompt_cache is None
+    assert engine.drafter.cursor.model.prompt_cache is None
+    engine = _loaded_engine(*common)
+    assert engine.drafter.cursor.model.prompt_cache is not None
+    prompt = list(range(3, 23))
+
+    def tokens(engine) -> list[int]:
+        engine.add_request(
+            prompt, sampling=SamplingConfig(temperature=1.0), max_new_tokens=10, seed=5
+        )
+        out: list[int] = []
+        for _ in range(40):
+            for piece in engine.step():
+                out += piece.tokens
+            if not engine.has_unfinished():
+                return out
+        raise AssertionError("the request did not finish in 40 steps")
+
+    first = tokens(_loaded_engine(*common, "--drafter", "none"))  # keeps the prompt
+    engine = _loaded_engine(*common, "--drafter", "none")
+    cache = engine.target.model.prompt_cache
+    assert tokens(engine) == first and len(first) == 10
+    assert (cache.reused, cache.computed) == (len(prompt), 0)
+    engine = _loaded_engine(*common, "--drafter", "none", "--no-prompt-cache")
+    assert tokens(engine) == first  # the state it restored was the one a prefill computes

@@ -151,17 +151,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="send the prompt as raw text, not as a chat user turn",
     )
     add_backend_arguments(parser)
-    parser.add_argument(
-        "--prompt-cache",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="llama.cpp: keep each prompt's keys and values on disk and restore the longest "
-        "kept prefix of a later prompt instead of prefilling it (at most 8 prompts per model "
-        "and setting, least recently used first out); kept in $SPECSAMPLE_PROMPT_CACHE (a "
-        "folder, or 'off'), default the cache's prompts/ folder. Exact with respect to the "
-        "distributions the passes compute, as every pass (the tokens after a restored prefix "
-        "are computed in a pass of another shape than a fresh prefill's). Default: on",
-    )
     parser.add_argument("--stats", action="store_true", help="print decoding statistics")
     parser.add_argument(
         "--json",

@@ -91,8 +91,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_backend_arguments(parser) -> None:
-    """What runs the models: --dtype, --device, --backend, --threads, --draft-quantize (shared
-    with specsample generate)."""
+    """What runs the models: --dtype, --device, --backend, --threads, --repack, --cost-memory,
+    --prompt-cache, --draft-quantize (shared by generate, serve and batch)."""
     parser.add_argument(
         "--dtype",
         choices=["auto", "bfloat16", "float32", "float16"],
@@ -139,6 +139,17 @@ def add_backend_arguments(parser) -> None:
         "prefill). Exact either way. Default: on",
     )
     parser.add_argument(
+        "--prompt-cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="llama.cpp: keep each prompt's keys and values on disk and restore the longest "
+        "kept prefix of a later prompt instead of prefilling it (at most 8 prompts per model "
+        "and setting, least recently used first out); kept in $SPECSAMPLE_PROMPT_CACHE (a "
+        "folder, or 'off'), default the cache's prompts/ folder. Exact with respect to the "
+        "distributions the passes compute, as every pass (the tokens after a restored prefix "
+        "are computed in a pass of another shape than a fresh prefill's). Default: on",
+    )
+    parser.add_argument(
         "--draft-quantize",
         choices=["auto", "none", "int8"],
         default="auto",
@@ -164,7 +175,7 @@ class ModelLoader:
             "target draft drafter k max_k rule draft_confidence draft_survival "
             "draft_survival_greedy dtype device "
             "backend threads draft_quantize repack max_batch context default_max_tokens "
-            "model_name cost_memory"
+            "model_name cost_memory prompt_cache"
         ).split()
         return ModelLoader({name: getattr(args, name) for name in names})
 
@@ -199,6 +210,7 @@ class ModelLoader:
         )
         if o.drafter == "model" and pair.draft is None:
             raise ValueError("--drafter model needs --draft when --target is given")
+        attach_prompt_caches(o, pair)
         if o.context is None:
             context = min(context, getattr(pair.target_config, "max_position_embeddings", context))
         if o.k is None:
