@@ -24,18 +24,16 @@ pytest.importorskip(
 # control tokens): the same as the llama.cpp backend's tests write.
 from tiny_gguf import (  # noqa: E402
     BOS,
-    CONTROL,
     EOS,
     FFN,
     HEADS,
     HIDDEN,
     KV_HEADS,
     LAYERS,
-    MERGES,
-    NORMAL,
-    SPECIALS,
     TOKENS,
     VOCAB,
+    finish_writer,
+    start_writer,
 )
 
 from helpers import tiny_config  # noqa: E402
@@ -113,34 +111,20 @@ def _random_weights() -> dict[str, torch.Tensor]:
 
 
 def _write_gguf(path: Path, weights: dict[str, torch.Tensor]) -> None:
-    writer = gguf.GGUFWriter(str(path), "qwen2")
-    writer.add_name("tiny-qwen2-test")
-    writer.add_context_length(512)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_feed_forward_length(FFN)
-    writer.add_block_count(LAYERS)
-    writer.add_head_count(HEADS)
-    writer.add_head_count_kv(KV_HEADS)
-    writer.add_rope_freq_base(10000.0)
-    writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")
-    writer.add_token_list(TOKENS)
-    writer.add_token_types([NORMAL] * (VOCAB - len(SPECIALS)) + [CONTROL] * len(SPECIALS))
-    writer.add_token_merges([" ".join(m) for m in MERGES])
-    writer.add_bos_token_id(BOS)
-    writer.add_eos_token_id(EOS)
-    writer.add_pad_token_id(BOS)
-    writer.add_add_bos_token(False)
+    writer = start_writer(
+        path,
+        architecture="qwen2",
+        name="tiny-qwen2-test",
+        file_type=gguf.LlamaFileType.MOSTLY_F16,
+        tokens=TOKENS,
+        chat_template=None,
+    )
+    # F32 vectors and token embeddings, F16 for every other matrix: both dequantize exactly.
+    tensors = {}
     for name, tensor in weights.items():
-        # F32 vectors and token embeddings, F16 for every other matrix: both dequantize exactly.
         f32 = tensor.dim() == 1 or name == "model.embed_tokens.weight"
-        writer.add_tensor(_gguf_name(name), tensor.numpy().astype("float32" if f32 else "float16"))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        tensors[_gguf_name(name)] = tensor.numpy().astype("float32" if f32 else "float16")
+    finish_writer(writer, tensors)
 
 
 @pytest.fixture(scope="module")

@@ -98,9 +98,40 @@ def write_tiny_gguf(
     similar model, e.g. a draft for the model of `seed`)."""
     import gguf
 
-    tokens = TOKENS if tokens is None else tokens
+    writer = start_writer(
+        path,
+        architecture=architecture,
+        name="tiny-qwen2-llamacpp-test",
+        file_type=gguf.LlamaFileType.ALL_F32,
+        tokens=TOKENS if tokens is None else tokens,
+        chat_template=chat_template,
+    )
+    weights = random_weights(seed)
+    if mix is not None:
+        other, t = random_weights(mix[0]), mix[1]
+        weights = {
+            name: ((1 - t) * w + t * other[name]).astype(np.float32) for name, w in weights.items()
+        }
+    finish_writer(writer, weights)
+    return path
+
+
+def start_writer(
+    path: Path,
+    *,
+    architecture: str,
+    name: str,
+    file_type,
+    tokens: list[str],
+    chat_template: str | None,
+):
+    """A GGUFWriter for `path` with the tiny model's metadata written: its shape, the byte-level
+    BPE tokenizer over `tokens` (its last len(SPECIALS) are control tokens), BOS/EOS/pad, and
+    `chat_template` unless None. The caller adds the tensors (finish_writer)."""
+    import gguf
+
     writer = gguf.GGUFWriter(str(path), architecture)
-    writer.add_name("tiny-qwen2-llamacpp-test")
+    writer.add_name(name)
     writer.add_context_length(512)
     writer.add_embedding_length(HIDDEN)
     writer.add_feed_forward_length(FFN)
@@ -109,7 +140,7 @@ def write_tiny_gguf(
     writer.add_head_count_kv(KV_HEADS)
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_file_type(file_type)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("qwen2")
     writer.add_token_list(tokens)
@@ -121,16 +152,14 @@ def write_tiny_gguf(
     writer.add_add_bos_token(False)
     if chat_template is not None:
         writer.add_chat_template(chat_template)
-    weights = random_weights(seed)
-    if mix is not None:
-        other, t = random_weights(mix[0]), mix[1]
-        weights = {
-            name: ((1 - t) * w + t * other[name]).astype(np.float32) for name, w in weights.items()
-        }
-    for name, tensor in weights.items():
+    return writer
+
+
+def finish_writer(writer, tensors: dict[str, np.ndarray]) -> None:
+    """Adds the tensors (GGUF name -> array, stored in its own dtype) and writes the file."""
+    for name, tensor in tensors.items():
         writer.add_tensor(name, tensor)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return path
