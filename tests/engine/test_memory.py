@@ -319,3 +319,31 @@ def test_a_model_file_is_named_by_path_size_and_modification_time(tmp_path):
     assert file_identity(model) != first
     assert file_identity("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
     assert file_identity(None) is None
+
+
+def test_a_no_from_real_drafting_steps_is_not_remembered(tmp_path):
+    """The check of real drafting steps (GUARD_STEPS steps slower than target-only for the
+    tokens they could have emitted) stops drafting in this process, but the memory keeps the
+    cost check's "yes": those steps' drafts were cut short by the drafter's stops on this
+    text, and a later process with another prompt starts drafting again. Fails when the
+    memory keeps the in-process verdict."""
+    from specsample.engine.length import GUARD_STEPS
+
+    memory = remembered(tmp_path, YES_DRAFT, YES_PASSES)
+    policy = _recalling(memory)
+    measured = policy.bucket_costs[1]
+    verdicts = []
+    for _ in range(GUARD_STEPS):
+        policy.next_lengths(1)
+        measured.draft_step.add(YES_DRAFT)
+        # one draft per step (the drafter's stops), its pass priced as the memory says, but
+        # the whole step slower than the 2 tokens it could emit cost target-only
+        measured.add_target_pass(2, (3 * YES_PASSES[1] + YES_PASSES[5]) / 4)
+        measured.last_step_seconds = 2.25 * YES_PASSES[1]
+        policy.update(lengths(1), lengths(1), measured)
+        verdicts.append(policy.can_pay)
+    assert verdicts[-1] is False and policy.stopped  # this process stopped drafting
+    saved = json.loads(memory.path.read_text())["buckets"]["1"]
+    assert saved["verdict"] is True
+    later = _recalling(CostMemory(KEY, tmp_path))
+    assert later.verdicts[1] is True and int(later.next_lengths(1)) >= 1
