@@ -113,7 +113,7 @@ def machine_lines(rec: Record) -> list[str]:
 
 def prompts_file(args: argparse.Namespace) -> str:
     """The prompts file as the repository names it (benchmarks/NAME.json), else its path."""
-    path = Path(getattr(args, "prompts_file", None) or PROMPTS).resolve()
+    path = Path(args.prompts_file).resolve()
     root = PROMPTS.resolve().parent.parent
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
