@@ -187,3 +187,29 @@ def test_start_drops_rows_left_in_the_model_without_a_pass():
     cursor = ModelCursor(model)
     cursor.start([[1, 2]])
     assert model.sequences == [[1, 2]] and cursor.ready[0] is not None
+
+
+def test_a_padded_feed_returns_the_same_rows_and_the_next_feed_rolls_the_filler_back():
+    """min_width feeds filler (the row's last token again) after the drafts: the returned rows
+    are those of the unpadded feed, the model scored min_width tokens, and the next call keeps
+    what the committed sequence shares with the cache: the filler where the sequence goes on
+    with that same token there (its entry is the right one), nothing past it otherwise."""
+    plain, padded = PlainToyLM(16, seed=3), PlainToyLM(16, seed=3)
+    cursors = [ModelCursor(plain), ModelCursor(padded)]
+    prompt = [1, 2, 3]
+    drafts = torch.tensor([[5, 6]])
+    out = []
+    for cursor, width in zip(cursors, (None, 6), strict=True):
+        cursor.start([prompt])
+        cursor.feed([prompt], [True])
+        out.append(cursor.feed([prompt + [7]], [True], drafts, torch.tensor([2]), width))
+    assert torch.equal(out[0], out[1]) and out[1].shape[1] == 3
+    assert cursors[1].fed_width == 6 and padded.sequences == [prompt + [7, 5, 6, 6, 6, 6]]
+    # the drafts were kept and the sequence goes on with 6 (a filler token's value): the cache
+    # keeps the entries the sequence shares, the rest is rolled back
+    sequence = prompt + [7, 5, 6, 6, 9]
+    for cursor, model in zip(cursors, (plain, padded), strict=True):
+        logits = cursor.feed([sequence], [True])
+        assert torch.allclose(logits[0, 0], expected(model, sequence))
+        assert model.sequences == [sequence]
+    assert cursors[1].fed_width == 1  # only the pending 9: the filler 6 was kept

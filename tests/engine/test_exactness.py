@@ -306,3 +306,108 @@ def test_tree_negative_control_top_children_reported_as_softmax_fails(monkeypatc
 
     monkeypatch.setattr(tree_module, "draw_children", top_reported_as_softmax)
     assert exactness_p_value(tree_drafter((2, 1), "iid")) < ALPHA
+
+
+# ---------------------------------------------------------------- fitting passes to their costs
+# The policy's trim cuts drafts after they were made (verify only what is worth its pass) and
+# the engine pads a pass with filler where a wider one costs less (engine.length, part 4). The
+# cut must depend on the drafts and past steps only. Forced here on every step, per row at
+# random (the policy's own cut is one width per batch, and it happens where the costs say so),
+# with every chain pass padded by 3 filler tokens; the negative control cuts a row's draft
+# where the target would be likely to reject it, which the same test must catch.
+
+
+def _cut_rows(draft: Draft, lengths: torch.Tensor) -> Draft:
+    return Draft.chain(draft.tokens, draft.probs, torch.minimum(draft.lengths, lengths))
+
+
+def _pad_every_pass(monkeypatch) -> None:
+    from specsample.engine.length import StepCosts
+
+    monkeypatch.setattr(StepCosts, "pad_width", lambda self, tokens, min_samples=3: tokens + 3)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_drafts_cut_at_random_and_padded_passes_keep_the_joint(monkeypatch, temperature):
+    from specsample.engine.engine import Engine
+
+    cuts = torch.Generator().manual_seed(5)
+
+    def random_cut(self, ids, draft):
+        if not draft.num_nodes:
+            return draft
+        return _cut_rows(
+            draft, torch.randint(0, draft.num_nodes + 1, (draft.batch,), generator=cuts)
+        )
+
+    monkeypatch.setattr(Engine, "_trim", random_cut)
+    _pad_every_pass(monkeypatch)
+    sampling = SamplingConfig(temperature=temperature)
+    for drafter in (model_drafter(), NgramDrafter(max_ngram=2)):
+        p = exactness_p_value(
+            drafter, sampling=sampling, draft_length=3, max_new_tokens=4, eos=(2,)
+        )
+        assert p > ALPHA, type(drafter).__name__
+
+
+def test_the_policys_own_trim_and_padding_keep_the_joint(monkeypatch):
+    """The real trim of AdaptiveDraftLength, on a cost curve put in front of it under which
+    a step verifies one draft at most (at the prior's rates: 1.67 tokens for a 1.5 pass, 2.11
+    for 3.0, 2.41 for 3.1), and padded passes."""
+    from specsample.engine.length import StepCosts
+
+    real_update = AdaptiveDraftLength.update
+
+    def kinked_update(self, *args):
+        real_update(self, *args)
+        measured = StepCosts()
+        for _ in range(3):
+            measured.draft_step.add(0.01)
+            for n, cost in ((1, 1.0), (2, 1.5), (3, 3.0), (4, 3.1)):
+                measured.add_target_pass(n, cost)
+        bucket = 1 << max(0, len(args[0]) - 1).bit_length()
+        self._costs = self.bucket_costs[bucket] = measured
+        self.verdicts[bucket] = self.can_pay = True
+
+    real_trim, cuts = AdaptiveDraftLength.trim, []
+
+    def counted_trim(self, rows, depths):
+        width = real_trim(self, rows, depths)
+        cuts.append(width < max(depths, default=0))
+        return width
+
+    monkeypatch.setattr(AdaptiveDraftLength, "update", kinked_update)
+    monkeypatch.setattr(AdaptiveDraftLength, "trim", counted_trim)
+    _pad_every_pass(monkeypatch)
+    p = exactness_p_value(
+        ModelDrafter(toy_pair()[1], confidence=0.6),
+        draft_length=AdaptiveDraftLength(max_k=3, lengths="costs"),
+        max_new_tokens=8,
+        sampling=SamplingConfig(temperature=1.0),
+    )
+    assert p > ALPHA
+    assert any(cuts), cuts  # drafts were cut
+
+
+def test_negative_control_a_cut_that_reads_the_target_fails(monkeypatch):
+    from specsample.engine.engine import Engine
+
+    target = toy_pair()[0]
+    sampling = SamplingConfig()
+
+    def peeking_cut(self, ids, draft):
+        if not draft.num_nodes:
+            return draft
+        lengths = draft.lengths.clone()
+        for b, request in enumerate(self._running):
+            if int(lengths[b]):
+                token = int(draft.tokens[b, 0])
+                p = logits_to_probs(target.logits_for(request.sequence), sampling)[token]
+                if float(p) < float(draft.probs[b, 0, token]):
+                    lengths[b] = 0  # where a rejection could happen, draw from the target
+        return _cut_rows(draft, lengths)
+
+    monkeypatch.setattr(Engine, "_trim", peeking_cut)
+    p = exactness_p_value(model_drafter(), draft_length=2, sampling=sampling)
+    print(f"negative control p = {p:.3g}")
+    assert p < ALPHA

@@ -17,6 +17,8 @@ def nine_row_steps() -> DecodeStats:
     stats = DecodeStats(
         target_passes=3,
         draft_passes=7,
+        trimmed=2,
+        padded_passes=1,
         new_tokens=13,
         row_steps=9,
         drafted=13,
@@ -53,6 +55,8 @@ def test_summary_reports_every_field_rounded():
         "new_tokens": 13,
         "target_passes": 3,
         "draft_passes": 7,
+        "trimmed_drafts": 2,
+        "padded_passes": 1,
         "alpha": 0.4545,
         "acceptance_by_position": [0.429, 0.333, 1.0],  # 3/7, 1/3, 1/1
         "tokens_per_pass": 1.444,  # 13 / 9
@@ -81,6 +85,8 @@ def test_summary_of_nothing_has_zeros_and_no_prediction():
         "new_tokens": 0,
         "target_passes": 0,
         "draft_passes": 0,
+        "trimmed_drafts": 0,
+        "padded_passes": 0,
         "alpha": 0.0,
         "acceptance_by_position": [],
         "tokens_per_pass": 0.0,

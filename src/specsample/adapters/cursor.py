@@ -227,13 +227,20 @@ class ModelCursor:
             self.cached.extend(list(p) for p in prompts)
             self.ready.extend(logits)
 
-    def score(self, sequences: list[list[int]], active: list[bool], draft: Draft) -> torch.Tensor:
+    def score(
+        self,
+        sequences: list[list[int]],
+        active: list[bool],
+        draft: Draft,
+        min_width: int | None = None,
+    ) -> torch.Tensor:
         """Scores every active row's pending tokens and its draft in one pass. Returns logits
         [batch, 1+n, vocab]: [b, 0] follows the last token of sequences[b], [b, 1+j] follows
         node j of the draft (arbitrary for invalid nodes and rows that are not active). A chain
-        is fed as plain tokens; a tree stays open until the next call."""
+        is fed as plain tokens; a tree stays open until the next call. min_width (chains): feed
+        a pass over fewer tokens per row as one over this many, with filler (feed)."""
         if draft.is_chain:
-            return self.feed(sequences, active, draft.tokens, draft.lengths)
+            return self.feed(sequences, active, draft.tokens, draft.lengths, min_width)
         return self.feed_tree(sequences, active, draft.tokens, draft.parents, draft.valid)
 
     def feed(
@@ -242,10 +249,15 @@ class ModelCursor:
         active: list[bool],
         extra: torch.Tensor | None = None,
         extra_lengths: torch.Tensor | None = None,
+        min_width: int | None = None,
     ) -> torch.Tensor:
         """Rolls each active row back to what it shares with its sequence, feeds the rest of the
         sequence (at least the pending token) and then the row's first extra_lengths[b] tokens of
-        `extra` [batch, m], in one pass.
+        `extra` [batch, m], in one pass. min_width: a row that feeds fewer tokens gets filler
+        after them (its last token again) up to that many; their logits are not returned and
+        the next call rolls their cache entries back (where the sequence does not go on with
+        the same token there, whose entry is then the one the sequence needs). Where a wider
+        pass costs less (matrix kernels on CPUs), that is the cheaper way to feed.
 
         Returns logits [batch, 1+m, vocab]: [b, 0] follows the last token of sequences[b], [b, j]
         follows extra token j-1. Rows that are not active are left alone (their logits are
@@ -261,14 +273,19 @@ class ModelCursor:
         self.prompt_scored = False
         joined = self._add_unadded(sequences, extra_rows)  # rows that join: in a prompt pass
         active = [on and j is None for on, j in zip(active, joined, strict=True)]
-        out = self._feed_rows(sequences, active, extra_rows, width)
+        out = self._feed_rows(sequences, active, extra_rows, width, min_width)
         for b, row_logits in enumerate(joined):
             if row_logits is not None:
                 out[b, : row_logits.shape[0]] = row_logits.to(out.device)
         return out
 
     def _feed_rows(
-        self, sequences: list[list[int]], active: list[bool], extra_rows: list[list[int]], width
+        self,
+        sequences: list[list[int]],
+        active: list[bool],
+        extra_rows: list[list[int]],
+        width: int,
+        min_width: int | None = None,
     ) -> torch.Tensor:
         """`feed` for rows the model holds (rows that are not active are left alone)."""
         batch = len(sequences)
@@ -280,6 +297,8 @@ class ModelCursor:
             for seq, cached, on in zip(sequences, self.cached, active, strict=True)
         ]
         rows = [tails[b] + extra_rows[b] if active[b] else [] for b in range(batch)]
+        if min_width:
+            rows = [row + row[-1:] * (min_width - len(row)) if row else row for row in rows]
         # [b, 0] of a row with no tail is its ready logits (active rows without a tail are
         # ready: _roll_back keeps a whole sequence only then); the rest follow the fed tokens
         ready = [self.ready[b] if (active[b] and not tails[b]) else None for b in range(batch)]

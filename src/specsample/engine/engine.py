@@ -308,9 +308,16 @@ class Engine:
         # inflate the measured draft cost the draft-length policy uses).
         draft_prefill = getattr(self.drafter, "prefill_seconds", 0.0)
         draft_seconds = self._without_prefill(draft_seconds, "draft prefill", draft_prefill)
+        draft = self._trim(ids, draft)
         # 3. score
         clock = time.perf_counter()
-        logits = self.target.score(sequences, [True] * len(rows), _scorable(draft, self.target))
+        scorable = _scorable(draft, self.target)
+        pad = self._pad_width(draft)
+        if pad:
+            logits = self.target.score(sequences, [True] * len(rows), scorable, min_width=pad)
+            self.stats.padded_passes += 1
+        else:
+            logits = self.target.score(sequences, [True] * len(rows), scorable)
         target_seconds = time.perf_counter() - clock
         # Rows that join are prefilled by their first step: with their first drafts in one
         # prompt pass where the target can (prompt_scored). A prompt pass is prefill time, not
@@ -356,6 +363,35 @@ class Engine:
         if self.drafter is None or int(limits.max()) == 0:
             return Draft.empty(len(sequences))
         return self.drafter.propose(sequences, limits, sampling)
+
+    def _trim(self, ids: list[int], draft: Draft) -> Draft:
+        """A chain draft cut to the width the policy's trim() finds worth verifying (the
+        draft passes are paid for; a draft whose verifying pass costs more than the tokens it
+        may add is dropped). The cut depends on the drafts and past steps only, never on this
+        step's target distributions: verification stays exact."""
+        trim = getattr(self.policy, "trim", None)
+        if trim is None or not draft.num_nodes or not draft.is_chain:
+            return draft
+        lengths = draft.lengths
+        width = int(trim(ids, lengths.tolist()))
+        if width >= int(lengths.max()):
+            return draft
+        self.stats.trimmed += int((lengths - width).clamp(min=0).sum())
+        return draft.cut(width)
+
+    def _pad_width(self, draft: Draft) -> int | None:
+        """The width to feed this step's chain pass at, where a wider pass was measured to
+        cost less (StepCosts.pad_width); None: as it is."""
+        if not draft.num_nodes or not draft.is_chain:
+            return None
+        if not getattr(self.policy, "fit_passes", True):
+            return None
+        costs = self.costs_by_batch.get(batch_bucket(draft.batch))
+        width = 1 + int(draft.lengths.max())
+        if costs is None or width < 2:
+            return None
+        pad = costs.pad_width(width)
+        return pad if pad > width else None
 
     def _verify(
         self, draft: Draft, logits: torch.Tensor, sampling: RowSampling, rules: list[Rule]

@@ -87,6 +87,21 @@
      the same confidence stop) drafted long and won.
   3. Batch depth. A step drafts as deep as its deepest row, so the rows' lengths are cut to the
      depth with the most expected tokens over the batch per unit of step cost (at least 1).
+  4. Fitting the pass (`fit_passes`, default on; chains). Once a step's drafts are made their
+     draft passes are paid for, and what is left to choose is the pass that verifies them:
+     `trim` keeps the width W in 0..max(depths) with the most expected tokens over the batch
+     per unit of that pass's cost, sum_b E_b(min(d_b, W)) / r(W + 1), E_b from the row's
+     position rates; W = 0 makes the step target-only. Where a drafter's stops leave a short
+     draft on a machine whose 2-token pass costs about two 1-token ones, a draft worth less than
+     its pass is dropped instead of verified (the row still pays for its draft passes: under
+     "costs" they count against it, and steps whose drafts were cut whole count towards its
+     pause). And the engine feeds a pass over n tokens as a wider one where a trusted wider
+     length was timed at least PAD_GAIN cheaper (StepCosts.pad_width; filler tokens whose
+     cache entries the next step rolls back): float32 matrix kernels on CPUs can make passes
+     over some token counts dear (on one 2-core machine 3 tokens cost 2.89 1-token passes, 4
+     tokens 2.02, 7 tokens 2.95, 8 tokens 1.98), and the lower envelope the schedule prices
+     lengths with assumes exactly this padding. Both depend on the drafts and past steps
+     alone, not on this step's target distributions, so verification stays exact.
 
 Costs: kept per batch size (batch_bucket: 1, 2, 4, 8, ... rows), each with its own cost check
 and verdict (the engine's costs_by_batch), a "no" carried to bigger batches; a target pass's
@@ -150,6 +165,9 @@ SHRINK = 2
 # few drafts goes on to min_tests. A paused row is probed again later, as any other.
 EARLY_TESTS = 4
 EARLY_LEVEL = 0.95
+# Padding: a pass over n tokens is fed as a wider one when a trusted longer width costs at least
+# PAD_GAIN less (StepCosts.pad_width; module docstring, part 4).
+PAD_GAIN = 0.1
 
 
 class FixedDraftLength:
@@ -228,6 +246,25 @@ class StepCosts:
     def add_target_pass(self, tokens: int, seconds: float) -> None:
         self.target_pass.setdefault(tokens, _Recent()).add(seconds)
         self.last_pass = (tokens, seconds)
+
+    def pad_width(self, tokens: int, min_samples: int = TRUST_SAMPLES) -> int:
+        """The width to feed a target pass over `tokens` tokens per row: the shortest longer
+        width, timed at least min_samples times, whose passes cost at most 1 - PAD_GAIN of
+        `tokens`' own (timed as often), else `tokens`. Matrix kernels on CPUs can make a pass
+        over more tokens cheaper than one over fewer (on one 2-core machine a 3-token float32
+        pass cost 2.9 1-token passes and a 4-token one 2.0); fed with filler tokens, whose
+        cache entries the next step rolls back, the shorter pass costs the longer one's time.
+        The filler changes nothing the drafts' verification reads (the target's distribution at
+        a position comes from the tokens before it)."""
+        own = self.target_pass.get(tokens)
+        if own is None or own.count < min_samples:
+            return tokens
+        limit = own.value * (1 - PAD_GAIN)
+        for n in sorted(self.target_pass):
+            recent = self.target_pass[n]
+            if n > tokens and recent.count >= min_samples and recent.value <= limit:
+                return n
+        return tokens
 
     def target(self, tokens: int) -> float | None:
         if tokens in self.target_pass:
@@ -336,6 +373,7 @@ class _RowSchedule:
     # emitted, and what they cost in 1-token target passes (k c + r(k + 1) each)
     emitted_weight: float = 0.0
     cost_weight: float = 0.0
+    cut_steps: int = 0  # steps whose drafts trim() cut whole (nothing verified)
 
     def position_rates(self, max_k: int, priors: list[float] | None = None) -> list[float]:
         """Acceptance rate at each draft position 0..max_k-1, given every draft before it was
@@ -388,7 +426,11 @@ class AdaptiveDraftLength:
     (transformers on CPUs, accelerators) long drafts cost little when they stop early. Rows
     pause when their drafting steps emitted fewer tokens than they cost (module docstring),
     and a batch's depth is still cut as part 3 says. "auto" (default): "costs" when the
-    engine's drafter says it stops itself (`stops_itself`), else "theory"."""
+    engine's drafter says it stops itself (`stops_itself`), else "theory".
+
+    fit_passes: True (default): the drafts made are cut to the width worth its pass (`trim`)
+    and the engine feeds a pass as a wider one where that was timed cheaper (module
+    docstring, part 4); False: every draft made is verified, in a pass as wide as it is."""
 
     def __init__(
         self,
@@ -401,6 +443,7 @@ class AdaptiveDraftLength:
         min_tests: int = 12,
         early_tests: int | None = EARLY_TESTS,
         lengths: str = "auto",
+        fit_passes: bool = True,
     ):
         if isinstance(max_k, bool) or not isinstance(max_k, int) or max_k < 1:
             raise ValueError(f"max_k: expected an integer >= 1, got {max_k!r}")
@@ -434,6 +477,9 @@ class AdaptiveDraftLength:
         if lengths not in LENGTH_RULES:
             raise ValueError(f"lengths: expected one of {list(LENGTH_RULES)}, got {lengths!r}")
         self.lengths = lengths
+        if not isinstance(fit_passes, bool):
+            raise ValueError(f"fit_passes: expected True or False, got {fit_passes!r}")
+        self.fit_passes = fit_passes
         # set by the engine from its drafter (its `stops_itself`): what lengths="auto" follows
         self.drafter_stops_itself = False
         self.rows: dict[Hashable, _RowSchedule] = {}
@@ -457,6 +503,9 @@ class AdaptiveDraftLength:
         self._costs: StepCosts | None = None  # the costs for the batch size of the last call
         self._since_check = 0
         self._check_gap = recheck_every
+        # trim(): rows whose drafts it cut, with the drafts they made (update() counts the
+        # draft passes of the cut drafts as paid for)
+        self._proposed: dict[Hashable, int] = {}
         # every row's keep tests by position, pooled: the prior of a row's position rates (a
         # request that joins starts from what recent requests kept, not from a fixed 2/3)
         self.pooled = _RowSchedule(k=0)
@@ -671,6 +720,40 @@ class AdaptiveDraftLength:
 
         return max(range(1, deepest + 1), key=lambda depth: (rate(depth), -depth))
 
+    def trim(self, rows: Sequence[Hashable], depths: Sequence[int]) -> int:
+        """The draft width worth verifying, once the drafts are made (chains; depths: the
+        drafts each row made): the W in 0..max(depths) with the most expected tokens over the
+        batch per unit of the verifying pass's cost, sum_b E_b(min(d_b, W)) / r(W + 1) (r(1)
+        = 1: W = 0 is a target-only step), a longer W on a tie. The draft passes are paid for
+        already; what is left to choose is the pass (module docstring, part 4). Only after
+        the cost check's "yes": a probe must time the pass it asked for."""
+        ids, depths = list(rows), [int(d) for d in depths]
+        self._proposed = {}
+        deepest = max(depths, default=0)
+        costs = self._costs
+        if (
+            deepest == 0
+            or not self.fit_passes
+            or not self.can_pay
+            or costs is None
+            or costs.target(1) is None
+        ):
+            return deepest
+        priors = self.pooled.position_rates(deepest)
+        expected = [
+            _expected_tokens(self.schedule(row).position_rates(deepest, priors)) for row in ids
+        ]
+
+        def rate(width: int) -> float:
+            tokens = sum(e[min(d, width)] for e, d in zip(expected, depths, strict=True))
+            if not width:
+                return tokens
+            return tokens / (costs.relative_pass_cost(width + 1, TRUST_SAMPLES) or 1.0)
+
+        width = max(range(deepest + 1), key=lambda w: (rate(w), w))
+        self._proposed = {row: d for row, d in zip(ids, depths, strict=True) if d > width}
+        return width
+
     def update(self, *args: object) -> None:
         """update(rows, drafted, accepted, costs), or update(drafted, accepted, costs) for rows
         0..batch-1: drafted, accepted int64 [batch] for the step just verified."""
@@ -699,9 +782,11 @@ class AdaptiveDraftLength:
             self.verdicts[bucket] = self.can_pay = self._cost_verdicts[bucket] = verdict
         if before is True and drafting and not self._real_steps_pay(bucket, depths, costs):
             self.verdicts[bucket] = self.can_pay = False
+        proposed, self._proposed = self._proposed, {}
         for row, d, a in zip(rows, depths, accepted.tolist(), strict=True):
-            if d > 0:
-                self._update_row(self.schedule(row), d, a, costs)
+            made = proposed.get(row, d)  # drafts made: more than d where trim() cut them
+            if made > 0:
+                self._update_row(self.schedule(row), d, a, costs, made)
         if self.memory is not None and self._cost_verdicts.get(bucket) is not None:
             timed = _timed_lengths(costs)
             changed = cost_verdict_before is not self._cost_verdicts[bucket]
@@ -774,29 +859,22 @@ class AdaptiveDraftLength:
         tried = self._probe_steps.get(self._bucket, 0) >= PROBE_ATTEMPTS
         return tried or any(n >= self._probe_length() for n in costs.target_pass)
 
-    def _update_row(self, state: _RowSchedule, drafted: int, accepted: int, costs: StepCosts):
-        if not state.paused:
-            if accepted == drafted:
-                grown = state.k * GROWTH
-            else:
-                grown = max(accepted + 1, min(state.k - 1, state.k // SHRINK))
-            state.k = max(1, min(self.max_k, grown))
-        # Per-test acceptance: each kept draft passed a keep test, each rejection failed one.
-        failed = 1 if accepted < drafted else 0
+    def _update_row(
+        self,
+        state: _RowSchedule,
+        drafted: int,
+        accepted: int,
+        costs: StepCosts,
+        made: int | None = None,
+    ):
+        """One step of a row that drafted: `drafted` drafts verified, `accepted` kept, `made`
+        drafts made (more than `drafted` where trim() cut them; 0 verified: nothing tested)."""
+        made = drafted if made is None else made
         decay = 1 - self.smoothing
-        state.kept_weight = decay * state.kept_weight + accepted
-        state.test_weight = decay * state.test_weight + accepted + failed
-        state.prior_weight *= decay
-        state.tests_seen += accepted + failed
-        state.kept_seen += accepted
-        for counts in (state, self.pooled):
-            _count_positions(counts, drafted, accepted, decay)
-        self.pooled.prior_weight *= decay
-        # A weak prior (PRIOR_KEPT of PRIOR_TESTS) keeps one unlucky early step from deciding;
-        # it fades like an old step, so a row's estimate can climb to any measured rate.
-        state.alpha = (state.kept_weight + PRIOR_KEPT * state.prior_weight) / (
-            state.test_weight + PRIOR_TESTS * state.prior_weight
-        )
+        if drafted:
+            self._count_tests(state, drafted, accepted, decay)
+        else:
+            state.cut_steps += 1
         pays = self._drafting_pays(state, costs)
         if self.length_rule == "costs" and costs.target(1) is not None:
             # The drafter's stops choose the lengths, so the row is judged on what its drafting
@@ -804,11 +882,15 @@ class AdaptiveDraftLength:
             # 1-token pass). The per-position theory misses how runs of kept drafts go on
             # (lru-cache at T = 0 on transformers: steps that kept 15 of 15, 1 of 13, 0 of 7 and
             # 2 of 3 emitted 22 tokens for about 18 passes' cost, and the theory paused the row).
-            verify = costs.relative_pass_cost(drafted + 1, TRUST_SAMPLES) or 1.0
+            # (the drafts trim() cut were paid for: their draft passes count)
+            verify = (costs.relative_pass_cost(drafted + 1, TRUST_SAMPLES) or 1.0) if drafted else 1
             state.emitted_weight = decay * state.emitted_weight + accepted + 1
-            state.cost_weight = decay * state.cost_weight + drafted * _cost_ratio(costs) + verify
+            state.cost_weight = decay * state.cost_weight + made * _cost_ratio(costs) + verify
             pays = state.emitted_weight > state.cost_weight
-        if state.tests_seen >= self.min_tests:
+        # (under "costs", steps whose drafts were cut whole count as evidence too: they test
+        # nothing, and a row whose drafts are always cut would otherwise never pause)
+        judged = state.tests_seen >= self.min_tests
+        if judged or (self.length_rule == "costs" and state.cut_steps >= EARLY_TESTS):
             paused = not pays
         else:  # early: only when even a high plausible rate does not pay
             paused = (
@@ -822,6 +904,30 @@ class AdaptiveDraftLength:
         if paused and not state.paused:
             state.steps, state.probe_gap = 0, self.probe_every
         state.paused = paused
+
+    def _count_tests(self, state: _RowSchedule, drafted: int, accepted: int, decay: float):
+        """The schedule's step and the keep tests of a row's verified drafts."""
+        if not state.paused:
+            if accepted == drafted:
+                grown = state.k * GROWTH
+            else:
+                grown = max(accepted + 1, min(state.k - 1, state.k // SHRINK))
+            state.k = max(1, min(self.max_k, grown))
+        # Per-test acceptance: each kept draft passed a keep test, each rejection failed one.
+        failed = 1 if accepted < drafted else 0
+        state.kept_weight = decay * state.kept_weight + accepted
+        state.test_weight = decay * state.test_weight + accepted + failed
+        state.prior_weight *= decay
+        state.tests_seen += accepted + failed
+        state.kept_seen += accepted
+        for counts in (state, self.pooled):
+            _count_positions(counts, drafted, accepted, decay)
+        self.pooled.prior_weight *= decay
+        # A weak prior (PRIOR_KEPT of PRIOR_TESTS) keeps one unlucky early step from deciding;
+        # it fades like an old step, so a row's estimate can climb to any measured rate.
+        state.alpha = (state.kept_weight + PRIOR_KEPT * state.prior_weight) / (
+            state.test_weight + PRIOR_TESTS * state.prior_weight
+        )
 
     def _pays_at(self, alpha: float, costs: StepCosts) -> bool:
         """Whether some draft length pays with keep rate alpha at every position."""

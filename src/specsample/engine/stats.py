@@ -19,6 +19,10 @@ class DecodeStats:
     # over rows just prefilled (their token comes from the prompt pass)
     row_steps: int = 0
     drafted: int = 0  # drafted tokens verified
+    # drafts made but not verified: the pass costs said verifying them would not pay (the
+    # draft-length policy's trim)
+    trimmed: int = 0
+    padded_passes: int = 0  # target passes fed wider than their tokens (cheaper there)
     accepted: int = 0  # drafts kept
     keep_tests: int = 0  # keep tests run: accepted drafts + one per rejection
     empty_steps: int = 0  # row steps with drafts where nothing was accepted
@@ -143,6 +147,8 @@ class DecodeStats:
             "new_tokens": self.new_tokens,
             "target_passes": self.target_passes,
             "draft_passes": self.draft_passes,
+            "trimmed_drafts": self.trimmed,
+            "padded_passes": self.padded_passes,
             "alpha": round(self.alpha, 4),
             "acceptance_by_position": [round(a, 3) for a in self.acceptance_by_position],
             "tokens_per_pass": round(self.tokens_per_pass, 3),

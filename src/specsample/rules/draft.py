@@ -45,6 +45,16 @@ class Draft:
             torch.where(valid, tokens.cpu(), 0), torch.arange(-1, k - 1), probs, valid.cpu()
         )
 
+    def cut(self, width: int) -> Draft:
+        """A chain draft with every row cut to its first `width` drafts (the nodes past them
+        removed)."""
+        if not self.is_chain:
+            raise ValueError("cut: expected a chain draft, got a tree")
+        if isinstance(width, bool) or not isinstance(width, int) or width < 0:
+            raise ValueError(f"width: expected an integer >= 0, got {width!r}")
+        probs = None if self.probs is None else self.probs[:, :width]
+        return Draft(self.tokens[:, :width], self.parents[:width], probs, self.valid[:, :width])
+
     @property
     def batch(self) -> int:
         return int(self.tokens.shape[0])

@@ -1,0 +1,172 @@
+"""Fitting the verifying pass to its costs: the policy's trim (verify only the drafts worth
+their pass; the draft passes are paid for) and the engine's padding (feed a pass as a wider one
+where that costs less). Exactness of both through the whole loop: tests/engine/test_exactness.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specsample.adapters.toy import ToyLM
+from specsample.drafters.model import ModelDrafter
+from specsample.engine import generate
+from specsample.engine.length import (
+    EARLY_TESTS,
+    PAD_GAIN,
+    TRUST_SAMPLES,
+    AdaptiveDraftLength,
+    FixedDraftLength,
+    StepCosts,
+)
+from specsample.warpers import SamplingConfig
+
+# A 2-core machine's float32 curve for the default pair on transformers (1-token pass = 1):
+# passes over a multiple of 4 tokens are cheap, 3 and 7 tokens dear.
+KINKED = {1: 1.0, 2: 2.03, 3: 2.89, 4: 2.02, 7: 2.95, 8: 1.98}
+
+
+def curve(relative: dict[int, float], draft: float = 0.084, times: int = TRUST_SAMPLES):
+    measured = StepCosts()
+    for _ in range(times):
+        measured.draft_step.add(draft)
+        for n, cost in relative.items():
+            measured.add_target_pass(n, cost)
+    return measured
+
+
+def lengths(*values: int) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def settled(policy: AdaptiveDraftLength, measured: StepCosts, rows=(0,)) -> AdaptiveDraftLength:
+    """The policy after one target-only step with costs under which drafting can pay."""
+    ids = list(rows)
+    policy.next_lengths(ids)
+    policy.update(ids, lengths(*[0] * len(ids)), lengths(*[0] * len(ids)), measured)
+    assert policy.can_pay
+    return policy
+
+
+def test_pad_width_is_the_shortest_trusted_wider_pass_a_tenth_cheaper():
+    measured = curve(KINKED)
+    assert measured.pad_width(3) == 4 and measured.pad_width(7) == 8
+    assert measured.pad_width(2) == 2  # 4 tokens cost 2.02, not a tenth under 2.03
+    assert measured.pad_width(4) == 4 and measured.pad_width(1) == 1
+    assert measured.pad_width(5) == 5  # never timed: fed as it is (and so timed)
+    assert PAD_GAIN == 0.1
+    # a wider length timed fewer than TRUST_SAMPLES times is not trusted yet, nor is the length
+    young = curve({1: 1.0, 3: 2.89})
+    young.add_target_pass(4, 2.02)
+    assert young.pad_width(3) == 3
+    assert curve(KINKED, times=TRUST_SAMPLES - 1).pad_width(3) == 3
+
+
+def test_trim_drops_a_draft_whose_pass_costs_more_than_the_tokens_it_may_add():
+    """On the kinked curve a pass over 2 tokens costs 1.98 1-token passes at best (padded to
+    8): one draft kept at the prior's 2/3 adds 1.67 tokens for it, so it is dropped; two
+    drafts (2.11 expected tokens) and three are verified. On a flat curve nothing is cut."""
+    policy = settled(AdaptiveDraftLength(max_k=8, lengths="costs"), curve(KINKED))
+    policy.next_lengths([0])
+    assert policy.trim([0], [1]) == 0
+    assert policy.trim([0], [2]) == 2 and policy.trim([0], [3]) == 3
+    flat = settled(AdaptiveDraftLength(max_k=8), curve({1: 1.0, 2: 1.05, 9: 1.1}))
+    flat.next_lengths([0])
+    assert flat.trim([0], [1]) == 1
+    # a batch: the width with the most expected tokens over its rows per unit of pass cost
+    batch = settled(AdaptiveDraftLength(max_k=8), curve(KINKED), rows=(0, 1))
+    batch.next_lengths([0, 1])
+    assert batch.trim([0, 1], [1, 0]) == 0 and batch.trim([0, 1], [3, 1]) == 3
+
+
+def test_trim_cuts_nothing_before_the_cost_checks_yes_or_when_turned_off():
+    policy = AdaptiveDraftLength(max_k=8)
+    assert policy.next_lengths([0]).tolist() == [0]
+    assert policy.trim([0], [1]) == 1  # no costs: a probe must time what it asked for
+    off = settled(AdaptiveDraftLength(max_k=8, fit_passes=False), curve(KINKED))
+    off.next_lengths([0])
+    assert off.trim([0], [1]) == 1
+    with pytest.raises(ValueError, match="fit_passes: expected True or False, got 'yes'"):
+        AdaptiveDraftLength(fit_passes="yes")
+
+
+def test_a_row_whose_drafts_are_cut_whole_pays_for_its_draft_passes_and_pauses():
+    """Steps whose one draft is cut verify nothing, so no keep test counts; their draft passes
+    are still paid for. Under "costs" the row is judged on them (1 token for 1 + c passes each)
+    and pauses after EARLY_TESTS such steps; it would otherwise draft and drop forever."""
+    measured = curve(KINKED)
+    policy = settled(AdaptiveDraftLength(max_k=8, lengths="costs"), measured)
+    # one step that paid: 3 tokens for 3 c + r(4) = 2.27 passes (cut steps that counted no
+    # draft pass, 1 token for 1 pass, would never use that up)
+    policy.next_lengths([0])
+    policy.update([0], lengths(3), lengths(2), measured)
+    asked = []
+    for _ in range(EARLY_TESTS + 4):
+        k = int(policy.next_lengths([0]))
+        asked.append(k)
+        made = min(k, 1)  # the drafter's stops leave one draft
+        width = policy.trim([0], [made])
+        policy.update([0], lengths(min(made, width)), lengths(0), measured)
+    assert asked[:EARLY_TESTS] == [8] * EARLY_TESTS and policy.rows[0].paused
+    assert policy.rows[0].cut_steps >= EARLY_TESTS and policy.rows[0].tests_seen == 3
+    assert asked[-1] == 0
+
+
+class CutAll(FixedDraftLength):
+    """A fixed length whose trim keeps `width` drafts of every step."""
+
+    def __init__(self, k: int, width: int):
+        super().__init__(k)
+        self.width = width
+
+    def trim(self, rows, depths):
+        return min(self.width, max(depths))
+
+
+def test_the_engine_verifies_what_trim_leaves_and_counts_the_cut_drafts():
+    target = ToyLM(8, seed=3)
+    draft = ToyLM(8, seed=4, base=target, noise=0.5)
+    out = generate(
+        target,
+        [[1, 2, 3]],
+        generator=torch.Generator().manual_seed(0),
+        drafter=ModelDrafter(draft),
+        sampling=SamplingConfig(temperature=0),
+        max_new_tokens=20,
+        draft_length=CutAll(4, 1),
+        eos_token_ids=(),
+    )
+    plain = generate(
+        target,
+        [[1, 2, 3]],
+        generator=torch.Generator().manual_seed(0),
+        sampling=SamplingConfig(temperature=0),
+        max_new_tokens=20,
+        eos_token_ids=(),
+    )
+    assert out.tokens == plain.tokens  # greedy: the target's own tokens
+    stats = out.stats
+    assert max(stats.draft_lengths) == 1 and stats.trimmed > 0
+    assert stats.draft_passes >= stats.drafted + stats.trimmed - stats.row_steps
+
+
+def test_the_engine_pads_a_pass_where_a_wider_one_was_timed_cheaper(monkeypatch):
+    """With padding forced (every chain pass fed 3 tokens wider), greedy decoding still gives
+    the target's own tokens: the filler's cache entries are rolled back or, where the sequence
+    goes on with the same token, kept as the right ones."""
+    monkeypatch.setattr(StepCosts, "pad_width", lambda self, tokens, min_samples=3: tokens + 3)
+    target = ToyLM(4, seed=3)
+    draft = ToyLM(4, seed=4, base=target, noise=0.5)
+    kwargs = dict(sampling=SamplingConfig(temperature=0), max_new_tokens=24, eos_token_ids=())
+    out = generate(
+        target,
+        [[1, 2, 3], [0, 1]],
+        generator=torch.Generator().manual_seed(0),
+        drafter=ModelDrafter(draft),
+        draft_length=2,
+        **kwargs,
+    )
+    plain = generate(
+        target, [[1, 2, 3], [0, 1]], generator=torch.Generator().manual_seed(0), **kwargs
+    )
+    assert out.tokens == plain.tokens
+    assert out.stats.padded_passes > 0
