@@ -63,8 +63,9 @@ def test_pad_width_is_the_shortest_trusted_wider_pass_a_tenth_cheaper():
 
 def test_trim_drops_a_draft_whose_pass_costs_more_than_the_tokens_it_may_add():
     """On the kinked curve a pass over 2 tokens costs 1.98 1-token passes at best (padded to
-    8): one draft kept at the prior's 2/3 adds 1.67 tokens for it, so it is dropped; two
-    drafts (2.11 expected tokens) and three are verified. On a flat curve nothing is cut."""
+    8): one draft kept at 0.92 (the upper 95% bound of the prior's 2 of 3) adds 1.92 tokens
+    for it, so it is dropped; two drafts (2.77 expected tokens) and three are verified. On a
+    flat curve nothing is cut."""
     policy = settled(AdaptiveDraftLength(max_k=8, lengths="costs"), curve(KINKED))
     policy.next_lengths([0])
     assert policy.trim([0], [1]) == 0
@@ -170,3 +171,42 @@ def test_the_engine_pads_a_pass_where_a_wider_one_was_timed_cheaper(monkeypatch)
     )
     assert out.tokens == plain.tokens
     assert out.stats.padded_passes > 0
+
+
+def test_one_early_rejection_does_not_get_a_row_cut_for_good():
+    """Cuts are priced at the upper bound of the row's keep rate: after its first draft of 4
+    was rejected the next 4-draft is still verified (at the plain estimate, 1/2 a position, it
+    would be cut, nothing would be tested again, and the row would stay cut: a code prompt once
+    ran at 0.93x target-only so). A row that keeps nothing pauses, and its probes are never
+    cut (they measure it again), though its bound (about 0.4) would cut them."""
+    measured = curve(KINKED)
+    policy = settled(AdaptiveDraftLength(max_k=8, lengths="costs"), measured)
+    policy.next_lengths([0])
+    policy.update([0], lengths(4), lengths(0), measured)
+    policy.next_lengths([0])
+    assert policy.trim([0], [4]) == 4
+    for _ in range(6):
+        policy.update([0], lengths(4), lengths(0), measured)
+        policy.next_lengths([0])
+    assert policy.rows[0].paused
+    probes = []
+    for _ in range(40):
+        made = int(policy.next_lengths([0]))
+        if made:
+            probes.append(policy.trim([0], [made]) == made)
+        policy.update([0], lengths(0), lengths(0), measured)
+    assert policy.rows[0].paused and probes and all(probes)
+
+
+def test_widths_past_the_longest_timed_one_are_priced_like_it():
+    """With passes timed up to 5 tokens only (3.0), the chord from 1 token prices a 21-token
+    pass at 11; trim prices it at 3.0 (verifying it times it), so a long draft of a row that
+    keeps its drafts is verified whole, not cut to the few tokens the chord would allow."""
+    measured = curve({1: 1.0, 2: 1.8, 5: 3.0})
+    assert measured.relative_pass_cost(21, TRUST_SAMPLES) == pytest.approx(11.0)
+    policy = settled(AdaptiveDraftLength(max_k=20, lengths="costs"), measured)
+    for _ in range(6):  # drafts kept whole: high rates at every position
+        policy.next_lengths([0])
+        policy.update([0], lengths(4), lengths(4), measured)
+    policy.next_lengths([0])
+    assert policy.trim([0], [20]) == 20

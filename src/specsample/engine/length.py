@@ -90,18 +90,22 @@
   4. Fitting the pass (`fit_passes`, default on; chains). Once a step's drafts are made their
      draft passes are paid for, and what is left to choose is the pass that verifies them:
      `trim` keeps the width W in 0..max(depths) with the most expected tokens over the batch
-     per unit of that pass's cost, sum_b E_b(min(d_b, W)) / r(W + 1), E_b from the row's
-     position rates; W = 0 makes the step target-only. Where a drafter's stops leave a short
-     draft on a machine whose 2-token pass costs about two 1-token ones, a draft worth less than
-     its pass is dropped instead of verified (the row still pays for its draft passes: under
-     "costs" they count against it, and steps whose drafts were cut whole count towards its
-     pause). And the engine feeds a pass over n tokens as a wider one where a trusted wider
-     length was timed at least PAD_GAIN cheaper (StepCosts.pad_width; filler tokens whose
-     cache entries the next step rolls back): float32 matrix kernels on CPUs can make passes
-     over some token counts dear (on one 2-core machine 3 tokens cost 2.89 1-token passes, 4
-     tokens 2.02, 7 tokens 2.95, 8 tokens 1.98), and the lower envelope the schedule prices
-     lengths with assumes exactly this padding. Both depend on the drafts and past steps
-     alone, not on this step's target distributions, so verification stays exact.
+     per unit of that pass's cost, sum_b E_b(min(d_b, W)) / r(W + 1) (widths past the
+     longest timed one priced like it: verifying them times them), never below a probing
+     row's draft; W = 0 makes the step target-only. E_b comes from the row's position rates,
+     none below the upper TRIM_LEVEL bound of its keep rate: a cut verifies nothing, so
+     nothing corrects an estimate that cuts (at the plain estimates, a row whose first draft
+     was rejected stayed cut for the rest of the run). Where a drafter's stops leave a short
+     draft on a machine whose 2-token pass costs about two 1-token ones, a draft worth less
+     than its pass is dropped instead of verified (the row still pays for its draft passes:
+     under "costs" they count against it, and steps whose drafts were cut whole count towards
+     its pause). And the engine feeds a pass over n tokens as a wider one where a trusted
+     wider length was timed at least PAD_GAIN cheaper (StepCosts.pad_width; filler tokens
+     whose cache entries the next step rolls back): float32 matrix kernels on CPUs can make
+     passes over some token counts dear (on one 2-core machine 3 tokens cost 2.89 1-token
+     passes, 4 tokens 2.02, 7 tokens 2.95, 8 tokens 1.98), and the lower envelope the
+     schedule prices lengths with assumes exactly this padding. Both depend on the drafts and
+     past steps alone, not on this step's target distributions, so verification stays exact.
 
 Costs: kept per batch size (batch_bucket: 1, 2, 4, 8, ... rows), each with its own cost check
 and verdict (the engine's costs_by_batch), a "no" carried to bigger batches; a target pass's
@@ -168,6 +172,11 @@ EARLY_LEVEL = 0.95
 # Padding: a pass over n tokens is fed as a wider one when a trusted longer width costs at least
 # PAD_GAIN less (StepCosts.pad_width; module docstring, part 4).
 PAD_GAIN = 0.1
+# trim() prices a row's drafts at the one-sided upper TRIM_LEVEL bound of its keep rate
+# (TRIM_Z: its normal quantile), so that it cuts only what even a high plausible rate would not
+# pay for.
+TRIM_LEVEL = 0.95
+TRIM_Z = 1.6449
 
 
 class FixedDraftLength:
@@ -504,8 +513,9 @@ class AdaptiveDraftLength:
         self._since_check = 0
         self._check_gap = recheck_every
         # trim(): rows whose drafts it cut, with the drafts they made (update() counts the
-        # draft passes of the cut drafts as paid for)
+        # draft passes of the cut drafts as paid for); the paused rows probing this step
         self._proposed: dict[Hashable, int] = {}
+        self._probing: set[Hashable] = set()
         # every row's keep tests by position, pooled: the prior of a row's position rates (a
         # request that joins starts from what recent requests kept, not from a fixed 2/3)
         self.pooled = _RowSchedule(k=0)
@@ -631,6 +641,7 @@ class AdaptiveDraftLength:
     def next_lengths(self, rows: int | Sequence[Hashable]) -> torch.Tensor:
         ids = list(range(rows)) if isinstance(rows, int) else list(rows)
         self.steps += 1
+        self._probing = set()
         self._use_bucket(len(ids))
         if self.can_pay is None:
             # Target-only steps time 1-token target passes for free (two of them); then probe
@@ -667,6 +678,7 @@ class AdaptiveDraftLength:
                 if probe:
                     state.steps = 0
                     state.probe_gap = min(2 * state.probe_gap, MAX_GAP)
+                    self._probing.add(row)
                 # a probe under "costs" offers what a drafting row gets (the drafter's stops
                 # cut it): a 1-token draft can cost more than the token it may add
                 out.append((cap or 1) if probe else 0)
@@ -724,9 +736,10 @@ class AdaptiveDraftLength:
         """The draft width worth verifying, once the drafts are made (chains; depths: the
         drafts each row made): the W in 0..max(depths) with the most expected tokens over the
         batch per unit of the verifying pass's cost, sum_b E_b(min(d_b, W)) / r(W + 1) (r(1)
-        = 1: W = 0 is a target-only step), a longer W on a tie. The draft passes are paid for
-        already; what is left to choose is the pass (module docstring, part 4). Only after
-        the cost check's "yes": a probe must time the pass it asked for."""
+        = 1: W = 0 is a target-only step; E_b at the upper bound of row b's keep rate), a
+        longer W on a tie, and never below a probing row's draft. The draft passes are paid
+        for already; what is left to choose is the pass (module docstring, part 4). Only after
+        the cost check's "yes": the cost check's probe must time the pass it asked for."""
         ids, depths = list(rows), [int(d) for d in depths]
         self._proposed = {}
         deepest = max(depths, default=0)
@@ -739,18 +752,37 @@ class AdaptiveDraftLength:
             or costs.target(1) is None
         ):
             return deepest
-        priors = self.pooled.position_rates(deepest)
-        expected = [
-            _expected_tokens(self.schedule(row).position_rates(deepest, priors)) for row in ids
-        ]
+        # A row's rate at each position: its position rate (deeper positions keep more where
+        # runs of kept drafts go on, as in code; one rate for all cut long drafts' tails and
+        # wasted their draft passes), but at least the upper TRIM_LEVEL bound of its keep
+        # rate. A cut verifies nothing, so estimates that only verified drafts move must err
+        # towards verifying (at the plain estimates, one early rejection left a code prompt's
+        # rows cut whole for the rest of the run, at 0.93x target-only where verifying ran at
+        # 1.4x). A probing row's draft is never cut: it is what measures a paused row again.
+        expected = []
+        for row in ids:
+            state = self.schedule(row)
+            bound = _keep_rate_bound(state)
+            rates = self.rates(state, deepest)  # by position: runs of kept drafts go on
+            expected.append(_expected_tokens([max(bound, rate) for rate in rates]))
+        floor = max(
+            (d for row, d in zip(ids, depths, strict=True) if row in self._probing), default=0
+        )
+
+        # Widths past the longest timed one cost what it does: the drafts are made, and
+        # verifying them times that width (priced along the chord from a few short lengths, a
+        # 21-token pass came to 5.4 1-token passes where it cost 2.6, and cuts kept it from
+        # ever being timed)
+        longest = max(costs.target_pass)
 
         def rate(width: int) -> float:
             tokens = sum(e[min(d, width)] for e, d in zip(expected, depths, strict=True))
             if not width:
                 return tokens
-            return tokens / (costs.relative_pass_cost(width + 1, TRUST_SAMPLES) or 1.0)
+            verify = costs.relative_pass_cost(min(width + 1, longest), TRUST_SAMPLES)
+            return tokens / (verify or 1.0)
 
-        width = max(range(deepest + 1), key=lambda w: (rate(w), w))
+        width = max(range(floor, deepest + 1), key=lambda w: (rate(w), w))
         self._proposed = {row: d for row, d in zip(ids, depths, strict=True) if d > width}
         return width
 
@@ -974,6 +1006,19 @@ def _count_positions(state: _RowSchedule, drafted: int, accepted: int, decay: fl
     for i in range(len(state.position_tests)):
         state.position_tests[i] = decay * state.position_tests[i] + (i < tested)
         state.position_kept[i] = decay * state.position_kept[i] + (i < accepted)
+
+
+def _keep_rate_bound(state: _RowSchedule) -> float:
+    """The upper TRIM_LEVEL bound of a row's keep rate (Wilson's score bound on its decayed
+    keep tests, the prior's weight included: 2/3 of 3 tests at first; 1 with no weight)."""
+    tests = state.test_weight + PRIOR_TESTS * state.prior_weight
+    if tests <= 0:
+        return 1.0
+    share = (state.kept_weight + PRIOR_KEPT * state.prior_weight) / tests
+    z2 = TRIM_Z * TRIM_Z
+    centre = share + z2 / (2 * tests)
+    spread = TRIM_Z * math.sqrt(max(0.0, share * (1 - share)) / tests + z2 / (4 * tests * tests))
+    return min(1.0, (centre + spread) / (1 + z2 / tests))
 
 
 def _rate_upper_bound(kept: int, tests: int, level: float) -> float:
