@@ -210,3 +210,25 @@ def test_widths_past_the_longest_timed_one_are_priced_like_it():
         policy.update([0], lengths(4), lengths(4), measured)
     policy.next_lengths([0])
     assert policy.trim([0], [20]) == 20
+
+
+def test_a_row_whose_drafts_are_cut_whole_pauses_under_either_rule():
+    """An n-gram drafter (no draft pass: c = 0) on a steep curve (llama.cpp on 2 cores): its
+    one-token drafts, kept at 0.8 at best, are all cut, so nothing is tested and neither rule's keep counts move;
+    EARLY_TESTS such steps in a row pause the row (before, it went on looking up drafts that
+    were cut every step: 0.85x llama.cpp target-only on one cell)."""
+    steep = curve({1: 1.0, 2: 1.9, 3: 2.6, 4: 3.2, 5: 3.9}, draft=0.0)
+    for rule in ("theory", "costs"):
+        policy = settled(AdaptiveDraftLength(max_k=8, lengths=rule), steep)
+        policy.next_lengths([0])
+        policy.update([0], lengths(4), lengths(0), steep)  # 1 of 3 tests kept: too few to
+        policy.update([0], lengths(4), lengths(1), steep)  # pause on, a bound near 0.8
+        steps = 0
+        while not policy.rows[0].paused and steps < 3 * EARLY_TESTS:
+            made = int(policy.next_lengths([0]))
+            assert made, rule
+            width = policy.trim([0], [min(made, 1)])
+            assert width == 0, rule
+            policy.update([0], lengths(0), lengths(0), steep)
+            steps += 1
+        assert policy.rows[0].paused and steps <= EARLY_TESTS, (rule, steps)

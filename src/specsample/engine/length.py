@@ -383,6 +383,7 @@ class _RowSchedule:
     emitted_weight: float = 0.0
     cost_weight: float = 0.0
     cut_steps: int = 0  # steps whose drafts trim() cut whole (nothing verified)
+    cut_streak: int = 0  # such steps since the row last verified a draft
 
     def position_rates(self, max_k: int, priors: list[float] | None = None) -> list[float]:
         """Acceptance rate at each draft position 0..max_k-1, given every draft before it was
@@ -905,8 +906,10 @@ class AdaptiveDraftLength:
         decay = 1 - self.smoothing
         if drafted:
             self._count_tests(state, drafted, accepted, decay)
+            state.cut_streak = 0
         else:
             state.cut_steps += 1
+            state.cut_streak += 1
         pays = self._drafting_pays(state, costs)
         if self.length_rule == "costs" and costs.target(1) is not None:
             # The drafter's stops choose the lengths, so the row is judged on what its drafting
@@ -933,6 +936,10 @@ class AdaptiveDraftLength:
                     _rate_upper_bound(state.kept_seen, state.tests_seen, EARLY_LEVEL), costs
                 )
             )
+        # drafts cut whole EARLY_TESTS steps in a row: whatever the rule, the drafter's work
+        # (an n-gram lookup costs no draft pass but is not free) buys nothing; its probes,
+        # never cut, measure it again
+        paused = paused or state.cut_streak >= EARLY_TESTS
         if paused and not state.paused:
             state.steps, state.probe_gap = 0, self.probe_every
         state.paused = paused
