@@ -214,9 +214,10 @@ def test_widths_past_the_longest_timed_one_are_priced_like_it():
 
 def test_a_row_whose_drafts_are_cut_whole_pauses_under_either_rule():
     """An n-gram drafter (no draft pass: c = 0) on a steep curve (llama.cpp on 2 cores): its
-    one-token drafts, kept at 0.8 at best, are all cut, so nothing is tested and neither rule's keep counts move;
-    EARLY_TESTS such steps in a row pause the row (before, it went on looking up drafts that
-    were cut every step: 0.85x llama.cpp target-only on one cell)."""
+    one-token drafts, kept at 0.8 at best, are all cut, so nothing is tested and neither
+    rule's keep counts move; EARLY_TESTS such steps in a row pause the row (before, it went
+    on looking up drafts that were cut every step: 0.85x llama.cpp target-only on one
+    cell)."""
     steep = curve({1: 1.0, 2: 1.9, 3: 2.6, 4: 3.2, 5: 3.9}, draft=0.0)
     for rule in ("theory", "costs"):
         policy = settled(AdaptiveDraftLength(max_k=8, lengths=rule), steep)
