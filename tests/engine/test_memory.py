@@ -347,3 +347,79 @@ def test_a_no_from_real_drafting_steps_is_not_remembered(tmp_path):
     assert saved["verdict"] is True
     later = _recalling(CostMemory(KEY, tmp_path))
     assert later.verdicts[1] is True and int(later.next_lengths(1)) >= 1
+
+
+# llama.cpp on 2 cores with an n-gram drafter (no draft pass): a 2-token pass costs 1.7
+STEEP = {1: 0.03, 2: 0.051, 3: 0.072, 4: 0.09, 5: 0.108}
+
+
+def steep_costs() -> StepCosts:
+    measured = StepCosts()
+    for _ in range(TRUST_SAMPLES):
+        measured.draft_step.add(0.0)
+        for n, seconds in STEEP.items():
+            measured.add_target_pass(n, seconds)
+    return measured
+
+
+def test_ended_requests_leave_their_keep_counts_as_the_next_processs_prior(tmp_path):
+    """A request's end writes the pooled keep counts; the next process's rows start from
+    them (scaled to at most 3 tests), not from the fixed 2 of 3: a fresh row's one-token
+    draft, verified under the fixed prior (its bound 0.92 pays for a 1.7x pass), is cut
+    under a remembered low keep rate. The memory is a prior: the row's own tests decide."""
+    measured = steep_costs()
+    first = AdaptiveDraftLength(16)
+    first.recall(CostMemory(KEY, tmp_path))
+    first.next_lengths([0])
+    first.update([0], lengths(0), lengths(0), measured)
+    assert first.can_pay
+    verified = 0
+    for _ in range(6):
+        if int(first.next_lengths([0])):
+            width = first.trim([0], [1])
+            verified += width
+            first.update([0], lengths(width), lengths(0), measured)  # every draft rejected
+    assert verified >= 1
+    assert CostMemory(KEY, tmp_path).load_keep() is None  # written at the verdict: no tests
+    first.forget(0)  # the request ended: its tests are written
+    keep = CostMemory(KEY, tmp_path).load_keep()
+    assert keep is not None and keep["kept"][0] == 0 and keep["tests"][0] > 0
+
+    second = AdaptiveDraftLength(16)
+    assert second.recall(CostMemory(KEY, tmp_path))
+    second.next_lengths([7])
+    second.update([7], lengths(0), lengths(0), measured)
+    second.next_lengths([7])
+    assert second.trim([7], [1]) == 0
+    fresh = AdaptiveDraftLength(16)  # no memory: the fixed prior verifies it
+    fresh.next_lengths([7])
+    fresh.update([7], lengths(0), lengths(0), measured)
+    fresh.next_lengths([7])
+    assert fresh.trim([7], [1]) == 1
+    # scaled to a prior of at most PRIOR_TESTS tests at position 0
+    assert sum(second.pooled.position_tests[:1]) <= 3.0 + 1e-9
+
+
+@pytest.mark.parametrize(
+    "keep",
+    [
+        {"tests": [2.0], "kept": [3.0]},
+        {"tests": [2.0, 1.0], "kept": [1.0]},
+        {"tests": [0.0], "kept": [0.0]},
+        {"tests": [2.0], "kept": [-1.0]},
+        {"tests": ["2"], "kept": [1.0]},
+        {"tests": [True], "kept": [0.0]},
+        {"tests": [float("nan")], "kept": [0.0]},
+        {"tests": [], "kept": []},
+        [1.0, 0.5],
+    ],
+)
+def test_damaged_keep_counts_are_ignored_and_the_costs_still_used(tmp_path, keep):
+    memory = remembered(tmp_path, NO_DRAFT, NO_PASSES)
+    data = json.loads(memory.path.read_text())
+    data["keep"] = keep
+    memory.path.write_text(json.dumps(data))
+    assert memory.load_keep() is None
+    policy = AdaptiveDraftLength(16)
+    assert policy.recall(memory) and policy.verdicts == {1: False}
+    assert policy.pooled.position_tests == []

@@ -115,3 +115,26 @@ def test_bad_top_logprobs_are_refused_naming_the_argument(bad):
     target, _ = pair()
     with pytest.raises(ValueError, match=r"top_logprobs: expected an integer in \[0, 10\]"):
         Engine(target).add_request([1], top_logprobs=bad)
+
+
+def test_an_engine_without_logprobs_emits_the_same_tokens_and_reports_none():
+    """logprobs=False (what generate() makes: its Generation holds none) skips the per-token
+    log-sum-exp; the tokens are the same, RequestOutput.logprobs is None (aborts too), and a
+    request cannot ask for top_logprobs."""
+    target, draft = pair()
+    request = dict(prompt_tokens=[3, 1], seed=5, max_new_tokens=16, eos_token_ids=())
+    plain = run(Engine(target, ModelDrafter(draft), draft_length=2), [request])[0]
+    engine = Engine(target, ModelDrafter(draft), draft_length=2, logprobs=False)
+    engine.add_request(**request)
+    aborted = engine.add_request([4, 2], max_new_tokens=8, seed=1)
+    engine.abort(aborted)
+    tokens, outputs = [], []
+    while engine.has_unfinished():
+        outputs += engine.step()
+    tokens = [t for o in outputs if o.request_id != aborted for t in o.tokens]
+    assert tokens == plain["tokens"] and all(o.logprobs is None for o in outputs)
+    assert any(o.request_id == aborted and o.finish_reason == "abort" for o in outputs)
+    with pytest.raises(ValueError, match="top_logprobs: expected 0 from an Engine made with"):
+        engine.add_request([1], top_logprobs=2)
+    with pytest.raises(ValueError, match="logprobs: expected True or False, got 'no'"):
+        Engine(target, logprobs="no")

@@ -63,7 +63,14 @@ def generate(
         seeds = drawn.tolist()
     elif len(seeds) != len(prompts):
         raise ValueError(f"seeds: expected one per prompt ({len(prompts)}), got {len(seeds)}")
-    engine = Engine(target, drafter, rule=rule, draft_length=draft_length, max_batch=len(prompts))
+    engine = Engine(
+        target,
+        drafter,
+        rule=rule,
+        draft_length=draft_length,
+        max_batch=len(prompts),
+        logprobs=False,  # a Generation holds no log-probabilities: none are computed
+    )
     ids = []
     for b, prompt in enumerate(prompts):
         stop = None

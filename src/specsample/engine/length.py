@@ -355,6 +355,7 @@ def _timed_lengths(costs: StepCosts) -> set[tuple[int, bool]]:
 
 LENGTH_RULES = ("auto", "theory", "costs")  # AdaptiveDraftLength's `lengths`
 PRIOR_KEPT, PRIOR_TESTS = 2.0, 3.0
+MAX_REMEMBERED_POSITIONS = 32  # draft positions whose pooled keep counts a CostMemory keeps
 DEPTH_PRIOR_TESTS = 1.0  # the weight of a deeper position's prior (module docstring)
 
 
@@ -520,6 +521,11 @@ class AdaptiveDraftLength:
         # every row's keep tests by position, pooled: the prior of a row's position rates (a
         # request that joins starts from what recent requests kept, not from a fixed 2/3)
         self.pooled = _RowSchedule(k=0)
+        # recall(): the position-0 keep rate the memory's pooled counts give (the prior share
+        # of trim's keep-rate bound for every row; None: PRIOR_KEPT / PRIOR_TESTS), and whether
+        # keep tests ran since the memory was last written
+        self._keep_prior: float | None = None
+        self._keep_changed = False
         # recall(): the memory written on every verdict change, and per batch size the
         # remembered costs that this process's first pass of that size is checked against
         self.memory = None
@@ -569,8 +575,32 @@ class AdaptiveDraftLength:
             self._recalled[bucket] = costs.copy()
             self._saved_lengths[bucket] = _timed_lengths(costs)
             taken = True
+        keep = memory.load_keep()
+        if keep is not None:
+            self._recall_keep(keep)
+            taken = True
         memory.recalled = taken
         return taken
+
+    def _recall_keep(self, keep: dict) -> None:
+        """Seeds the pooled keep counts with the remembered ones, scaled to at most PRIOR_TESTS
+        tests at position 0 (with the fixed prior making up the rest): a prior, which the
+        rows' own tests outweigh within a few steps, not a verdict."""
+        tests, kept = keep["tests"], keep["kept"]
+        scale = min(1.0, PRIOR_TESTS / tests[0])
+        self.pooled.position_tests = [t * scale for t in tests]
+        self.pooled.position_kept = [k * scale for k in kept]
+        self.pooled.prior_weight = max(0.0, 1.0 - tests[0] * scale / PRIOR_TESTS)
+        self._keep_prior = self.pooled.position_rates(1)[0]
+
+    def keep_state(self) -> dict[str, list[float]] | None:
+        """What a CostMemory keeps of the keep tests: the pooled decayed counts by position
+        (None before any test)."""
+        tests = self.pooled.position_tests[:MAX_REMEMBERED_POSITIONS]
+        if not tests or tests[0] <= 0:
+            return None
+        kept = self.pooled.position_kept[: len(tests)]
+        return {"tests": [round(t, 6) for t in tests], "kept": [round(k, 6) for k in kept]}
 
     def memory_state(self) -> dict[int, dict]:
         """What a CostMemory keeps: per batch size with costs, the cost check's verdict (not a
@@ -625,6 +655,12 @@ class AdaptiveDraftLength:
 
     def forget(self, row: Hashable) -> None:
         self.rows.pop(row, None)
+        if self.memory is not None and self._keep_changed:  # a request ended: keep its tests
+            self._save_memory()
+
+    def _save_memory(self) -> None:
+        self.memory.save(self.memory_state(), keep=self.keep_state())
+        self._keep_changed = False
 
     def _use_bucket(self, rows: int) -> int:
         """Selects the costs and verdict of this batch size. A batch size not settled yet
@@ -763,7 +799,7 @@ class AdaptiveDraftLength:
         expected = []
         for row in ids:
             state = self.schedule(row)
-            bound = _keep_rate_bound(state)
+            bound = _keep_rate_bound(state, self._keep_prior)
             rates = self.rates(state, deepest)  # by position: runs of kept drafts go on
             expected.append(_expected_tokens([max(bound, rate) for rate in rates]))
         floor = max(
@@ -824,7 +860,7 @@ class AdaptiveDraftLength:
             timed = _timed_lengths(costs)
             changed = cost_verdict_before is not self._cost_verdicts[bucket]
             if changed or not timed <= self._saved_lengths.get(bucket, set()):
-                self.memory.save(self.memory_state())
+                self._save_memory()
                 self._saved_lengths[bucket] = timed
 
     def _real_steps_pay(self, bucket: int, depths: list[int], costs: StepCosts) -> bool:
@@ -940,6 +976,11 @@ class AdaptiveDraftLength:
         # (an n-gram lookup costs no draft pass but is not free) buys nothing; its probes,
         # never cut, measure it again
         paused = paused or state.cut_streak >= EARLY_TESTS
+        # a paused row resumes when its estimates say drafting pays, not for want of evidence
+        # that it does not (one probe kept, a few tests seen: on llama.cpp on 2 cores an n-gram
+        # row resumed after each kept probe, verified drafts kept at 0.4 where 2-token passes
+        # need 0.7, and paused again with its probe gap reset)
+        paused = paused or (state.paused and not pays)
         if paused and not state.paused:
             state.steps, state.probe_gap = 0, self.probe_every
         state.paused = paused
@@ -961,6 +1002,7 @@ class AdaptiveDraftLength:
         state.kept_seen += accepted
         for counts in (state, self.pooled):
             _count_positions(counts, drafted, accepted, decay)
+        self._keep_changed = True
         self.pooled.prior_weight *= decay
         # A weak prior (PRIOR_KEPT of PRIOR_TESTS) keeps one unlucky early step from deciding;
         # it fades like an old step, so a row's estimate can climb to any measured rate.
@@ -1015,13 +1057,15 @@ def _count_positions(state: _RowSchedule, drafted: int, accepted: int, decay: fl
         state.position_kept[i] = decay * state.position_kept[i] + (i < accepted)
 
 
-def _keep_rate_bound(state: _RowSchedule) -> float:
+def _keep_rate_bound(state: _RowSchedule, prior: float | None = None) -> float:
     """The upper TRIM_LEVEL bound of a row's keep rate (Wilson's score bound on its decayed
-    keep tests, the prior's weight included: 2/3 of 3 tests at first; 1 with no weight)."""
+    keep tests, the prior's weight included: `prior` (default PRIOR_KEPT / PRIOR_TESTS = 2/3)
+    of PRIOR_TESTS tests at first; 1 with no weight)."""
     tests = state.test_weight + PRIOR_TESTS * state.prior_weight
     if tests <= 0:
         return 1.0
-    share = (state.kept_weight + PRIOR_KEPT * state.prior_weight) / tests
+    share_of_prior = PRIOR_KEPT / PRIOR_TESTS if prior is None else prior
+    share = (state.kept_weight + share_of_prior * PRIOR_TESTS * state.prior_weight) / tests
     z2 = TRIM_Z * TRIM_Z
     centre = share + z2 / (2 * tests)
     spread = TRIM_Z * math.sqrt(max(0.0, share * (1 - share)) / tests + z2 / (4 * tests * tests))
