@@ -297,7 +297,7 @@ class Ours:
         self.memory_folder = tempfile.mkdtemp(prefix="specsample-bench-costs-")
 
     def run(
-        self, prompt, temperature, seed, tokens, batch=1, drafter=None, memory=True, **_
+        self, prompt, temperature, seed, tokens, batch=1, drafter=None, memory=True, k=None, **_
     ) -> dict:
         from specsample.drafters.model import (
             DEFAULT_CONFIDENCE,
@@ -322,7 +322,9 @@ class Ours:
             "none": lambda: None,
         }[kind]()
         policy = AdaptiveDraftLength(MAX_K) if made is not None else 0
-        if made is not None and memory:
+        if k is not None and kind == "model":  # a fixed length, the drafter without stops
+            made, policy = ModelDrafter(self.pair.draft), k
+        elif made is not None and memory:
             policy.recall(CostMemory({"drafter": kind}, self.memory_folder))
         started = time.perf_counter()
         out = generate(

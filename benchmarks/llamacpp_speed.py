@@ -9,6 +9,8 @@ Contenders (llamacpp_contenders.py says how each runs):
   ours-model      ours, model drafter, --k auto, on llama.cpp                     batch 1
   ours-ngram      ours, n-gram drafter, --k auto, on llama.cpp                    batch 1
   ours-model-cold ours-model without the cost memory (a setting's first run)      batch 1
+  ours-model-k3   ours, model drafter without stops, k = 3 fixed (llama.cpp's default draft
+                  length): the acceptance comparison with llama.cpp's sample-and-match
   *-b4            llamacpp, ours-none/-model/-ngram with 4 copies of the prompt in one batch
   hf-none/hf-int8 ours on transformers: target-only and int8 draft (--transformers, float32,
                   --transformers-tokens tokens: a float32 1.5B pass costs ~0.4 s on 2 cores)
@@ -56,6 +58,7 @@ class Contender:
     drafter: str | None = None  # hf worker: which drafter
     library: str = "llama.cpp"
     memory: bool = True  # ours: recall the worker's cost memory (False: a setting's first run)
+    k: int | None = None  # ours: a fixed draft length and no draft stops (None: the command's)
 
 
 CONTENDERS = [
@@ -71,6 +74,13 @@ CONTENDERS = [
         "ours-model",
         library="ours",
         memory=False,
+    ),
+    Contender(
+        "ours-model-k3",
+        "ours model drafter, k = 3 fixed, no stops (llama.cpp's draft length)",
+        "ours-model",
+        library="ours",
+        k=3,
     ),
     Contender("llamacpp-b4", "llama.cpp target-only", "llamacpp", 4),
     Contender("ours-none-b4", "ours target-only", "ours-none", 4, library="ours"),
@@ -195,14 +205,14 @@ def main(argv=None) -> int:
             warm = {"prompt": ids[prompts[0]["name"]], "temperature": 1.0, "seed": 0}
             # ours: long enough for the cost check's verdict, which fills the cost memory
             tokens = WARM_TOKENS if c.library in ("ours", "transformers") else 4
-            warm.update(tokens=tokens, batch=c.batch, drafter=c.drafter, memory=c.memory)
+            warm.update(tokens=tokens, batch=c.batch, drafter=c.drafter, memory=c.memory, k=c.k)
             workers[c.worker].request(warm)
 
     def run_one(c: Contender, name: str, temperature: float, seed: int) -> dict:
         tokens = args.transformers_tokens if c.key in TRANSFORMERS else args.tokens
         if c.worker is not None:
             message = {"prompt": ids[name], "temperature": temperature, "seed": seed}
-            message.update(tokens=tokens, batch=c.batch, drafter=c.drafter, memory=c.memory)
+            message.update(tokens=tokens, batch=c.batch, drafter=c.drafter, memory=c.memory, k=c.k)
             return workers[c.worker].request(message)
         command = tool.speculative_simple_command(
             binary, *gguf, texts[name], tokens, temperature, seed, args.threads

@@ -73,7 +73,9 @@
      no k pays even at the upper 95% bound of the row's keep rate) the row drafts nothing, and
      after `probe_every` steps it drafts one token to measure its acceptance again (the gap
      doubles after every probe that leaves it paused, up to MAX_GAP steps, and starts over
-     when it drafts again).
+     when it drafts again). A paused row drafts again only once its estimates say drafting
+     pays: a kept probe is evidence, not a verdict. The pooled rates start from a CostMemory's
+     remembered keep counts where one is recalled (engine.memory).
      That is lengths="theory". With lengths="costs" (the default for a drafter that stops
      a row itself where it is unsure, such as the command line's model drafter) a row that
      drafts is offered the longest draft the pass costs justify were every draft kept, and
