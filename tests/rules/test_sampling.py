@@ -3,6 +3,7 @@ ids of tiny weight next to a large one keep their share of [0, 1)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from specsample.rules.sampling import BLOCK, block_sums_of, sample_from_weights
@@ -34,3 +35,21 @@ def test_tiny_weights_after_a_large_one_keep_their_share_of_the_uniforms():
         u = torch.tensor([(1 + (j - 0.5) * w) / total], dtype=torch.float64)
         assert sample_from_weights(weights, u).tolist() == [j]
     assert sample_from_weights(weights, torch.tensor([0.0], dtype=torch.float64)).tolist() == [0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_argmax_last_is_torch_argmax_first_maximum_on_ties(dtype):
+    """numpy's argmax on CPU float32/float64 (vectorised), torch's otherwise: the same ids,
+    the first maximum on ties, int64, any leading shape."""
+    from specsample.rules.greedy import argmax_last
+
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(3, 4, 1000, generator=generator).to(dtype)
+    values[0, 0, 7] = values[0, 0, 900] = 50.0  # a tie: the lower id
+    got = argmax_last(values)
+    assert got.dtype == torch.int64 and got.shape == (3, 4)
+    assert torch.equal(got, values.argmax(dim=-1)) and int(got[0, 0]) == 7
+    strided = values.transpose(0, 1)  # not contiguous
+    assert torch.equal(argmax_last(strided), strided.argmax(dim=-1))
+    row = values[1, 2]  # one dimension: a 0-d index
+    assert argmax_last(row).shape == () and int(argmax_last(row)) == int(row.argmax())

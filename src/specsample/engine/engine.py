@@ -35,6 +35,7 @@ from specsample.engine.length import (
     batch_bucket,
 )
 from specsample.engine.stats import DecodeStats
+from specsample.rules.greedy import argmax_last
 from specsample.rules.registry import (
     Rule,
     check_rule_for,
@@ -447,7 +448,12 @@ class Engine:
             noise = sampling.gumbel(depth + 1, target_probs.shape[-1], target_probs.device)
             result = verify_coupled(draft, target_probs, noise)
         elif sampling.all_greedy:
-            result = verify_greedy(draft, logits.argmax(dim=-1))
+            chosen = argmax_last(logits)  # [batch, n+1]
+            if not draft.num_nodes:  # target-only: the argmax is the token
+                empty = torch.zeros(draft.batch, dtype=torch.int64)
+                no_path = torch.zeros(draft.batch, 0, dtype=torch.int64)
+                return TreeResult(chosen[:, :1].cpu(), empty, no_path, "greedy")
+            result = verify_greedy(draft, chosen)
         elif not draft.num_nodes and draft.probs is None and rule.exact and rule.chain:
             # Nothing drafted (target-only, or a step the policy kept short): every exact chain
             # rule draws one token from the warped target, with the same uniform as below and

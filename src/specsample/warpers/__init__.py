@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from specsample.rules.coupled import gumbel_noise
+from specsample.rules.greedy import argmax_last
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def logits_to_probs(logits: torch.Tensor, config: SamplingConfig | None = None) 
 
 def greedy_probs(logits: torch.Tensor) -> torch.Tensor:
     """One-hot on the argmax (torch.argmax returns the first maximum: the lowest id on ties)."""
-    chosen = logits.argmax(dim=-1, keepdim=True)
+    chosen = argmax_last(logits)[..., None]
     return torch.zeros_like(logits).scatter_(-1, chosen, 1.0)
 
 
