@@ -154,11 +154,12 @@ def _header(meta, curve, cells) -> list[str]:
     t, d = curve["target"], curve["draft"]
     lines = ["# Ours on llama.cpp against llama.cpp's own decoding (default pair, CPU)", ""]
     if not meta["full"]:
+        single = " (one run per cell: single samples)" if meta["repeats"] < 2 else ""
         lines += [
-            f"> **Smoke run, not a speed claim**: {len(meta['prompts'])} prompt(s), "
-            f"{meta['tokens']} tokens, T {', '.join(f'{x:g}' for x in meta['temperatures'])}, "
-            f"{meta['repeats']} repeat(s), on a shared machine. It shows the format and that "
-            "every contender runs. The full run, on a quiet machine: `.venv/bin/python "
+            f"> **Reduced run**{single}: {len(meta['prompts'])} prompt(s), {meta['tokens']} "
+            f"tokens, T {', '.join(f'{x:g}' for x in meta['temperatures'])}, "
+            f"{meta['repeats']} repeat(s), contenders {', '.join(meta['contenders'])}. The full "
+            "run (every contender, 128 tokens, 3 repeats): `.venv/bin/python "
             "benchmarks/llamacpp_speed.py --transformers`.",
             "",
         ]
