@@ -264,11 +264,12 @@ def test_a_row_whose_drafts_are_cut_whole_pauses_under_either_rule():
 
 
 def test_a_paused_row_resumes_only_when_its_drafting_pays():
-    """A row paused (here: its drafts cut whole EARLY_TESTS steps in a row) probes now and
-    then; a kept probe is evidence, not a verdict: the row drafts again only once its
-    estimates say drafting pays. (Before, one kept probe among a few tests resumed it, as
-    there was too little evidence to pause it: on llama.cpp an n-gram row went on resuming,
-    verifying drafts kept at 0.4 where a 2-token pass needs 0.9 here, and pausing again.)"""
+    """Under lengths="theory" a row paused (here: its drafts cut whole EARLY_TESTS steps in a
+    row) probes now and then; a kept probe is evidence, not a verdict: the row drafts again
+    only once its estimates say drafting pays. (Before, one kept probe among a few tests
+    resumed it, as there was too little evidence to pause it: on llama.cpp an n-gram row went
+    on resuming, verifying drafts kept at 0.4 where a 2-token pass needs 0.9 here, and pausing
+    again.)"""
     steep = curve({1: 1.0, 2: 1.9, 3: 2.6, 4: 3.2, 5: 3.9}, draft=0.0)
     policy = settled(AdaptiveDraftLength(max_k=8, lengths="theory"), steep)
     policy.next_lengths([0])

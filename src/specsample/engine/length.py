@@ -74,8 +74,9 @@
      after `probe_every` steps it drafts one token to measure its acceptance again (the gap
      doubles after every probe that leaves it paused, up to MAX_GAP steps, and starts over
      when it drafts again). A paused row drafts again only once its estimates say drafting
-     pays: a kept probe is evidence, not a verdict. The pooled rates start from a CostMemory's
-     remembered keep counts where one is recalled (engine.memory).
+     pays: a kept probe is evidence, not a verdict (under "theory"; see _update_row). The
+     pooled rates start from a CostMemory's remembered keep counts where one is recalled
+     (engine.memory).
      That is lengths="theory". With lengths="costs" (the default for a drafter that stops
      a row itself where it is unsure, such as the command line's model drafter) a row that
      drafts is offered the longest draft the pass costs justify were every draft kept, and
@@ -978,11 +979,15 @@ class AdaptiveDraftLength:
         # (an n-gram lookup costs no draft pass but is not free) buys nothing; its probes,
         # never cut, measure it again
         paused = paused or state.cut_streak >= EARLY_TESTS
-        # a paused row resumes when its estimates say drafting pays, not for want of evidence
-        # that it does not (one probe kept, a few tests seen: on llama.cpp on 2 cores an n-gram
-        # row resumed after each kept probe, verified drafts kept at 0.4 where 2-token passes
-        # need 0.7, and paused again with its probe gap reset)
-        paused = paused or (state.paused and not pays)
+        # Under "theory" a paused row resumes when its estimates say drafting pays, not for
+        # want of evidence that it does not (one probe kept, a few tests seen: on llama.cpp on
+        # 2 cores an n-gram row resumed after each kept probe, verified drafts kept at 0.4
+        # where 2-token passes need 0.7, and paused again with its probe gap reset). Not under
+        # "costs": its decayed emitted-vs-cost sums take several probes to climb out of the
+        # deficit that paused the row, and probes come ever rarer (on transformers the model
+        # drafter's story row stayed paused: 0.99x its target-only against 1.03x without).
+        if self.length_rule == "theory":
+            paused = paused or (state.paused and not pays)
         if paused and not state.paused:
             state.steps, state.probe_gap = 0, self.probe_every
         state.paused = paused
