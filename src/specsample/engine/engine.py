@@ -450,9 +450,7 @@ class Engine:
         elif sampling.all_greedy:
             chosen = argmax_last(logits)  # [batch, n+1]
             if not draft.num_nodes:  # target-only: the argmax is the token
-                empty = torch.zeros(draft.batch, dtype=torch.int64)
-                no_path = torch.zeros(draft.batch, 0, dtype=torch.int64)
-                return TreeResult(chosen[:, :1].cpu(), empty, no_path, "greedy")
+                return _one_token_result(chosen[:, :1], "greedy")
             result = verify_greedy(draft, chosen)
         elif not draft.num_nodes and draft.probs is None and rule.exact and rule.chain:
             # Nothing drafted (target-only, or a step the policy kept short): every exact chain
@@ -462,9 +460,7 @@ class Engine:
             target_probs = sampling.warp(logits)[:, 0]
             sample = sampling.uniforms([1] * draft.batch, target_probs.device)[:, 0]
             tokens = sample_from_weights(target_probs, sample)[:, None]
-            empty = torch.zeros(draft.batch, dtype=torch.int64)
-            no_path = torch.zeros(draft.batch, 0, dtype=torch.int64)
-            return TreeResult(tokens.cpu(), empty, no_path, "token")
+            return _one_token_result(tokens, "token")
         else:
             target_probs = sampling.warp(logits)
             draft_probs = draft.probs
@@ -668,6 +664,14 @@ class _StepRows:
         stats.draft_seconds += timing.draft_seconds
         stats.target_seconds += timing.target_seconds
         stats.verify_seconds += timing.verify_seconds
+
+
+def _one_token_result(tokens: torch.Tensor, rule_used: str) -> TreeResult:
+    """The result of a step without drafts: one token per row (int64 [batch, 1]), nothing
+    accepted, an empty path."""
+    batch = tokens.shape[0]
+    no_path = torch.zeros(batch, 0, dtype=torch.int64)
+    return TreeResult(tokens.cpu(), torch.zeros(batch, dtype=torch.int64), no_path, rule_used)
 
 
 def _last_node_has_children(draft: Draft, result: TreeResult) -> torch.Tensor:

@@ -74,7 +74,7 @@ def logits_to_probs(logits: torch.Tensor, config: SamplingConfig | None = None) 
 
 
 def greedy_probs(logits: torch.Tensor) -> torch.Tensor:
-    """One-hot on the argmax (torch.argmax returns the first maximum: the lowest id on ties)."""
+    """One-hot on the argmax (argmax_last returns the first maximum: the lowest id on ties)."""
     chosen = argmax_last(logits)[..., None]
     return torch.zeros_like(logits).scatter_(-1, chosen, 1.0)
 
