@@ -33,6 +33,7 @@ from common import (
 )
 from decode_contenders import (
     ADAPTIVE_MAX_K,
+    HF_ASSISTED_INT8,
     HF_TO,
     OURS_TO,
     Cell,
@@ -104,7 +105,17 @@ def parse_args() -> argparse.Namespace:
         help="int8: our model drafter uses the int8-quantised draft (exact decoding still), and "
         "transformers' assisted generation runs with it too, next to its float32 default",
     )
+    parser.add_argument(
+        "--goal-contenders",
+        action="store_true",
+        help="only the contenders the goal compares: ours target-only and model drafter "
+        "(adaptive), transformers target-only and assisted generation with the int8 draft "
+        "(needs --draft-quantize int8); with --repeats R each cell's R runs take seeds "
+        "seed..seed+R-1, so at T > 0 a cell's median is over R sampled texts",
+    )
     args = parser.parse_args()
+    if args.goal_contenders and args.draft_quantize != "int8":
+        parser.error("--goal-contenders: expected --draft-quantize int8 (the goal's draft)")
     quick = args.quick
     args.new_tokens = args.new_tokens or (8 if quick else 128)
     args.repeats = args.repeats or 1
@@ -257,6 +268,9 @@ def main() -> None:
         contenders = make_contenders(
             pair, models.target_lm, models.draft_lm, args, counters, names, models.int8_draft
         )
+        if args.goal_contenders:
+            wanted = (OURS_TO, names.adaptive, HF_TO, HF_ASSISTED_INT8)
+            contenders = {name: contenders[name] for name in wanted}
         rows = run_all(args, prompts, encoded, models, contenders, names)
 
     record = Record(

@@ -46,6 +46,7 @@ def test_a_ready_row_feeds_its_drafts_alone_next_to_a_row_with_a_pending_token()
     drafts = torch.tensor([[5, 6], [10, 11]])
     logits = cursor.feed(sequences, [True, True], drafts, torch.tensor([2, 2]))
     assert cursor.fed and cursor.fed_width == 3  # row 0: pending 7 and 2 drafts; row 1: 2
+    assert (cursor.fed_tokens, cursor.fed_rows) == (5, 2)  # what a ragged pass costs by
     for b, seq in enumerate(sequences):
         rows = [seq] + [seq + drafts[b, : j + 1].tolist() for j in range(2)]
         for j, prefix in enumerate(rows):
@@ -83,6 +84,7 @@ def test_a_tree_hangs_under_a_fed_pending_token_also_for_a_ready_row(model_class
     valid = torch.ones(1, 3, dtype=torch.bool)
     logits = cursor.feed_tree([[1, 2, 3]], [True], tokens, parents, valid)
     assert cursor.fed and cursor.fed_width == 4 and not cursor.prompt_scored
+    assert (cursor.fed_tokens, cursor.fed_rows) == (4, 1)  # the pending token and 3 nodes
     prefixes = [[1, 2, 3], [1, 2, 3, 5], [1, 2, 3, 6], [1, 2, 3, 5, 7]]
     for j, prefix in enumerate(prefixes):
         assert torch.allclose(logits[0, j], expected(model, prefix)), j

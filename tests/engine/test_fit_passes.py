@@ -17,6 +17,8 @@ from specsample.engine.length import (
     AdaptiveDraftLength,
     FixedDraftLength,
     StepCosts,
+    full_pass_equivalent,
+    ragged_pass_cost,
 )
 from specsample.warpers import SamplingConfig
 
@@ -291,3 +293,104 @@ def test_a_paused_row_resumes_only_when_its_drafting_pays():
         probes += 1
         assert state.paused, probes
     assert probes >= 2
+
+
+def test_a_ragged_pass_is_kept_as_the_full_pass_it_stands_for():
+    """A model whose batch passes feed each row's own tokens (llama.cpp) costs by all rows'
+    tokens. A pass over 5 tokens for 4 rows (one row drafted 1) stands for a full 2-token pass
+    (8 tokens): its extra time over a 1-token pass, scaled to 4 extra tokens. Before, a pass
+    where one row of 4 drafted 2 tokens (6 tokens) was kept as a 3-token pass over every row
+    (12 tokens) and made every wider pass look cheap."""
+    assert full_pass_equivalent(3, 0.15, 6, 4, 0.1) == (2, pytest.approx(0.2))
+    assert full_pass_equivalent(2, 0.125, 5, 4, 0.1) == (2, pytest.approx(0.2))
+    assert full_pass_equivalent(3, 0.15, 9, 4, 0.1) == (3, pytest.approx(0.1 + 0.05 * 8 / 5))
+    assert full_pass_equivalent(2, 0.2, 8, 4, 0.1) == (2, 0.2)  # a full pass: as it is
+    assert full_pass_equivalent(2, 0.09, 5, 4, 0.1) == (2, pytest.approx(0.1))  # never < 1 token
+    # one row, no 1-token pass timed yet, or no row fed more than one token: as it is
+    assert full_pass_equivalent(3, 0.3, 3, 1, 0.1) == (3, 0.3)
+    assert full_pass_equivalent(3, 0.15, 6, 4, None) == (3, 0.15)
+    assert full_pass_equivalent(1, 0.1, 3, 4, 0.1) == (1, 0.1)
+
+
+def test_a_ragged_pass_is_priced_between_the_whole_widths_around_its_mean():
+    measured = curve({1: 1.0, 2: 2.0, 3: 3.0})
+    assert ragged_pass_cost(measured, 1.0) == 1.0
+    assert ragged_pass_cost(measured, 1.25) == pytest.approx(1.25)
+    assert ragged_pass_cost(measured, 2.5) == pytest.approx(2.5)
+    assert ragged_pass_cost(measured, 2.5, longest=2) == pytest.approx(2.0)
+    flat = curve({1: 1.0, 2: 1.02, 4: 1.05})
+    assert ragged_pass_cost(flat, 1.5) == pytest.approx(1.01)
+
+
+def test_trim_prices_one_rows_draft_among_four_by_its_tokens_on_a_ragged_model():
+    """Four rows, one with a draft of 1 (kept at 0.92 at best: the prior's bound), on a curve
+    where a full 2-token pass costs 1.5: padded (the widest row sets every row's width) the
+    pass costs 1.5 for 4.92 expected tokens against 4 for 1, so it is cut; ragged it feeds 5
+    tokens where 4 cost 1, priced 1.125, so it is verified."""
+    rows = [0, 1, 2, 3]
+    for ragged, width in ((False, 0), (True, 1)):
+        policy = AdaptiveDraftLength(max_k=8)
+        policy.ragged_passes = ragged
+        settled(policy, curve({1: 1.0, 2: 1.5, 5: 3.0}), rows=rows)
+        policy.next_lengths(rows)
+        assert policy.trim(rows, [1, 0, 0, 0]) == width, ragged
+        # every row drafting: the same full pass either way
+        assert policy.trim(rows, [1, 1, 1, 1]) == 1, ragged
+
+
+class RaggedToyLM(ToyLM):
+    ragged_passes = True
+
+
+def test_the_engine_keeps_a_ragged_models_batch_passes_as_full_ones(monkeypatch):
+    """The engine tells the policy how its target's passes cost, and hands each pass of a
+    ragged model to full_pass_equivalent with the tokens and rows it fed (a padded model's
+    passes are kept by their widest row, as they cost)."""
+    import specsample.engine.engine as engine_module
+
+    seen = []
+
+    def spy(width, seconds, tokens, rows, single):
+        seen.append((width, tokens, rows))
+        return full_pass_equivalent(width, seconds, tokens, rows, single)
+
+    monkeypatch.setattr(engine_module, "full_pass_equivalent", spy)
+    for model_class in (ToyLM, RaggedToyLM):
+        seen.clear()
+        target = model_class(8, seed=3)
+        draft = ToyLM(8, seed=4, base=target, noise=0.5)
+        policy = AdaptiveDraftLength(max_k=4)
+        generate(
+            target,
+            [[1, 2, 3], [4, 5], [6]],
+            generator=torch.Generator().manual_seed(0),
+            drafter=ModelDrafter(draft),
+            draft_length=policy,
+            max_new_tokens=24,
+            eos_token_ids=(),
+        )
+        assert policy.ragged_passes is (model_class is RaggedToyLM)
+        if model_class is ToyLM:
+            assert not seen
+            continue
+        assert seen and all(rows <= 3 and rows <= tokens for _, tokens, rows in seen)
+        assert all(width <= tokens <= width * rows for width, tokens, rows in seen)
+        assert any(tokens > rows for _, tokens, rows in seen)  # drafting steps among them
+
+
+def test_the_batch_depth_prices_one_rows_deep_draft_by_its_tokens_on_a_ragged_model():
+    """One row of four keeps its drafts whole and asks for 4, the others draft nothing, on a
+    curve where each token per row adds 0.2 of a 1-token pass. Padded, every row is fed the
+    deep row's width (4 drafts: 1.8 for 8 expected tokens against 1.2 for 5 with one), and the
+    step drafts 1 deep; ragged, the pass feeds 8 tokens where 4 cost 1 (priced 1.2), and it
+    drafts all 4."""
+    rows = [0, 1, 2, 3]
+    measured = curve({1: 1.0, 2: 1.2, 3: 1.4, 4: 1.6, 5: 1.8})
+    for ragged, depth in ((False, 1), (True, 4)):
+        policy = AdaptiveDraftLength(max_k=8)
+        policy.ragged_passes = ragged
+        settled(policy, measured, rows=rows)
+        for _ in range(8):  # row 0 keeps its drafts whole
+            policy.next_lengths(rows)
+            policy.update(rows, lengths(4, 0, 0, 0), lengths(4, 0, 0, 0), measured)
+        assert policy._batch_depth(rows, [4, 0, 0, 0], measured) == depth, ragged

@@ -69,6 +69,10 @@ class ModelCursor:
         # tokens per row of the model pass the last feed/feed_tree ran (the most of any row; a
         # tree: 1 + its nodes); 0: it ran none (every active row was ready)
         self.fed_width = 0
+        # tokens of that pass over all rows, and the rows it fed (a model whose passes cost by
+        # their tokens, not their widest row, e.g. llama.cpp: `ragged_passes`)
+        self.fed_tokens = 0
+        self.fed_rows = 0
         self._tree: _Tree | None = None
         self._owns_rows = False  # False until this cursor reset the model's rows
         self._deferred = False  # lazy and not prefilled yet
@@ -89,6 +93,12 @@ class ModelCursor:
     @property
     def vocab_size(self) -> int:
         return self.model.vocab_size
+
+    @property
+    def ragged_passes(self) -> bool:
+        """Whether the model's batch passes cost by the tokens of all rows rather than by the
+        widest row times the rows (it feeds each row's own tokens, no padding)."""
+        return bool(getattr(self.model, "ragged_passes", False))
 
     def start(self, prompts: list[list[int]]) -> None:
         """Prefills the prompts (lazy: at the first feed; on a PromptScoring model: at the
@@ -303,6 +313,8 @@ class ModelCursor:
         # ready: _roll_back keeps a whole sequence only then); the rest follow the fed tokens
         ready = [self.ready[b] if (active[b] and not tails[b]) else None for b in range(batch)]
         self.fed_width = max(len(row) for row in rows)
+        self.fed_tokens = sum(len(row) for row in rows)
+        self.fed_rows = sum(1 for row in rows if row)
         if not self.fed:
             known = next((r for r in [*ready, *self.ready] if r is not None), None)
             if known is None:  # no row is active, or every active row just joined
@@ -351,6 +363,8 @@ class ModelCursor:
             seq[len(cached) :] if on else []
             for seq, cached, on in zip(sequences, self.cached, active, strict=True)
         ]
+        fed = [len(t) + int(valid[b].sum()) if len(t) else 0 for b, t in enumerate(tails)]
+        self.fed_tokens, self.fed_rows = sum(fed), sum(1 for f in fed if f)
         width = max(len(t) for t in tails) + n
         model_tokens = torch.zeros(batch, width, dtype=torch.int64)
         model_parents = torch.full((batch, width), -1, dtype=torch.int64)

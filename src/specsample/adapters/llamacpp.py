@@ -241,6 +241,10 @@ class LlamaCppLM:
         argument: how error messages name this model ("target", "draft", ...).
     """
 
+    # a batch pass feeds each row's own tokens as one flat llama.cpp batch (no padding to the
+    # widest row): it costs by the tokens of all rows (the engine's cost records use this)
+    ragged_passes = True
+
     def __init__(
         self,
         path: str | Path,

@@ -33,6 +33,7 @@ from specsample.engine.length import (
     FixedDraftLength,
     StepCosts,
     batch_bucket,
+    full_pass_equivalent,
 )
 from specsample.engine.stats import DecodeStats
 from specsample.rules.greedy import argmax_last
@@ -165,6 +166,8 @@ class Engine:
         if isinstance(self.policy, AdaptiveDraftLength):
             # what its lengths="auto" follows
             self.policy.drafter_stops_itself = bool(getattr(drafter, "stops_itself", False))
+            # how its batch steps are priced (a pass over all rows' own tokens, or padded)
+            self.policy.ragged_passes = self.target.ragged_passes
             # A policy reused from an earlier engine (on the same models: pass costs are the
             # machine's) keeps its verdicts, and its costs start this engine's: without them its
             # "yes" would be priced on no 1-token pass at all (drafting steps time none).
@@ -359,7 +362,14 @@ class Engine:
             committed += len(emitted)
             outputs.append(self._output(request, emitted, kinds[b], logprobs[b], tops[b]))
         timing = _StepTiming(
-            draft_seconds, target_seconds, verify_seconds, passes, target_tokens, prompt_scored
+            draft_seconds,
+            target_seconds,
+            verify_seconds,
+            passes,
+            target_tokens,
+            prompt_scored,
+            self.target.fed_tokens,
+            self.target.fed_rows,
         )
         self.stats.new_tokens += committed
         self._record(_StepRows.of(draft, result, recovered, rules_used), draft, timing, started)
@@ -579,10 +589,18 @@ class Engine:
                 costs.last_step_seconds = None
                 continue
             # scoring and verifying: what a step with these many tokens per row costs beyond
-            # drafting
-            costs.add_target_pass(
-                timing.target_tokens, timing.target_seconds + timing.verify_seconds
-            )
+            # drafting (a ragged pass as the full pass it stands for)
+            tokens, seconds = timing.target_tokens, timing.target_seconds + timing.verify_seconds
+            if self.target.ragged_passes:
+                single = costs.target_pass.get(1)
+                tokens, seconds = full_pass_equivalent(
+                    tokens,
+                    seconds,
+                    timing.fed_tokens,
+                    timing.fed_rows,
+                    None if single is None else single.value,
+                )
+            costs.add_target_pass(tokens, seconds)
             costs.last_step_seconds = (
                 timing.draft_seconds + timing.target_seconds + timing.verify_seconds
             )
@@ -599,6 +617,8 @@ class _StepTiming:
     target_tokens: int = 1  # tokens per row of the target pass; 0: none ran
     # a prompt pass scored the first drafts of rows that joined (its time is prefill's)
     prompt_scored: bool = False
+    fed_tokens: int = 0  # tokens the target pass fed over all rows
+    fed_rows: int = 0  # rows it fed
 
     @property
     def target_pass(self) -> bool:

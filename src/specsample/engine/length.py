@@ -113,7 +113,15 @@
 Costs: kept per batch size (batch_bucket: 1, 2, 4, 8, ... rows), each with its own cost check
 and verdict (the engine's costs_by_batch), a "no" carried to bigger batches; a target pass's
 cost includes verifying its tokens; the schedule trusts a pass length after TRUST_SAMPLES
-timings (before that, one slow pass cannot price it out); see docs/theory.md.
+timings (before that, one slow pass cannot price it out); see docs/theory.md. A target whose
+batch passes feed each row's own tokens (`ragged_passes`: llama.cpp, which takes a flat batch
+of every row's tokens and pads nothing) costs by all rows' tokens, not by its widest row: the
+engine keeps such a pass as the full pass over ceil(tokens / rows) tokens per row it stands
+for (full_pass_equivalent), and batch depth and trim price a step by the mean tokens per row
+it feeds, read off that full-pass curve between whole widths (ragged_pass_cost). Kept by its
+widest row instead, a 4-row pass where one row drafted 2 tokens (6 tokens, 1.5x a 1-token
+pass on 2 cores) priced a 3-token pass over every row (12 tokens, 3x) at 1.5x, and the lower
+envelope then priced every narrower width as cheap.
 
 The draft length never depends on the target's future, so every choice here keeps verification
 exact.
@@ -350,6 +358,45 @@ class StepCosts:
         return estimate
 
 
+def ragged_pass_cost(costs: StepCosts, mean_tokens: float, longest: int | None = None) -> float:
+    """What a ragged batch pass (a model with `ragged_passes`: each row fed its own tokens,
+    `mean_tokens` per row on average) costs relative to a 1-token pass: the full-pass curve
+    (the costs are kept as passes feeding every row alike, `full_pass_equivalent`) read between
+    the whole widths around the mean; lengths past `longest` priced as it (None: as
+    `relative_pass_cost` extends the curve). On a compute-bound
+    CPU one row's draft among four then costs a quarter of a full 2-token pass's extra; on a
+    flat curve (a GPU) nothing, as there."""
+    low = max(1, math.floor(mean_tokens))
+    high = max(low, math.ceil(mean_tokens))
+
+    def cost(tokens: int) -> float:
+        if tokens <= 1:
+            return 1.0
+        if longest is not None:
+            tokens = min(tokens, longest)
+        return costs.relative_pass_cost(tokens, TRUST_SAMPLES) or 1.0
+
+    return cost(low) + (mean_tokens - low) * (cost(high) - cost(low))
+
+
+def full_pass_equivalent(
+    width: int, seconds: float, tokens: int, rows: int, single: float | None
+) -> tuple[int, float]:
+    """A target pass as the costs keep it: by tokens per row (`width`: its widest row's) and
+    seconds. A ragged pass (a model with `ragged_passes`: `tokens` over `rows` fed rows, not
+    padded) stands for the full pass over ceil(tokens / rows) tokens per row, its extra time
+    over a 1-token pass (`single`: its seconds now) scaled to that pass's extra tokens. Kept
+    under its widest row instead, a batch-4 pass where one row drafted 2 tokens (6 tokens) was
+    priced as a 3-token pass over every row (12) and made every wider pass look cheap."""
+    if rows <= 1 or single is None or tokens <= rows:
+        return width, seconds
+    full = -(-tokens // rows)
+    if tokens == full * rows:
+        return full, seconds
+    extra = max(0.0, seconds - single) * rows * (full - 1) / (tokens - rows)
+    return full, single + extra
+
+
 def _timed_lengths(costs: StepCosts) -> set[tuple[int, bool]]:
     """The target pass lengths timed, each with whether the schedule trusts it yet
     (TRUST_SAMPLES): what a cost memory is written again for when it grows."""
@@ -496,6 +543,9 @@ class AdaptiveDraftLength:
         self.fit_passes = fit_passes
         # set by the engine from its drafter (its `stops_itself`): what lengths="auto" follows
         self.drafter_stops_itself = False
+        # set by the engine from its target (`ragged_passes`): a batch pass costs by all rows'
+        # tokens, so a step where few rows draft is priced below a full pass of its width
+        self.ragged_passes = False
         self.rows: dict[Hashable, _RowSchedule] = {}
         self.steps = 0  # calls of next_lengths
         # Per batch size (batch_bucket): None until the costs are known (two 1-token passes, and
@@ -767,7 +817,11 @@ class AdaptiveDraftLength:
 
         def rate(depth: int) -> float:
             tokens = sum(e[min(k, depth)] for e, k in zip(expected, lengths, strict=True))
-            verify = costs.relative_pass_cost(depth + 1, TRUST_SAMPLES) or 1.0
+            if self.ragged_passes:
+                fed = [min(k, depth) + 1 for k in lengths]
+                verify = ragged_pass_cost(costs, sum(fed) / len(fed))
+            else:
+                verify = costs.relative_pass_cost(depth + 1, TRUST_SAMPLES) or 1.0
             return tokens / (depth * c + verify)
 
         return max(range(1, deepest + 1), key=lambda depth: (rate(depth), -depth))
@@ -819,6 +873,9 @@ class AdaptiveDraftLength:
             tokens = sum(e[min(d, width)] for e, d in zip(expected, depths, strict=True))
             if not width:
                 return tokens
+            if self.ragged_passes and len(depths) > 1:
+                fed = [min(d, width) + 1 for d in depths]
+                return tokens / ragged_pass_cost(costs, sum(fed) / len(fed), longest)
             verify = costs.relative_pass_cost(min(width + 1, longest), TRUST_SAMPLES)
             return tokens / (verify or 1.0)
 
