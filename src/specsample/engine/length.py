@@ -363,9 +363,9 @@ def ragged_pass_cost(costs: StepCosts, mean_tokens: float, longest: int | None =
     `mean_tokens` per row on average) costs relative to a 1-token pass: the full-pass curve
     (the costs are kept as passes feeding every row alike, `full_pass_equivalent`) read between
     the whole widths around the mean; lengths past `longest` priced as it (None: as
-    `relative_pass_cost` extends the curve). On a compute-bound
-    CPU one row's draft among four then costs a quarter of a full 2-token pass's extra; on a
-    flat curve (a GPU) nothing, as there."""
+    `relative_pass_cost` extends the curve). On a compute-bound CPU one row's draft among four
+    then costs a quarter of a full 2-token pass's extra; on a flat curve (a GPU) nothing, as
+    there."""
     low = max(1, math.floor(mean_tokens))
     high = max(low, math.ceil(mean_tokens))
 
