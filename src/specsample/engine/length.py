@@ -817,14 +817,23 @@ class AdaptiveDraftLength:
 
         def rate(depth: int) -> float:
             tokens = sum(e[min(k, depth)] for e, k in zip(expected, lengths, strict=True))
-            if self.ragged_passes:
-                fed = [min(k, depth) + 1 for k in lengths]
-                verify = ragged_pass_cost(costs, sum(fed) / len(fed))
-            else:
-                verify = costs.relative_pass_cost(depth + 1, TRUST_SAMPLES) or 1.0
-            return tokens / (depth * c + verify)
+            return tokens / (depth * c + self._pass_cost(costs, lengths, depth))
 
         return max(range(1, deepest + 1), key=lambda depth: (rate(depth), -depth))
+
+    def _pass_cost(
+        self, costs: StepCosts, lengths: list[int], width: int, longest: int | None = None
+    ) -> float:
+        """The cost of the target pass verifying min(k_b, width) drafts of each row b (lengths:
+        the k_b) relative to a 1-token pass: a padded target's by the width (every row fed
+        width + 1 tokens), a ragged target's by the mean tokens per row it feeds
+        (ragged_pass_cost; one row: the same). Lengths past `longest` priced as it (None: as
+        `relative_pass_cost` extends the curve)."""
+        if self.ragged_passes:
+            fed = [min(k, width) + 1 for k in lengths]
+            return ragged_pass_cost(costs, sum(fed) / len(fed), longest)
+        tokens = width + 1 if longest is None else min(width + 1, longest)
+        return costs.relative_pass_cost(tokens, TRUST_SAMPLES) or 1.0
 
     def trim(self, rows: Sequence[Hashable], depths: Sequence[int]) -> int:
         """The draft width worth verifying, once the drafts are made (chains; depths: the
@@ -873,11 +882,7 @@ class AdaptiveDraftLength:
             tokens = sum(e[min(d, width)] for e, d in zip(expected, depths, strict=True))
             if not width:
                 return tokens
-            if self.ragged_passes and len(depths) > 1:
-                fed = [min(d, width) + 1 for d in depths]
-                return tokens / ragged_pass_cost(costs, sum(fed) / len(fed), longest)
-            verify = costs.relative_pass_cost(min(width + 1, longest), TRUST_SAMPLES)
-            return tokens / (verify or 1.0)
+            return tokens / self._pass_cost(costs, depths, width, longest)
 
         width = max(range(floor, deepest + 1), key=lambda w: (rate(w), w))
         self._proposed = {row: d for row, d in zip(ids, depths, strict=True) if d > width}
