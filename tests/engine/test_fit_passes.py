@@ -117,12 +117,13 @@ def test_a_row_whose_drafts_are_cut_whole_pays_for_its_draft_passes_and_pauses()
 def test_cut_steps_between_verified_ones_count_their_draft_passes():
     """Cut steps between verified ones (fewer than EARLY_TESTS in a row, so the streak never
     pauses the row): each verified step pays on its own (2 of 3 drafts kept: 3 tokens for
-    3 c + r(4) = 2.62 passes at c = 0.2), each cut one costs its draft pass on top of the
+    3 c + r(4) = 2.92 passes at c = 0.3), each cut one costs its draft pass on top of the
     target-only pass (1 token for 1 + c). Three cuts per verified step lose more than it
-    gains: under "costs" the row must pause. Not counting the cut drafts' passes, it would
+    gains (0.2 passes per step, steadily enough that the upper bound of the mean gain is
+    below 0): under "costs" the row must pause. Not counting the cut drafts' passes, it would
     draft on for good. Cut steps are evidence under "costs": EARLY_TESTS of them (not in a
     row) let the row be judged before it has seen min_tests keep tests."""
-    measured = curve(KINKED, draft=0.2)
+    measured = curve(KINKED, draft=0.3)
     policy = settled(AdaptiveDraftLength(max_k=8, lengths="costs"), measured)
     state = policy.schedule(0)
     cycles = 0

@@ -15,6 +15,7 @@ from specsample.engine.length import (
     GUARD_STEPS,
     PROBE_ATTEMPTS,
     PROBE_LENGTH,
+    TRUST_SAMPLES,
     AdaptiveDraftLength,
     FixedDraftLength,
     StepCosts,
@@ -960,6 +961,38 @@ def test_costs_lengths_judge_a_row_by_what_its_drafting_steps_emitted():
         asked.append(k)
     assert policy.rows[0].paused and 0 in asked
     assert set(asked) <= {0, cap} and cap in asked[asked.index(0) :]
+
+
+def test_costs_lengths_pause_a_row_only_once_its_steps_lose_with_confidence():
+    """Under "costs" a row's steps gain from a whole pass lost to a dozen tokens won. A row
+    that keeps a 12-token draft whole once per 9 steps and nothing in the other 8 loses 0.07
+    passes per step on average (flat passes: r = 1.2 for 2..13 tokens, c = 0.1): the mean of
+    its last few steps says "loses" after every streak of rejections, but the upper bound of
+    the mean gain never does, so it keeps drafting (the rule that paused on the mean paused it
+    on its 6th step and left it target-only for 37 of 45 steps). A row that keeps 1 draft of 12
+    at every step (0.4 passes lost each, no spread) pauses once judged, and one that keeps 12
+    once per 21 steps (0.83 lost per step) pauses within its first long streak."""
+    flat = StepCosts()
+    for _ in range(TRUST_SAMPLES):
+        flat.draft_step.add(0.1)
+        for n, relative in ((1, 1.0), (2, 1.2), (13, 1.2)):
+            flat.add_target_pass(n, relative)
+
+    def asked(pattern: list[tuple[int, int]], steps: int = 45) -> list[int]:
+        policy = warmed(AdaptiveDraftLength(max_k=12, lengths="costs"), flat, [0])
+        out = []
+        for i in range(steps):
+            k = int(policy.next_lengths([0]))
+            out.append(k)
+            drafted, kept = pattern[i % len(pattern)]
+            policy.update([0], lengths(min(drafted, k)), lengths(min(kept, k)), flat)
+        return out
+
+    assert 0 not in asked([(12, 12)] + [(12, 0)] * 8)
+    steady = asked([(12, 1)])
+    assert steady.index(0) <= 7 and steady.count(0) >= 30
+    rare = asked([(12, 12)] + [(12, 0)] * 20)
+    assert 0 < rare.index(0) <= 21
 
 
 def test_auto_lengths_follow_whether_the_engines_drafter_stops_itself():

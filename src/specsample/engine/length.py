@@ -81,13 +81,20 @@
      a row itself where it is unsure, such as the command line's model drafter) a row that
      drafts is offered the longest draft the pass costs justify were every draft kept, and
      the drafter's confidence and survival stops decide how much of it is drafted. A row
-     then pauses when its drafting steps emitted fewer tokens than they cost in 1-token
-     passes (decayed sums of accepted + 1 and k c + r(k + 1); the theory's position rates
-     miss how runs of kept drafts go on), and its probes offer that same longest draft; the
-     theory still cuts a batch's depth. On transformers on 2 cores
-     (a 16-token pass 2.8x a 1-token one) the schedule's caps, which follow the keep rates a
-     few steps late, kept drafts short where transformers' assisted generation (20 drafts,
-     the same confidence stop) drafted long and won.
+     is judged on what its drafting steps gained over target-only: tokens emitted less their
+     cost in 1-token passes (accepted + 1 - (k c + r(k + 1)) per step, decayed sums; the
+     theory's position rates miss how runs of kept drafts go on). It pauses only once they
+     lose with confidence: the upper PAUSE_LEVEL bound of their mean gain (PAUSE_Z standard
+     errors over the decayed steps) is below 0. A step gains anything from a pass lost to a
+     dozen tokens won, so the mean of the last few steps dips below 0 through every few hard
+     tokens; pausing on it (the rule before) stopped rows there and left them target-only
+     through the long runs of kept drafts that followed (transformers, rename-vars at
+     T = 0.7: 23-45 s per text against 23-34 s never pausing, with the story prompt, where
+     no drafting pays, as fast either way). A paused row resumes once the mean gain is above
+     0, and its probes offer that same longest draft; the theory still cuts a batch's depth.
+     On transformers on 2 cores (a 16-token pass 2.8x a 1-token one) the schedule's caps,
+     which follow the keep rates a few steps late, kept drafts short where transformers'
+     assisted generation (20 drafts, the same confidence stop) drafted long and won.
   3. Batch depth. A step drafts as deep as its deepest row, so the rows' lengths are cut to the
      depth with the most expected tokens over the batch per unit of step cost (at least 1).
   4. Fitting the pass (`fit_passes`, default on; chains). Once a step's drafts are made their
@@ -188,6 +195,10 @@ PAD_GAIN = 0.1
 # pay for.
 TRIM_LEVEL = 0.95
 TRIM_Z = 1.6449
+# lengths="costs": a drafting row pauses once the upper PAUSE_LEVEL bound of its steps' mean
+# gain over target-only (PAUSE_Z: its normal quantile) is below 0 (_gain_upper_bound).
+PAUSE_LEVEL = 0.95
+PAUSE_Z = 1.6449
 
 
 class FixedDraftLength:
@@ -433,6 +444,11 @@ class _RowSchedule:
     # emitted, and what they cost in 1-token target passes (k c + r(k + 1) each)
     emitted_weight: float = 0.0
     cost_weight: float = 0.0
+    # and, decayed alike, the squares of each step's gain (emitted - cost), the steps and the
+    # squares of their weights (the mean gain's spread: _gain_upper_bound)
+    gain_squares: float = 0.0
+    step_weight: float = 0.0
+    step_weight_squares: float = 0.0
     cut_steps: int = 0  # steps whose drafts trim() cut whole (nothing verified)
     cut_streak: int = 0  # such steps since the row last verified a draft
 
@@ -485,7 +501,7 @@ class AdaptiveDraftLength:
     it is drafted, step by step, which the row's past keep rates (what "theory" goes by) can
     only follow a few steps late, and where passes cost little more for more tokens
     (transformers on CPUs, accelerators) long drafts cost little when they stop early. Rows
-    pause when their drafting steps emitted fewer tokens than they cost (module docstring),
+    pause once their drafting steps lose to target-only with confidence (module docstring),
     and a batch's depth is still cut as part 3 says. "auto" (default): "costs" when the
     engine's drafter says it stops itself (`stops_itself`), else "theory".
 
@@ -1020,9 +1036,25 @@ class AdaptiveDraftLength:
             # 2 of 3 emitted 22 tokens for about 18 passes' cost, and the theory paused the row).
             # (the drafts trim() cut were paid for: their draft passes count)
             verify = (costs.relative_pass_cost(drafted + 1, TRUST_SAMPLES) or 1.0) if drafted else 1
+            cost = made * _cost_ratio(costs) + verify
             state.emitted_weight = decay * state.emitted_weight + accepted + 1
-            state.cost_weight = decay * state.cost_weight + made * _cost_ratio(costs) + verify
-            pays = state.emitted_weight > state.cost_weight
+            state.cost_weight = decay * state.cost_weight + cost
+            state.gain_squares = decay * state.gain_squares + (accepted + 1 - cost) ** 2
+            state.step_weight = decay * state.step_weight + 1
+            state.step_weight_squares = decay * decay * state.step_weight_squares + 1
+            # A drafting row pauses only once its steps lose with confidence (the upper
+            # PAUSE_LEVEL bound of their mean gain over target-only below 0); a paused row
+            # resumes once their mean gain is above 0. A step's gain ranges from a whole pass
+            # lost to a dozen tokens won, so a mean over the last few steps a little below 0
+            # says little: pausing on it (as the rule did) turned runs off through a few hard
+            # tokens and left them target-only while long runs of kept drafts went by (on
+            # transformers at T = 0.7, rename-vars ran at 23-45 s per text where never pausing
+            # ran at 23-34 s, and the story prompt, where no drafting pays, ran as fast).
+            pays = (
+                state.emitted_weight > state.cost_weight
+                if state.paused
+                else _gain_upper_bound(state) >= 0
+            )
         # (under "costs", steps whose drafts were cut whole count as evidence too: they test
         # nothing, and a row whose drafts are always cut would otherwise never pause)
         judged = state.tests_seen >= self.min_tests
@@ -1139,6 +1171,20 @@ def _keep_rate_bound(state: _RowSchedule, prior: float | None = None) -> float:
     centre = share + z2 / (2 * tests)
     spread = TRIM_Z * math.sqrt(max(0.0, share * (1 - share)) / tests + z2 / (4 * tests * tests))
     return min(1.0, (centre + spread) / (1 + z2 / tests))
+
+
+def _gain_upper_bound(state: _RowSchedule) -> float:
+    """The upper PAUSE_LEVEL bound of a row's mean gain per drafting step over target-only
+    (tokens emitted less their cost in 1-token passes; lengths="costs"), from its decayed sums:
+    the weighted mean plus PAUSE_Z standard errors, with the effective number of steps
+    (sum w)^2 / sum w^2 of the decayed weights."""
+    weight = state.step_weight
+    if weight <= 0:
+        return math.inf
+    mean = (state.emitted_weight - state.cost_weight) / weight
+    variance = max(0.0, state.gain_squares / weight - mean * mean)
+    steps = weight * weight / state.step_weight_squares
+    return mean + PAUSE_Z * math.sqrt(variance / steps)
 
 
 def _rate_upper_bound(kept: int, tests: int, level: float) -> float:
