@@ -995,6 +995,43 @@ def test_costs_lengths_pause_a_row_only_once_its_steps_lose_with_confidence():
     assert 0 < rare.index(0) <= 21
 
 
+def test_costs_lengths_resume_a_paused_row_once_its_mean_gain_is_above_zero():
+    """The pause's other side: a paused row resumes when its mean gain is above 0, not when
+    the upper bound of it is (which would resume it after any probe that gained a little).
+    After six steps that kept 1 draft of 12 (0.4 passes lost each), a probe that keeps its one
+    draft (0.7 gained) leaves the mean below 0: the row stays paused. A probe that keeps 3 of
+    12 (1.6 gained) brings it above 0: the row drafts again."""
+    flat = StepCosts()
+    for _ in range(TRUST_SAMPLES):
+        flat.draft_step.add(0.1)
+        for n, relative in ((1, 1.0), (2, 1.2), (13, 1.2)):
+            flat.add_target_pass(n, relative)
+
+    def paused_row() -> AdaptiveDraftLength:
+        policy = warmed(AdaptiveDraftLength(max_k=12, lengths="costs"), flat, [0])
+        for _ in range(6):
+            assert int(policy.next_lengths([0])) == 12
+            policy.update([0], lengths(12), lengths(1), flat)
+        assert policy.rows[0].paused
+        return policy
+
+    def probe(policy: AdaptiveDraftLength, drafted: int, kept: int) -> None:
+        for _ in range(policy.probe_every + 1):
+            k = int(policy.next_lengths([0]))
+            if k:
+                policy.update([0], lengths(drafted), lengths(kept), flat)
+                return
+            policy.update([0], lengths(0), lengths(0), flat)
+        raise AssertionError("no probe")
+
+    small = paused_row()
+    probe(small, 1, 1)
+    assert small.rows[0].paused
+    large = paused_row()
+    probe(large, 12, 3)
+    assert not large.rows[0].paused and int(large.next_lengths([0])) == 12
+
+
 def test_auto_lengths_follow_whether_the_engines_drafter_stops_itself():
     """lengths="auto" (the default) is "costs" for a drafter that stops a row itself (a model
     drafter with a confidence or survival stop), "theory" otherwise; an explicit rule stands."""
