@@ -423,3 +423,31 @@ def test_damaged_keep_counts_are_ignored_and_the_costs_still_used(tmp_path, keep
     policy = AdaptiveDraftLength(16)
     assert policy.recall(memory) and policy.verdicts == {1: False}
     assert policy.pooled.position_tests == []
+
+
+def test_recall_reads_the_file_once_so_costs_and_keep_counts_come_from_one_write(
+    tmp_path, monkeypatch
+):
+    """recall takes the costs and the keep counts from one read: another process may write
+    the file between two reads, and then the verdict would be one write's and the keep counts
+    another's. A write between the reads (made here by the first read) changes nothing."""
+    memory = remembered(tmp_path, NO_DRAFT, NO_PASSES)
+    data = json.loads(memory.path.read_text())
+    data["keep"] = {"tests": [4.0], "kept": [1.0]}
+    memory.path.write_text(json.dumps(data))
+    reads = []
+    read = CostMemory._read
+
+    def read_then_overwrite(self):
+        content = read(self)
+        reads.append(content)
+        other = dict(content, keep={"tests": [4.0], "kept": [4.0]}, buckets={})
+        self.path.write_text(json.dumps(other))  # another process's write after this read
+        return content
+
+    monkeypatch.setattr(CostMemory, "_read", read_then_overwrite)
+    policy = AdaptiveDraftLength(16)
+    assert policy.recall(memory)
+    assert len(reads) == 1
+    assert policy.verdicts == {1: False}
+    assert policy.pooled.position_rates(1)[0] < 0.5  # 1 of 4 kept, not 4 of 4

@@ -628,7 +628,8 @@ class AdaptiveDraftLength:
             raise TypeError(f"memory: expected a CostMemory, got {type(memory).__name__}")
         self.memory = memory
         taken = False
-        for bucket, entry in memory.load().items():
+        buckets, keep = memory.load_all()  # one read: both from the same write
+        for bucket, entry in buckets.items():
             if bucket < 1:
                 continue
             try:
@@ -644,7 +645,6 @@ class AdaptiveDraftLength:
             self._recalled[bucket] = costs.copy()
             self._saved_lengths[bucket] = _timed_lengths(costs)
             taken = True
-        keep = memory.load_keep()
         if keep is not None:
             self._recall_keep(keep)
             taken = True

@@ -142,37 +142,24 @@ class CostMemory:
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
 
+    def load_all(self) -> tuple[dict[int, dict[str, Any]], dict[str, list[float]] | None]:
+        """load() and load_keep() from one read of the file, so that both come from the same
+        write (another process may write the file between two reads)."""
+        data = self._read()
+        return _buckets(data), _keep(data)
+
     def load(self) -> dict[int, dict[str, Any]]:
         """The remembered entries by batch size; empty when there is no file, it is unreadable,
         older than MAX_AGE_DAYS or written for another key (a memory is a cache: a damaged one
         is ignored and written anew)."""
-        data = self._read()
-        try:
-            return {} if data is None else {int(b): e for b, e in data["buckets"].items()}
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return {}
+        return _buckets(self._read())
 
     def load_keep(self) -> dict[str, list[float]] | None:
         """The remembered keep counts ({"tests": [...], "kept": [...]}: decayed keep tests run
         and passed by draft position, pooled over the last process's rows), or None when there
         are none or they are damaged (not two lists of the same length of finite numbers, with
         0 <= kept <= tests and tests at position 0 above 0)."""
-        data = self._read()
-        keep = None if data is None else data.get("keep")
-        if not isinstance(keep, dict):
-            return None
-        tests, kept = keep.get("tests"), keep.get("kept")
-        if not isinstance(tests, list) or not isinstance(kept, list) or len(tests) != len(kept):
-            return None
-        numbers = tests + kept
-        if not tests or not all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-            for x in numbers
-        ):
-            return None
-        if tests[0] <= 0 or any(not 0 <= k <= t for t, k in zip(tests, kept, strict=True)):
-            return None
-        return {"tests": [float(t) for t in tests], "kept": [float(k) for k in kept]}
+        return _keep(self._read())
 
     def save(
         self, buckets: dict[int, dict[str, Any]], keep: dict[str, list[float]] | None = None
@@ -194,3 +181,30 @@ class CostMemory:
             os.replace(partial, self.path)
         except OSError:
             pass
+
+
+def _buckets(data: dict[str, Any] | None) -> dict[int, dict[str, Any]]:
+    """CostMemory.load's entries from the file's content (None: no usable file)."""
+    try:
+        return {} if data is None else {int(b): e for b, e in data["buckets"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _keep(data: dict[str, Any] | None) -> dict[str, list[float]] | None:
+    """CostMemory.load_keep's counts from the file's content (None: no usable file)."""
+    keep = None if data is None else data.get("keep")
+    if not isinstance(keep, dict):
+        return None
+    tests, kept = keep.get("tests"), keep.get("kept")
+    if not isinstance(tests, list) or not isinstance(kept, list) or len(tests) != len(kept):
+        return None
+    numbers = tests + kept
+    if not tests or not all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+        for x in numbers
+    ):
+        return None
+    if tests[0] <= 0 or any(not 0 <= k <= t for t, k in zip(tests, kept, strict=True)):
+        return None
+    return {"tests": [float(t) for t in tests], "kept": [float(k) for k in kept]}
