@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -13,8 +14,12 @@ from specsample.engine.length import (
     EARLY_TESTS,
     EXPLORE_REACH,
     GUARD_STEPS,
+    PAUSE_LEVEL,
+    PAUSE_Z,
     PROBE_ATTEMPTS,
     PROBE_LENGTH,
+    TRIM_LEVEL,
+    TRIM_Z,
     TRUST_SAMPLES,
     AdaptiveDraftLength,
     FixedDraftLength,
@@ -988,6 +993,8 @@ def test_costs_lengths_pause_a_row_only_once_its_steps_lose_with_confidence():
             policy.update([0], lengths(min(drafted, k)), lengths(min(kept, k)), flat)
         return out
 
+    assert PAUSE_Z == pytest.approx(statistics.NormalDist().inv_cdf(PAUSE_LEVEL), abs=1e-4)
+    assert TRIM_Z == pytest.approx(statistics.NormalDist().inv_cdf(TRIM_LEVEL), abs=1e-4)
     assert 0 not in asked([(12, 12)] + [(12, 0)] * 8)
     steady = asked([(12, 1)])
     assert steady.index(0) <= 7 and steady.count(0) >= 30
