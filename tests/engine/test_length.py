@@ -968,6 +968,17 @@ def test_costs_lengths_judge_a_row_by_what_its_drafting_steps_emitted():
     assert set(asked) <= {0, cap} and cap in asked[asked.index(0) :]
 
 
+def nearly_flat() -> StepCosts:
+    """Passes over 2 to 13 tokens cost 1.2 1-token passes, a draft pass 0.1; each timed
+    TRUST_SAMPLES times (trusted)."""
+    measured = StepCosts()
+    for _ in range(TRUST_SAMPLES):
+        measured.draft_step.add(0.1)
+        for n, relative in ((1, 1.0), (2, 1.2), (13, 1.2)):
+            measured.add_target_pass(n, relative)
+    return measured
+
+
 def test_costs_lengths_pause_a_row_only_once_its_steps_lose_with_confidence():
     """Under "costs" a row's steps gain from a whole pass lost to a dozen tokens won. A row
     that keeps a 12-token draft whole once per 9 steps and nothing in the other 8 loses 0.07
@@ -977,11 +988,7 @@ def test_costs_lengths_pause_a_row_only_once_its_steps_lose_with_confidence():
     on its 6th step and left it target-only for 37 of 45 steps). A row that keeps 1 draft of 12
     at every step (0.4 passes lost each, no spread) pauses once judged, and one that keeps 12
     once per 21 steps (0.83 lost per step) pauses within its first long streak."""
-    flat = StepCosts()
-    for _ in range(TRUST_SAMPLES):
-        flat.draft_step.add(0.1)
-        for n, relative in ((1, 1.0), (2, 1.2), (13, 1.2)):
-            flat.add_target_pass(n, relative)
+    flat = nearly_flat()
 
     def asked(pattern: list[tuple[int, int]], steps: int = 45) -> list[int]:
         policy = warmed(AdaptiveDraftLength(max_k=12, lengths="costs"), flat, [0])
@@ -1008,11 +1015,7 @@ def test_costs_lengths_resume_a_paused_row_once_its_mean_gain_is_above_zero():
     After six steps that kept 1 draft of 12 (0.4 passes lost each), a probe that keeps its one
     draft (0.7 gained) leaves the mean below 0: the row stays paused. A probe that keeps 3 of
     12 (1.6 gained) brings it above 0: the row drafts again."""
-    flat = StepCosts()
-    for _ in range(TRUST_SAMPLES):
-        flat.draft_step.add(0.1)
-        for n, relative in ((1, 1.0), (2, 1.2), (13, 1.2)):
-            flat.add_target_pass(n, relative)
+    flat = nearly_flat()
 
     def paused_row() -> AdaptiveDraftLength:
         policy = warmed(AdaptiveDraftLength(max_k=12, lengths="costs"), flat, [0])
