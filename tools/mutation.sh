@@ -7,6 +7,8 @@
 #   tools/mutation.sh token block     only these (token block tree greedy sampling warpers)
 #   tools/mutation.sh engine stats    the engine's step and its statistics, against tests/engine
 #                                     (not in the default set: its statistical tests are long)
+#   tools/mutation.sh length          the draft-length policies and the cost memory, against the
+#                                     engine tests that drive them (not in the default set)
 #
 # The tests selected are those of the modules asked for (TESTS below): tests/rules and
 # tests/warpers for the rules and the warpers (RowSampling and warp_rows have their unit tests in
@@ -34,12 +36,17 @@ declare -A SOURCE=(
     [warpers]=src/specsample/warpers/__init__.py
     [engine]=src/specsample/engine/engine.py
     [stats]=src/specsample/engine/stats.py
+    [length]=src/specsample/engine/length.py
 )
-# The tests each module is run against (a directory of tests/; the union for several modules).
+# The tests each module is run against (directories or files under tests/; the union for several
+# modules). The length policies are run against their unit tests, the cost memory's and the pass
+# fit's, and the engine tests that step with them (the whole of tests/engine would add minutes
+# per survivor and nothing that reaches length.py otherwise).
 declare -A TESTS=(
     [token]=rules [block]=rules [tree]=rules [greedy]=rules [sampling]=rules
     [warpers]="rules warpers"
     [engine]=engine [stats]=engine
+    [length]="engine/test_length.py engine/test_memory.py engine/test_fit_passes.py engine/test_engine.py engine/test_coupled.py"
 )
 MODULES=("$@")
 if [ ${#MODULES[@]} -eq 0 ]; then
@@ -58,10 +65,12 @@ for module in "${MODULES[@]}"; do
     done
 done
 SELECTION=""
-for dir in rules warpers engine; do
-    if [ -n "${DIRS[$dir]:-}" ]; then
-        SELECTION+="\"tests/$dir\", "
+for dir in "${!DIRS[@]}"; do
+    # A file already inside a selected directory is not named twice.
+    if [ "$dir" != "${dir%%/*}" ] && [ -n "${DIRS[${dir%%/*}]:-}" ]; then
+        continue
     fi
+    SELECTION+="\"tests/$dir\", "
 done
 # Engine runs leave out the slowest tests of tests/engine (2-30 s each, about three quarters of
 # its time): nearly every test reaches the engine's step, so each surviving mutant of it runs all
@@ -72,7 +81,7 @@ done
 # Kept: the other exactness tests, and the deterministic engine tests with every drafter (trees
 # included). docs/mutation.md says which survivors were checked against the tests left out.
 DESELECT="negative_control or fails_the_same"
-if [ -n "${DIRS[engine]:-}" ]; then
+if [ -n "${DIRS[engine]:-}" ] || [ -n "${DIRS[engine/test_engine.py]:-}" ]; then
     DESELECT+=" or (joint_matches_target_joint and (tree- or chains- or never-paused"
     DESELECT+=" or model-k3 or survival-stop or confidence-stop)) or tree-joining-aborts"
     DESELECT+=" or uncached_argmax_loop or target_only_greedy_hf"
