@@ -33,8 +33,8 @@
      The verdict rests on modelled step costs (medians of passes, c per draft pass); real
      drafting steps can cost more (a draft pass that feeds the tokens a step committed covers
      several tokens, the machine slows down). So after a "yes" the policy also adds up the
-     real drafting steps of that batch size: once GUARD_STEPS of them are in, if they took
-     longer than target-only passes would have for the most tokens they could have emitted
+     real drafting steps of that batch size: once GUARD_STEPS of them are in, if they took at
+     least as long as target-only passes would have for the most tokens they could have emitted
      (every draft kept, plus one per row: sum over steps of sum_b (d_b + 1) against
      rows * step seconds / the fastest 1-token pass seen), the verdict turns to "no" just as
      a cost check's would (it rests on costs alone, not on what was kept). On 2 cores, where a
@@ -158,8 +158,8 @@ PROBE_ATTEMPTS = 3
 # (optimistic, so a row whose drafts are kept tries longer drafts and times them), past that
 # along the chord.
 EXPLORE_REACH = 2
-# The check of real steps: once GUARD_STEPS steps drafted after a "yes", if those steps took
-# longer than target-only would have taken for every token they could have emitted (each row's
+# The check of real steps: once GUARD_STEPS steps drafted after a "yes", if those steps took at
+# least as long as target-only would take for every token they could have emitted (each row's
 # drafts all kept, plus one), drafting cannot pay here whatever the drafts: the verdict turns
 # to "no" (module docstring).
 GUARD_STEPS = 8
@@ -563,7 +563,6 @@ class AdaptiveDraftLength:
         # tokens, so a step where few rows draft is priced below a full pass of its width
         self.ragged_passes = False
         self.rows: dict[Hashable, _RowSchedule] = {}
-        self.steps = 0  # calls of next_lengths
         # Per batch size (batch_bucket): None until the costs are known (two 1-token passes, and
         # a pass that scored drafts); then whether some draft length could pay if every draft
         # were kept. The costs are those the update of a step of that size brought.
@@ -746,7 +745,6 @@ class AdaptiveDraftLength:
 
     def next_lengths(self, rows: int | Sequence[Hashable]) -> torch.Tensor:
         ids = list(range(rows)) if isinstance(rows, int) else list(rows)
-        self.steps += 1
         self._probing = set()
         self._use_bucket(len(ids))
         if self.can_pay is None:
@@ -907,11 +905,22 @@ class AdaptiveDraftLength:
     def update(self, *args: object) -> None:
         """update(rows, drafted, accepted, costs), or update(drafted, accepted, costs) for rows
         0..batch-1: drafted, accepted int64 [batch] for the step just verified."""
+        if len(args) not in (3, 4):
+            raise TypeError(
+                "update: expected (rows, drafted, accepted, costs) or (drafted, accepted, costs), "
+                f"got {len(args)} arguments"
+            )
         if len(args) == 3:
             drafted, accepted, costs = args
             rows: Sequence[Hashable] = range(len(drafted))
         else:
             rows, drafted, accepted, costs = args
+        if not len(rows) == len(drafted) == len(accepted):
+            # checked before any state changes: a mismatch must not leave half a step counted
+            raise ValueError(
+                "update: rows, drafted and accepted must have one entry per row, got "
+                f"{len(rows)} rows, {len(drafted)} drafted and {len(accepted)} accepted"
+            )
         bucket = self._use_bucket(len(rows))
         self.bucket_costs[bucket] = self._costs = costs
         cost_verdict_before = self._cost_verdicts.get(bucket)
@@ -946,8 +955,9 @@ class AdaptiveDraftLength:
 
     def _real_steps_pay(self, bucket: int, depths: list[int], costs: StepCosts) -> bool:
         """Adds a drafting step taken under a "yes" to its batch size's tally; False once
-        GUARD_STEPS such steps took longer than target-only (at the fastest 1-token pass seen;
-        RETIME_BELOW) would have for every token they could have emitted (module docstring).
+        GUARD_STEPS such steps took at least as long as target-only (at the fastest 1-token
+        pass seen; RETIME_BELOW) would have for every token they could have emitted (module
+        docstring: break-even gains nothing, so it counts as not paying).
         The tally starts over after it says False (a recheck that finds "yes" again is judged
         on its own steps)."""
         seconds, single = costs.last_step_seconds, costs.target_pass.get(1)
