@@ -46,7 +46,9 @@ declare -A TESTS=(
     [token]=rules [block]=rules [tree]=rules [greedy]=rules [sampling]=rules
     [warpers]="rules warpers"
     [engine]=engine [stats]=engine
-    [length]="engine/test_length.py engine/test_memory.py engine/test_fit_passes.py engine/test_engine.py engine/test_coupled.py"
+    [length]="engine/test_length.py engine/test_length_costs.py engine/test_length_recall.py
+              engine/test_length_batch.py engine/test_length_verdict.py engine/test_memory.py
+              engine/test_fit_passes.py engine/test_engine.py engine/test_coupled.py"
 )
 MODULES=("$@")
 if [ ${#MODULES[@]} -eq 0 ]; then
