@@ -269,7 +269,7 @@ def test_a_paused_row_resumes_only_when_its_mean_gain_is_above_zero():
         assert policy.rows[0].paused is still_paused
 
 
-def test_cut_steps_judge_a_row_from_the_early_tests_th_on_and_not_before():
+def test_cut_steps_judge_a_row_at_its_early_tests_th_cut_step_and_not_before():
     """Under "costs" steps whose drafts were cut whole are evidence: once EARLY_TESTS of them
     were seen (here never EARLY_TESTS in a row, and no early pause by keep tests) the row is
     judged on its mean gain, which loses (each cut step costs its draft pass, each verified
