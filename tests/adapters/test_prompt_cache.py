@@ -23,12 +23,14 @@ pytest.importorskip("gguf", reason="the tiny test models are written with the gg
 from test_llamacpp import NUMERICS, make_reference  # noqa: E402
 from tiny_gguf import VOCAB, write_tiny_gguf  # noqa: E402
 
+from specsample.adapters import prompt_cache  # noqa: E402
 from specsample.adapters.llamacpp import LlamaCppLM  # noqa: E402
 from specsample.adapters.prompt_cache import (  # noqa: E402
     ENVIRONMENT,
     MAX_ENTRIES,
     MIN_TOKENS,
     PromptCache,
+    _file_stem,
     prompt_cache_directory,
 )
 
@@ -112,8 +114,9 @@ def test_positions_to_score_are_never_restored(gguf_path, tmp_path, reference):
 
 
 def test_another_prompts_state_lands_far_outside_the_tolerance(gguf_path, tmp_path, reference):
-    """Negative control: a kept file whose state belongs to another prompt than its tokens say.
-    The restored keys and values are wrong, and the comparison above would catch it."""
+    """Negative control: a kept file whose state belongs to another prompt than its tokens say
+    (named as its tokens are, so the cache takes it). The restored keys and values are wrong,
+    and the comparison above would catch it."""
     p, wrong = prompt(6, 20), prompt(7, 20)
     cache = PromptCache(KEY, tmp_path)
     model(gguf_path, cache).prefill([wrong])
@@ -121,7 +124,8 @@ def test_another_prompts_state_lands_far_outside_the_tolerance(gguf_path, tmp_pa
     with np.load(path) as data:
         parts = {name: data[name] for name in data.files}
     parts["tokens"] = np.asarray(p, dtype=np.int64)
-    np.savez(path, **parts)
+    np.savez(cache.folder / f"{_file_stem(parts['tokens'])}.npz", **parts)
+    path.unlink()
     lm = model(gguf_path, PromptCache(KEY, tmp_path))
     extra = [1, 2, 3]
     logits = lm.prefill([p + extra])[0]
@@ -146,6 +150,55 @@ def test_damaged_short_and_other_settings_files_are_not_used(gguf_path, tmp_path
     short = PromptCache({**KEY, "kv": "short"}, tmp_path)
     model(gguf_path, short).prefill([p[: MIN_TOKENS - 1]])
     assert not short.folder.exists()
+
+
+def test_a_file_whose_tokens_are_not_the_ones_its_name_stands_for_is_not_used(
+    gguf_path, tmp_path, reference
+):
+    """A file is kept under the hash of its tokens: one whose tokens were changed under the
+    same name (damaged, or written by something else) is passed over, and the prompt is
+    computed as if nothing were kept."""
+    p, wrong = prompt(6, 20), prompt(7, 20)
+    cache = PromptCache(KEY, tmp_path)
+    model(gguf_path, cache).prefill([wrong])
+    (path,) = cache.folder.glob("*.npz")
+    with np.load(path) as data:
+        parts = {name: data[name] for name in data.files}
+    parts["tokens"] = np.asarray(p, dtype=np.int64)
+    np.savez(path, **parts)
+    fresh = PromptCache(KEY, tmp_path)
+    assert fresh.longest_prefix(p + [1, 2, 3]) is None
+    lm = model(gguf_path, fresh)
+    logits = lm.prefill([p + [1, 2, 3]])[0]
+    assert lm.num_positions == 23
+    assert (logits - reference(p + [1, 2, 3])[-1]).abs().max() < NUMERICS["float32"][1]
+
+
+def test_lookups_open_each_kept_file_once(gguf_path, tmp_path, monkeypatch):
+    """A server looks the cache up for every request that joins: a file's tokens are read
+    the first time it is seen (a file another process kept included), not at every lookup;
+    files dropped from the folder are forgotten, so the index holds at most what the folder
+    does."""
+    reads = []
+    read = prompt_cache._read_tokens
+    monkeypatch.setattr(prompt_cache, "_read_tokens", lambda path: reads.append(path) or read(path))
+    saver = PromptCache(KEY, tmp_path)  # as another process: its own index
+    first, second = prompt(20, 12), prompt(21, 12)
+    model(gguf_path, saver).prefill([first])
+    cache = PromptCache(KEY, tmp_path)
+    assert cache.longest_prefix(first + [5])[0] == 12 and len(reads) == 1
+    assert cache.longest_prefix(first[:10] + [5])[0] == 10 and len(reads) == 1
+    model(gguf_path, saver).prefill([second])  # kept by the other one
+    assert cache.longest_prefix(second + [5])[0] == 12 and len(reads) == 2
+    assert cache.longest_prefix(first + [5])[0] == 12 and len(reads) == 2
+    lm = model(gguf_path, cache)
+    for i in range(MAX_ENTRIES + 2):  # kept by this one: known without a read
+        lm.add_rows([prompt(300 + i, 10)])
+        lm.remove_rows(torch.tensor([], dtype=torch.long))
+        cache.longest_prefix(prompt(300 + i, 10))
+    assert len(reads) == 2
+    assert len(cache._tokens) <= MAX_ENTRIES
+    assert set(cache._tokens) == {p.name for p in cache.folder.glob("*.npz")}
 
 
 def test_the_least_recently_used_prompts_go_first(gguf_path, tmp_path):

@@ -6,7 +6,9 @@ One folder per setting (the caller's key: the model file, the cache's number typ
 attention, repacking, threads, the library version and the machine); in it one file per
 prompt (`<hash of its tokens>.npz`: the tokens, llama.cpp's state of that sequence, and the
 logits after its last token), at most MAX_ENTRIES files and MAX_BYTES in all, the least
-recently used going first. A damaged or unreadable file is ignored (a cache, never an error).
+recently used going first. A damaged or unreadable file, or one whose tokens are not those its
+name is the hash of, is ignored (a cache, never an error). Each file's tokens are read once
+per PromptCache: a server looks the cache up for every request that joins.
 
 What a cached prefix changes: its keys and values are the ones llama.cpp computed when the
 prompt was first prefilled, and the tokens after it are computed in a pass of another shape
@@ -77,6 +79,10 @@ class PromptCache:
         self.folder = Path(directory) / f"prompts-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
         self.reused = 0
         self.computed = 0
+        # The tokens of each kept file read so far, by file name. A file's name is the hash of
+        # its tokens (save), so a name never stands for other tokens: a server looks them up
+        # for every request that joins without opening the files again.
+        self._tokens: dict[str, np.ndarray] = {}
 
     @classmethod
     def from_environment(cls, key: dict[str, Any]) -> PromptCache | None:
@@ -88,12 +94,17 @@ class PromptCache:
         """The kept prompt sharing the longest prefix with `tokens` (at least MIN_TOKENS):
         (shared length, its file), or None."""
         best: tuple[int, Path] | None = None
-        for path in self._entries():
-            try:
-                with np.load(path) as data:
-                    kept = data["tokens"]
-            except (OSError, ValueError, KeyError):
-                continue
+        entries = self._entries()
+        present = {path.name for path in entries}
+        for name in [name for name in self._tokens if name not in present]:
+            del self._tokens[name]  # evicted (by this process or another)
+        for path in entries:
+            kept = self._tokens.get(path.name)
+            if kept is None:
+                kept = _read_tokens(path)
+                if kept is None:
+                    continue
+                self._tokens[path.name] = kept
             shared = _shared_prefix(kept, tokens)
             if shared >= MIN_TOKENS and (best is None or shared > best[0]):
                 best = (shared, path)
@@ -116,7 +127,7 @@ class PromptCache:
     def save(self, tokens: list[int], state: bytes, logits: np.ndarray) -> None:
         """Keeps a prompt (atomically; a folder that cannot be written is not an error), then
         drops the least recently used files past MAX_ENTRIES or MAX_BYTES."""
-        name = hashlib.sha256(np.asarray(tokens, dtype=np.int64).tobytes()).hexdigest()[:32]
+        name = _file_stem(np.asarray(tokens, dtype=np.int64))
         path = self.folder / f"{name}.npz"
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -128,6 +139,7 @@ class PromptCache:
                 logits=np.asarray(logits, dtype=np.float32),
             )
             os.replace(partial, path)
+            self._tokens[path.name] = np.asarray(tokens, dtype=np.int64)
             self._evict()
         except OSError:
             pass
@@ -146,6 +158,22 @@ class PromptCache:
             total += path.stat().st_size
             if i >= MAX_ENTRIES or total > MAX_BYTES:
                 path.unlink(missing_ok=True)
+
+
+def _file_stem(tokens: np.ndarray) -> str:
+    """The name a prompt's file is kept under: the hash of its tokens (int64)."""
+    return hashlib.sha256(tokens.tobytes()).hexdigest()[:32]
+
+
+def _read_tokens(path: Path) -> np.ndarray | None:
+    """The tokens kept in `path` (int64), or None when the file cannot be read or its tokens
+    are not the ones its name stands for (a damaged or foreign file)."""
+    try:
+        with np.load(path) as data:
+            kept = np.asarray(data["tokens"], dtype=np.int64)
+    except (OSError, ValueError, KeyError):
+        return None
+    return kept if _file_stem(kept) == path.name.removesuffix(".npz") else None
 
 
 def _shared_prefix(kept: np.ndarray, tokens: list[int]) -> int:
