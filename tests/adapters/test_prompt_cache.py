@@ -113,18 +113,25 @@ def test_positions_to_score_are_never_restored(gguf_path, tmp_path, reference):
     assert (out[1] - reference(other)[-4:]).abs().max() < NUMERICS["float32"][1]
 
 
+def kept_with_other_tokens(gguf_path: Path, folder: Path, tokens: list[int], state_of: list[int]):
+    """Keeps `state_of` (its file, state and logits), then gives its parts with `tokens` in
+    place of its own: (the file it was kept in, the parts)."""
+    cache = PromptCache(KEY, folder)
+    model(gguf_path, cache).prefill([state_of])
+    (path,) = cache.folder.glob("*.npz")
+    with np.load(path) as data:
+        parts = {name: data[name] for name in data.files}
+    parts["tokens"] = np.asarray(tokens, dtype=np.int64)
+    return path, parts
+
+
 def test_another_prompts_state_lands_far_outside_the_tolerance(gguf_path, tmp_path, reference):
     """Negative control: a kept file whose state belongs to another prompt than its tokens say
     (named as its tokens are, so the cache takes it). The restored keys and values are wrong,
     and the comparison above would catch it."""
     p, wrong = prompt(6, 20), prompt(7, 20)
-    cache = PromptCache(KEY, tmp_path)
-    model(gguf_path, cache).prefill([wrong])
-    (path,) = cache.folder.glob("*.npz")
-    with np.load(path) as data:
-        parts = {name: data[name] for name in data.files}
-    parts["tokens"] = np.asarray(p, dtype=np.int64)
-    np.savez(cache.folder / f"{_file_stem(parts['tokens'])}.npz", **parts)
+    path, parts = kept_with_other_tokens(gguf_path, tmp_path, p, wrong)
+    np.savez(path.parent / f"{_file_stem(parts['tokens'])}.npz", **parts)
     path.unlink()
     lm = model(gguf_path, PromptCache(KEY, tmp_path))
     extra = [1, 2, 3]
@@ -159,12 +166,7 @@ def test_a_file_whose_tokens_are_not_the_ones_its_name_stands_for_is_not_used(
     same name (damaged, or written by something else) is passed over, and the prompt is
     computed as if nothing were kept."""
     p, wrong = prompt(6, 20), prompt(7, 20)
-    cache = PromptCache(KEY, tmp_path)
-    model(gguf_path, cache).prefill([wrong])
-    (path,) = cache.folder.glob("*.npz")
-    with np.load(path) as data:
-        parts = {name: data[name] for name in data.files}
-    parts["tokens"] = np.asarray(p, dtype=np.int64)
+    path, parts = kept_with_other_tokens(gguf_path, tmp_path, p, wrong)
     np.savez(path, **parts)
     fresh = PromptCache(KEY, tmp_path)
     assert fresh.longest_prefix(p + [1, 2, 3]) is None
