@@ -37,6 +37,7 @@ from specsample.adapters import default_pair
 from specsample.adapters.llamacpp import LlamaCppTokenizer
 from specsample.adapters.loading import load_pair
 from specsample.engine import generate
+from specsample.engine.text import encode_prompt
 from specsample.warpers import SamplingConfig
 
 HERE = Path(__file__).parent
@@ -94,17 +95,7 @@ def main(argv=None) -> int:
         raise SystemExit("expected both contenders to call the same llama_cpp module")
     tok = LlamaCppTokenizer(gguf[0])
     prompts = load_prompts()[: args.prompts]
-    ids = {
-        p["name"]: tok.encode(
-            tok.apply_chat_template(
-                [{"role": "user", "content": p["prompt"]}],
-                tokenize=False,
-                add_generation_prompt=True,
-            ),
-            add_special_tokens=False,
-        )
-        for p in prompts
-    }
+    ids = {p["name"]: encode_prompt(tok, p["prompt"]) for p in prompts}
 
     def ours(prompt: list[int], temperature: float, seed: int, tokens: int) -> None:
         generate(
