@@ -127,19 +127,20 @@ class PromptCache:
     def save(self, tokens: list[int], state: bytes, logits: np.ndarray) -> None:
         """Keeps a prompt (atomically; a folder that cannot be written is not an error), then
         drops the least recently used files past MAX_ENTRIES or MAX_BYTES."""
-        name = _file_stem(np.asarray(tokens, dtype=np.int64))
+        kept = np.asarray(tokens, dtype=np.int64)
+        name = _file_stem(kept)
         path = self.folder / f"{name}.npz"
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             partial = self.folder / f"{name}.{os.getpid()}.tmp.npz"
             np.savez(
                 partial,
-                tokens=np.asarray(tokens, dtype=np.int64),
+                tokens=kept,
                 state=np.frombuffer(state, dtype=np.uint8),
                 logits=np.asarray(logits, dtype=np.float32),
             )
             os.replace(partial, path)
-            self._tokens[path.name] = np.asarray(tokens, dtype=np.int64)
+            self._tokens[path.name] = kept
             self._evict()
         except OSError:
             pass
