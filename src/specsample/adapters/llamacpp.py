@@ -54,7 +54,7 @@ from specsample.adapters.gguf_meta import check_gguf_file
 from specsample.adapters.prompt_cache import MIN_TOKENS
 from specsample.adapters.protocol import (
     check_commit_path_args,
-    check_extend_args,
+    check_extend_rows,
     check_extend_tree_args,
     check_last,
     check_prompts,
@@ -489,12 +489,11 @@ class LlamaCppLM:
         nothing was fed) and each fed token's (row, column)."""
         self._require_state()
         self._require_no_tree(call)
-        tokens, num_valid = check_extend_args(tokens, num_valid, len(self._rows), self.vocab_size)
-        counts = num_valid.tolist()
+        rows, counts = check_extend_rows(tokens, num_valid, len(self._rows), self.vocab_size)
         self._check_room(sum(counts))
         feed_tokens, positions, seq_ids, where = [], [], [], []
-        for b, (row, k) in enumerate(zip(tokens.tolist(), counts, strict=True)):
-            feed_tokens += row[:k]
+        for b, (row, k) in enumerate(zip(rows, counts, strict=True)):
+            feed_tokens += row
             positions += range(self._lengths[b], self._lengths[b] + k)
             seq_ids += [(self._rows[b],)] * k
             where += [(b, j) for j in range(k)]

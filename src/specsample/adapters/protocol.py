@@ -21,6 +21,7 @@ __all__ = [
     "TreeLanguageModel",
     "check_commit_path_args",
     "check_extend_args",
+    "check_extend_rows",
     "check_extend_tree_args",
     "check_prompts",
     "check_remove_rows_args",
@@ -216,6 +217,36 @@ def check_extend_args(
             f"got {tokens[out_of_range][:5].tolist()}"
         )
     return tokens, num_valid
+
+
+def check_extend_rows(
+    tokens: object, num_valid: object, batch: int, vocab_limit: int
+) -> tuple[list[list[int]], list[int]]:
+    """`check_extend_args` for a model that feeds Python lists: the same checks and messages,
+    done on the tensors' values as lists (a dozen small tensor operations cost a model that
+    runs a pass in a few milliseconds more than the comparisons). Returns each row's valid
+    tokens and the counts."""
+    tokens = _check_int_tensor(tokens, "tokens")
+    num_valid = _check_int_tensor(num_valid, "num_valid")
+    if tokens.dim() != 2 or tokens.shape[0] != batch:
+        raise ValueError(f"tokens: expected shape (batch={batch}, n), got {tuple(tokens.shape)}")
+    n = tokens.shape[1]
+    if tuple(num_valid.shape) != (batch,):
+        raise ValueError(
+            f"num_valid: expected shape ({batch},) (one count per row), "
+            f"got {tuple(num_valid.shape)}"
+        )
+    counts = num_valid.tolist()
+    bad_rows = [b for b, k in enumerate(counts) if not 0 <= k <= n]
+    if bad_rows:
+        raise ValueError(
+            f"num_valid: expected 0 <= num_valid[b] <= n={n}, got {counts} (bad rows {bad_rows})"
+        )
+    rows = [row[:k] for row, k in zip(tokens.tolist(), counts, strict=True)]
+    bad = [t for row in rows for t in row if not 0 <= t < vocab_limit]
+    if bad:
+        raise ValueError(f"tokens: expected valid token ids in [0, {vocab_limit}), got {bad[:5]}")
+    return rows, counts
 
 
 def check_truncate_args(lengths: object, current: torch.Tensor) -> torch.Tensor:
