@@ -98,3 +98,27 @@ def test_target_only_negative_control_a_wrong_sampler_fails_the_same_test(monkey
 
     monkeypatch.setattr(engine_module, "sample_from_weights", squared)
     assert exactness_p_value(None, prompts=(PROMPT, SHORT_PROMPT)) < ALPHA
+
+
+def test_a_step_without_drafts_records_nothing_drafted_or_kept():
+    """The bookkeeping of a step without drafts takes a shortcut (no tensors); it must say what
+    the general path says: nothing kept, nothing tested, depth 0, no nodes, a chain step, and a
+    bonus token (the root has no children) in every row."""
+    draft = Draft.empty(3)
+    result = engine_module._one_token_result(torch.tensor([[5], [6], [7]]), "token")
+    recovered = engine_module._last_node_has_children(draft, result)
+    assert recovered.dtype == torch.bool and recovered.tolist() == [False] * 3
+    assert recovered.tolist() == draft.has_children()[:, 0].tolist()
+    rows = engine_module._StepRows.of(draft, result, recovered, ["token"] * 3)
+    assert rows.accepted == rows.tested_depth == rows.depths == rows.nodes == [0, 0, 0]
+    assert rows.tree is False and rows.rules_used == ["token"] * 3
+    assert engine_module._step_kinds(result, recovered) == [["bonus"]] * 3
+
+
+def test_empty_drafts_of_one_batch_size_share_tensors_without_elements():
+    draft = Draft.empty(2)
+    assert Draft.empty(2) is draft and Draft.empty(3) is not draft
+    assert draft.tokens.shape == (2, 0) and draft.valid.shape == (2, 0)
+    assert draft.parents.shape == (0,) and draft.probs is None
+    assert draft.tokens.numel() == draft.valid.numel() == draft.parents.numel() == 0
+    assert draft.is_chain and draft.num_nodes == 0 and draft.depths().tolist() == [0, 0]

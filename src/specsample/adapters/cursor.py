@@ -249,6 +249,8 @@ class ModelCursor:
         node j of the draft (arbitrary for invalid nodes and rows that are not active). A chain
         is fed as plain tokens; a tree stays open until the next call. min_width (chains): feed
         a pass over fewer tokens per row as one over this many, with filler (feed)."""
+        if not draft.num_nodes:  # nothing drafted: the pending tokens alone
+            return self.feed(sequences, active, None, None, min_width)
         if draft.is_chain:
             return self.feed(sequences, active, draft.tokens, draft.lengths, min_width)
         return self.feed_tree(sequences, active, draft.tokens, draft.parents, draft.valid)
@@ -486,9 +488,9 @@ class ModelCursor:
         """Each row's new tokens as the model takes them (tokens [batch, width], num_valid
         [batch]), now counted as cached."""
         width = max(1, max(len(r) for r in rows))
-        tokens = torch.zeros(len(rows), width, dtype=torch.int64)
+        # one tensor from padded lists (a tensor per row costs more than the copy)
+        tokens = torch.tensor([row + [0] * (width - len(row)) for row in rows], dtype=torch.int64)
         for b, row in enumerate(rows):
-            tokens[b, : len(row)] = torch.tensor(row, dtype=torch.int64)
             self.cached[b].extend(row)
             if row:
                 self.ready[b] = None

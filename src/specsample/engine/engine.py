@@ -313,8 +313,10 @@ class Engine:
             positions=[len(r.new_tokens) for r in rows],
         )
         ids = [r.id for r in rows]
-        remaining = torch.tensor([r.remaining for r in rows])
-        limits = torch.minimum(self.policy.next_lengths(ids), remaining - 1).clamp(min=0)
+        # the policy's lengths, never past a row's last token (which the step itself emits);
+        # as plain ints: a step that drafts nothing builds no tensor for them
+        wanted = self.policy.next_lengths(ids).tolist()
+        limits = [max(0, min(k, r.remaining - 1)) for k, r in zip(wanted, rows, strict=True)]
         # 2. draft
         clock = time.perf_counter()
         draft = self._propose(sequences, limits, sampling)
@@ -386,10 +388,10 @@ class Engine:
                 release()
         return outputs
 
-    def _propose(self, sequences, limits, sampling) -> Draft:
-        if self.drafter is None or int(limits.max()) == 0:
+    def _propose(self, sequences, limits: list[int], sampling) -> Draft:
+        if self.drafter is None or max(limits) == 0:
             return Draft.empty(len(sequences))
-        return self.drafter.propose(sequences, limits, sampling)
+        return self.drafter.propose(sequences, torch.tensor(limits, dtype=torch.int64), sampling)
 
     def _trim(self, ids: list[int], draft: Draft) -> Draft:
         """A chain draft cut to the width the policy's trim() finds worth verifying (the
@@ -644,6 +646,9 @@ class _StepRows:
     ) -> _StepRows:
         """recovered: bool [batch], the last kept node (or the root) had valid children, so one
         more keep test ran (and failed) below it. rules_used: the rule that verified each row."""
+        if not draft.num_nodes:  # nothing drafted: nothing kept or tested, depth 0
+            none = [0] * draft.batch
+            return _StepRows(none, none, none, none, False, rules_used)
         return _StepRows(
             result.num_accepted.tolist(),
             (result.num_accepted + recovered.long()).tolist(),
@@ -697,6 +702,8 @@ def _one_token_result(tokens: torch.Tensor, rule_used: str) -> TreeResult:
 def _last_node_has_children(draft: Draft, result: TreeResult) -> torch.Tensor:
     """bool [batch]: the last accepted node (the root when none was accepted) has valid
     children, i.e. the emitted token after it was recovered, not a bonus token."""
+    if not draft.num_nodes:  # the root has no children: a bonus token
+        return torch.zeros(draft.batch, dtype=torch.bool)
     if result.path.shape[1] == 0:
         last = torch.zeros(draft.batch, dtype=torch.int64)
     else:

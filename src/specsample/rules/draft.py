@@ -9,6 +9,8 @@ import torch
 
 from specsample.rules.tree import node_depths
 
+_EMPTY: dict[int, Draft] = {}  # Draft.empty by batch size
+
 
 @dataclass
 class Draft:
@@ -29,12 +31,17 @@ class Draft:
 
     @staticmethod
     def empty(batch: int) -> Draft:
-        return Draft(
-            torch.zeros(batch, 0, dtype=torch.int64),
-            torch.zeros(0, dtype=torch.int64),
-            None,
-            torch.zeros(batch, 0, dtype=torch.bool),
-        )
+        """No nodes in any of `batch` rows (a target-only step). The tensors hold no elements,
+        so drafts of one batch size share them (a step without drafts builds none)."""
+        draft = _EMPTY.get(batch)
+        if draft is None:
+            draft = _EMPTY[batch] = Draft(
+                torch.zeros(batch, 0, dtype=torch.int64),
+                torch.zeros(0, dtype=torch.int64),
+                None,
+                torch.zeros(batch, 0, dtype=torch.bool),
+            )
+        return draft
 
     @staticmethod
     def chain(tokens: torch.Tensor, probs: torch.Tensor | None, lengths: torch.Tensor) -> Draft:
@@ -67,6 +74,8 @@ class Draft:
     def is_chain(self) -> bool:
         """True when every node's parent is the node before it (one chain per row)."""
         n = self.num_nodes
+        if not n:  # no nodes: trivially one (empty) chain per row
+            return True
         return bool(torch.equal(self.parents.cpu(), torch.arange(-1, n - 1)))
 
     @property
