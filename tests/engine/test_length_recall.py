@@ -307,3 +307,14 @@ def test_an_ending_request_writes_the_memory_only_after_new_keep_tests(tmp_path,
     assert len(writes) == 2 and memory.load_keep() is not None
     policy.forget("late")  # nothing new since
     assert len(writes) == 2
+
+
+def test_a_second_memory_is_refused(tmp_path):
+    """A policy takes one memory: a second recall would merge two settings' costs and write
+    both files with them."""
+    policy = AdaptiveDraftLength(max_k=8)
+    first = CostMemory({"setting": 1}, tmp_path)
+    policy.recall(first)
+    with pytest.raises(RuntimeError, match=r"recall: expected a policy without a memory.*costs-"):
+        policy.recall(CostMemory({"setting": 2}, tmp_path))
+    assert policy.memory is first

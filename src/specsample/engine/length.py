@@ -620,11 +620,18 @@ class AdaptiveDraftLength:
         remembered costs say (within memory.MATCH_FACTOR either way) the remembered verdict
         and costs stand (no probes, and after a "no" no draft prefill); if neither it nor the
         next pass does, they are dropped and its cost check starts over. True when some entry
-        was taken."""
+        was taken. A policy takes one memory: a second recall raises RuntimeError."""
         from specsample.engine.memory import CostMemory
 
         if not isinstance(memory, CostMemory):
             raise TypeError(f"memory: expected a CostMemory, got {type(memory).__name__}")
+        if self.memory is not None:
+            # a second memory would be merged into the first (its batch sizes overwriting, its
+            # keep counts replacing) and both written with what neither measured
+            raise RuntimeError(
+                f"recall: expected a policy without a memory, got one that recalled "
+                f"{str(self.memory.path)!r} already; a policy takes one memory"
+            )
         self.memory = memory
         taken = False
         buckets, keep = memory.load_all()  # one read: both from the same write
