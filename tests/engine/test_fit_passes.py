@@ -61,6 +61,9 @@ def test_pad_width_is_the_shortest_trusted_wider_pass_a_tenth_cheaper():
     young.add_target_pass(4, 2.02)
     assert young.pad_width(3) == 3
     assert curve(KINKED, times=TRUST_SAMPLES - 1).pad_width(3) == 3
+    # passes timed as free (a clock too coarse for them) are never padded: a wider one cannot
+    # cost less than nothing, and its filler costs real time
+    assert curve({1: 0.0, 3: 0.0, 4: 0.0}).pad_width(3) == 3
 
 
 def test_trim_drops_a_draft_whose_pass_costs_more_than_the_tokens_it_may_add():

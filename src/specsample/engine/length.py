@@ -288,8 +288,8 @@ class StepCosts:
         The filler changes nothing the drafts' verification reads (the target's distribution at
         a position comes from the tokens before it)."""
         own = self.target_pass.get(tokens)
-        if own is None or own.count < min_samples:
-            return tokens
+        if own is None or own.count < min_samples or own.value <= 0:
+            return tokens  # not trusted yet, or timed as free (a coarse clock): nothing to gain
         limit = own.value * (1 - PAD_GAIN)
         for n in sorted(self.target_pass):
             recent = self.target_pass[n]
