@@ -581,3 +581,112 @@ def test_sampled_tokens_follow_the_target_distribution(gguf_path, tmp_path, rule
         assert p_value < 1e-6
     else:
         assert p_value > 1e-6
+
+
+# ---------------------------------------------------------------------- deferred loading
+
+
+def test_a_deferred_model_loads_at_its_first_pass_and_gives_the_same_logits(gguf_path):
+    """defer=True reads only the file's header and tokenizer until a call needs the weights;
+    then it is the model an eager load gives: the same vocabulary and the same logits."""
+    eager = LlamaCppLM(gguf_path, n_ctx=64, max_batch=2, threads=1, kv_type="f32")
+    lazy = LlamaCppLM(gguf_path, n_ctx=64, max_batch=2, threads=1, kv_type="f32", defer=True)
+    assert eager.loaded and not lazy.loaded
+    assert lazy.vocab_size == eager.vocab_size == VOCAB
+    assert lazy.batch_size == 0 and lazy.cells_used == 0 and lazy.path == eager.path
+    assert not lazy.loaded  # none of those reads the weights
+    prompts = [[1, 5, 7], [2, 3]]
+    first = lazy.prefill(prompts)
+    assert lazy.loaded and lazy.load_seconds > 0
+    assert torch.equal(first, eager.prefill(prompts))
+    step = torch.tensor([[4], [6]])
+    counts = torch.tensor([1, 1])
+    assert torch.equal(lazy.extend(step, counts), eager.extend(step, counts))
+
+
+def test_a_deferred_model_closed_unused_never_loads(gguf_path):
+    lazy = LlamaCppLM(gguf_path, n_ctx=64, max_batch=1, threads=1, defer=True)
+    lazy.close()
+    assert lazy.loaded is True  # nothing left to load: a closed model stays closed
+    assert lazy._ctx is None and lazy._batch is None  # closed: nothing loads on access
+    with pytest.raises(AttributeError, match="_missing_name"):
+        _ = lazy._missing_name  # only the names the load sets are loaded on demand
+    del lazy
+
+
+def test_a_deferred_model_refuses_bad_files_at_once(tmp_path):
+    missing = tmp_path / "absent.gguf"
+    with pytest.raises(FileNotFoundError, match=r"^draft: expected a GGUF file.*does not exist"):
+        LlamaCppLM(missing, argument="draft", defer=True)
+    bare = tmp_path / "bare.gguf"
+    bare.write_bytes(b"PK\x03\x04 a zip, not a GGUF file")
+    with pytest.raises(ValueError, match=r"^draft: expected a GGUF file \(starting with"):
+        LlamaCppLM(bare, argument="draft", defer=True)
+    with pytest.raises(ValueError, match=r"^defer: expected True or False, got 'yes'"):
+        LlamaCppLM(bare, defer="yes")
+
+
+def test_a_deferred_model_with_damaged_weights_fails_at_its_first_pass(gguf_path, tmp_path):
+    """The weights are read at the first call that needs them: a file cut inside its tensor
+    data passes the header check and is refused there, with llama.cpp's reason."""
+    data = gguf_path.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: int(len(data) * 0.98)])
+    lazy = LlamaCppLM(cut, argument="draft", defer=True, threads=1)
+    with pytest.raises(ValueError, match=r"^draft: expected a GGUF model llama.cpp can load"):
+        lazy.prefill([[1, 2]])
+
+
+def test_load_pair_defers_only_the_default_pairs_draft(gguf_path, monkeypatch):
+    """defer_draft holds back the default pair's draft (files checked whole when assembled); a
+    user's draft file is loaded at once, so that a damaged one is refused before generation."""
+    from specsample.adapters import default_pair
+    from specsample.adapters.loading import load_pair
+
+    user = load_pair(
+        str(gguf_path), str(gguf_path), backend="llama.cpp", threads=1, n_ctx=256, defer_draft=True
+    )
+    assert user.draft.loaded
+    monkeypatch.setattr(default_pair, "gguf_paths", lambda: (gguf_path, gguf_path))
+    pair = load_pair(backend="llama.cpp", threads=1, n_ctx=256, defer_draft=True)
+    assert pair.target.loaded and not pair.draft.loaded
+    assert pair.draft.vocab_size == pair.target.vocab_size
+    eager = load_pair(backend="llama.cpp", threads=1, n_ctx=256)
+    assert eager.draft.loaded and eager.description == pair.description  # one memory key
+    prompt = [[1, 5, 9, 12]]
+    assert torch.equal(pair.draft.prefill(prompt), eager.draft.prefill(prompt))
+    assert pair.draft.loaded
+
+
+def test_a_deferred_draft_loads_only_when_the_engine_drafts(gguf_path):
+    """Through the engine: a deferred draft that never drafts (draft length 0, as after a
+    remembered "drafting does not pay") is never loaded, and the text is target-only's; one
+    that drafts loads at its first draft and gives the text an eager draft gives."""
+    from specsample.drafters.model import ModelDrafter
+    from specsample.engine import generate
+    from specsample.warpers import SamplingConfig
+
+    def model(defer=False) -> LlamaCppLM:
+        options = NUMERICS["float32"][0]
+        return LlamaCppLM(gguf_path, n_ctx=512, max_batch=2, threads=1, defer=defer, **options)
+
+    def run(drafter, k):
+        return generate(
+            model(),
+            [[259, 264], [5, 70, 101]],
+            generator=torch.Generator().manual_seed(3),
+            drafter=drafter,
+            sampling=SamplingConfig(temperature=0.8),
+            max_new_tokens=12,
+            draft_length=k,
+            eos_token_ids=(),
+        )
+
+    idle = model(defer=True)
+    alone = run(None, 0)
+    assert run(ModelDrafter(idle), 0).tokens == alone.tokens
+    assert not idle.loaded
+    lazy = model(defer=True)
+    drafted = run(ModelDrafter(lazy), 3)
+    assert lazy.loaded and drafted.stats.draft_passes > 0
+    assert drafted.tokens == run(ModelDrafter(model()), 3).tokens

@@ -41,6 +41,7 @@ import ctypes
 import json
 import os
 import sys
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -50,7 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from specsample.adapters.gguf_meta import check_gguf_file
+from specsample.adapters.gguf_meta import check_gguf_file, read_gguf_tokenizer
 from specsample.adapters.prompt_cache import MIN_TOKENS
 from specsample.adapters.protocol import (
     check_commit_path_args,
@@ -72,6 +73,8 @@ _ERROR, _CONT = 4, 5  # ggml log levels (ggml >= 0.9: none, debug, info, warn, e
 _KV_TYPES = {"f32": 0, "f16": 1}  # ggml_type of the cached keys and values
 _LOG: deque[tuple[int, str]] = deque(maxlen=200)
 _STATE: dict[str, Any] = {}  # the imported module and the log callback (kept alive)
+# what LlamaCppLM._load() sets: a deferred model loads at the first use of one of them
+_LOADED = frozenset({"_model", "_ctx", "_memory", "_batch", "_batch_views"})
 
 
 def is_available() -> bool:
@@ -239,6 +242,13 @@ class LlamaCppLM:
             kernels move them by up to 0.6 from 4 tokens on (total variation up to 0.07 at
             T = 1); on 2 cores the pass times of up to 16 tokens were the same either way.
         argument: how error messages name this model ("target", "draft", ...).
+        defer: load the weights and create the context at the first call that needs them
+            (a prefill, a pass, the cache's state) instead of now. The file's header and
+            tokenizer are read now (the vocabulary size comes from its token list), so a
+            missing file, one that is not GGUF or one without a tokenizer is refused here; a
+            file whose weights are damaged is refused at that first call. For a draft model
+            that may never draft: where the cost memory says drafting does not pay, its
+            weights are never read (about 0.65 GiB and half a second for the default draft).
     """
 
     # a batch pass feeds each row's own tokens as one flat llama.cpp batch (no padding to the
@@ -258,6 +268,7 @@ class LlamaCppLM:
         flash_attn: bool | None = None,
         repack: bool = False,
         argument: str = "model",
+        defer: bool = False,
     ) -> None:
         llama = _llama()
         if kv_type not in _KV_TYPES:
@@ -283,12 +294,60 @@ class LlamaCppLM:
         n_batch = min(n_ctx, 2048) if n_batch is None else n_batch
         if not isinstance(n_batch, int) or n_batch < 1:
             raise ValueError(f"n_batch: expected a positive integer, got {n_batch!r}")
+        if defer not in (True, False):
+            raise ValueError(f"defer: expected True or False, got {defer!r}")
         self._llama = llama
-        self._model = _Model(path, argument, repack=repack)
-        self.path, self.argument = self._model.path, argument
+        self.argument = argument
         self.n_ctx, self.max_batch, self.threads, self.n_batch = n_ctx, max_batch, threads, n_batch
         self.repack, self.kv_type, self.flash_attn = repack, kv_type, flash_attn
-        self.vocab_size = self._model.n_vocab
+        self._rows: list[int] = []  # sequence id of each row
+        self._lengths: list[int] = []
+        self._free = list(range(self.n_seq_max))  # unused sequence ids, smallest first
+        self._started = False
+        self._tree: list[_RowTree] | None = None
+        self._tree_parents = torch.zeros(0, 0, dtype=torch.long)
+        self._tree_valid = torch.zeros(0, 0, dtype=torch.bool)
+        self.num_calls = 0  # llama_decode calls
+        self.num_positions = 0  # tokens fed
+        # adapters.prompt_cache.PromptCache: prompts that join restore the longest prefix it
+        # kept and give it their own state (None: every prompt is prefilled whole)
+        self.prompt_cache = None
+        self.load_seconds = 0.0  # the weights' load and the context's creation
+        if defer:
+            self.path = check_gguf_file(argument, path)
+            self.vocab_size = len(read_gguf_tokenizer(self.path, argument).tokens)
+            self._deferred = True  # _load() at the first use of a name in _LOADED
+        else:
+            self._deferred = False
+            self._load(path)
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the weights are loaded (False only for `defer` before the first use)."""
+        return not self.__dict__.get("_deferred", False)
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached for names not set yet: those _load() sets, on a deferred model
+        if name in _LOADED and self.__dict__.get("_deferred"):
+            self._load(self.path)
+            return getattr(self, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def _load(self, path: str | Path) -> None:
+        """Loads the weights and creates the context, its batch and their views."""
+        started = time.perf_counter()
+        llama, argument = self._llama, self.argument
+        model = _Model(path, argument, repack=self.repack)
+        if self.__dict__.get("_deferred") and model.n_vocab != self.vocab_size:
+            model.close()
+            raise ValueError(
+                f"{argument}: expected {self.vocab_size} tokens (the file's token list), got a "
+                f"model of {model.n_vocab} from {str(model.path)!r}"
+            )
+        self._model = model
+        self.path = model.path
+        self.vocab_size = model.n_vocab
+        n_ctx, n_batch, threads = self.n_ctx, self.n_batch, self.threads
         params = llama.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = n_batch
@@ -299,8 +358,8 @@ class LlamaCppLM:
         params.kv_unified = True  # trees: one cell may belong to several sequences
         params.swa_full = True  # sliding-window models keep every cell, so rollback works
         params.no_perf = True
-        params.type_k = params.type_v = _KV_TYPES[kv_type]
-        params.flash_attn_type = {None: -1, False: 0, True: 1}[flash_attn]
+        params.type_k = params.type_v = _KV_TYPES[self.kv_type]
+        params.flash_attn_type = {None: -1, False: 0, True: 1}[self.flash_attn]
         _LOG.clear()
         self._ctx = llama.llama_init_from_model(self._model.pointer, params)
         if not self._ctx:
@@ -316,18 +375,8 @@ class LlamaCppLM:
             np.ctypeslib.as_array(self._batch.n_seq_id, shape=(n_batch,)),
             np.ctypeslib.as_array(self._batch.logits, shape=(n_batch,)),
         )
-        self._rows: list[int] = []  # sequence id of each row
-        self._lengths: list[int] = []
-        self._free = list(range(self.n_seq_max))  # unused sequence ids, smallest first
-        self._started = False
-        self._tree: list[_RowTree] | None = None
-        self._tree_parents = torch.zeros(0, 0, dtype=torch.long)
-        self._tree_valid = torch.zeros(0, 0, dtype=torch.bool)
-        self.num_calls = 0  # llama_decode calls
-        self.num_positions = 0  # tokens fed
-        # adapters.prompt_cache.PromptCache: prompts that join restore the longest prefix it
-        # kept and give it their own state (None: every prompt is prefilled whole)
-        self.prompt_cache = None
+        self._deferred = False
+        self.load_seconds = time.perf_counter() - started
 
     # ------------------------------------------------------------------ facts
 
@@ -702,15 +751,16 @@ class LlamaCppLM:
     def close(self) -> None:
         """Free the context now and let go of the model (also done when the object is
         collected)."""
-        llama = getattr(self, "_llama", None)
+        llama = self.__dict__.get("_llama")
         if llama is None:
             return
-        if getattr(self, "_batch", None) is not None:
+        self._deferred = False  # a deferred model closed unused is never loaded
+        if self.__dict__.get("_batch") is not None:
             llama.llama_batch_free(self._batch)
-            self._batch = None
-        if getattr(self, "_ctx", None):
+        self._batch = None
+        if self.__dict__.get("_ctx"):
             llama.llama_free(self._ctx)
-            self._ctx = None
+        self._ctx = None
         # The model is freed with the last reference to it (a tokenizer may still share it).
         self._model = None
 

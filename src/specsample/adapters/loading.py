@@ -121,6 +121,7 @@ def load_pair(
     n_ctx: int = 4096,
     max_batch: int = 64,
     repack: bool = False,
+    defer_draft: bool = False,
 ) -> LoadedPair:
     """Loads the named models, or the embedded default pair when `target` is None, on
     `backend` (see resolve_backend). transformers: dtype is the compute dtype (None:
@@ -131,7 +132,12 @@ def load_pair(
     (the faster exact setting in the decode benchmark) and none elsewhere.
     llama.cpp: the GGUF weights run as stored (dtype is not used); threads (default: every
     core), n_ctx (KV cells shared by all rows) and max_batch (most rows) size each context;
-    repack lets llama.cpp repack quantised weights for its multi-token kernels (LlamaCppLM)."""
+    repack lets llama.cpp repack quantised weights for its multi-token kernels (LlamaCppLM);
+    defer_draft (the default pair on llama.cpp) loads the draft's weights at its first draft
+    (LlamaCppLM `defer`): a run whose cost memory says drafting does not pay never reads them.
+    The default pair's files are checked whole (magic and size) when they are assembled, so
+    a draft that loads later cannot fail on a damaged file mid-run; a user's draft file is
+    loaded now, so that a damaged one is refused before any generation."""
     started = time.perf_counter()
     if draft_quantize not in (*DRAFT_QUANTIZATIONS, "auto"):
         raise ValueError(
@@ -146,7 +152,16 @@ def load_pair(
     if resolve_backend(backend, target, draft, device, draft_quantize) == "llama.cpp":
         plain = "none" if draft_quantize == "auto" else draft_quantize
         return _load_llamacpp_pair(
-            target, draft, use_draft, plain, threads, n_ctx, max_batch, repack, started
+            target,
+            draft,
+            use_draft,
+            plain,
+            threads,
+            n_ctx,
+            max_batch,
+            repack,
+            started,
+            defer_draft=defer_draft and target is None,
         )
     if repack:
         raise ValueError(
@@ -204,6 +219,7 @@ def _load_llamacpp_pair(
     max_batch: int,
     repack: bool,
     started: float,
+    defer_draft: bool = False,
 ) -> LoadedPair:
     """Both GGUF files on llama.cpp, their tokenizers checked to match first (from the files'
     metadata, before any weights load)."""
@@ -230,7 +246,9 @@ def _load_llamacpp_pair(
         )
     sizes = dict(threads=threads, n_ctx=n_ctx, max_batch=max_batch, repack=repack)
     target_lm = LlamaCppLM(target_path, argument="target", **sizes)
-    draft_lm = None if draft_path is None else LlamaCppLM(draft_path, argument="draft", **sizes)
+    draft_lm = None
+    if draft_path is not None:
+        draft_lm = LlamaCppLM(draft_path, argument="draft", defer=defer_draft, **sizes)
     description += f" on llama.cpp ({target_lm.threads} threads, n_ctx {n_ctx}"
     description += ", weights repacked)" if repack else ")"
     return LoadedPair(
