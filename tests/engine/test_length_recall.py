@@ -253,8 +253,8 @@ def test_passes_at_the_remembered_cost_of_their_width_keep_the_memory(
 
 @pytest.mark.parametrize("bound", ["slower", "faster"])
 def test_passes_exactly_at_the_match_factor_keep_the_memory(tmp_path, bound):
-    """The match is "within MATCH_FACTOR either way", bounds included: 1-token passes at exactly
-    1.3 times, or 1 / 1.3 of, the remembered one keep a remembered "no"."""
+    """Bounds included: 1-token passes at exactly 1.3 times, or 1 / 1.3 of, the remembered one
+    (every remembered pass alike: median and fastest are equal) keep a remembered "no"."""
     policy = AdaptiveDraftLength(16)
     assert policy.recall(remembered(tmp_path, NO_DRAFT, NO_PASSES))
     measured = policy.bucket_costs[1]
@@ -318,3 +318,38 @@ def test_a_second_memory_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match=r"recall: expected a policy without a memory.*costs-"):
         policy.recall(CostMemory({"setting": 2}, tmp_path))
     assert policy.memory is first
+
+
+def _recalled_with_cold_passes(tmp_path) -> AdaptiveDraftLength:
+    """A remembered "no" whose 1-token passes were timed by a cold process (this machine's
+    memory file on 2026-12-01): 52.6, 43.3 and 39.5 ms, median 43.3, fastest 39.5."""
+    policy = AdaptiveDraftLength(16)
+    assert policy.recall(remembered(tmp_path, NO_DRAFT, NO_PASSES))
+    single = policy._recalled[1].target_pass[1]
+    single.samples.clear()
+    single.samples.extend([0.0526, 0.0433, 0.0395])
+    return policy
+
+
+def test_a_warm_pass_faster_than_the_remembered_median_keeps_the_memory(tmp_path):
+    """A warm process's 1-token passes (33 ms) beat the remembered median by more than 1.3x
+    but not the remembered fastest pass: the same machine, the memory stands (before, two
+    such passes dropped it and the cost check ran again)."""
+    policy = _recalled_with_cold_passes(tmp_path)
+    measured = policy.bucket_costs[1]
+    assert 0.0433 / 0.033 > MATCH_FACTOR > 0.0395 / 0.033
+    for _ in range(3):
+        assert int(policy.next_lengths(1)) == 0
+        measured.add_target_pass(1, 0.033)
+        policy.update(lengths(0), lengths(0), measured)
+    assert policy.verdicts == {1: False} and not policy.memory.dropped
+
+
+def test_a_pass_faster_than_the_remembered_fastest_by_the_factor_drops_the_memory(tmp_path):
+    policy = _recalled_with_cold_passes(tmp_path)
+    measured = policy.bucket_costs[1]
+    for _ in range(2):
+        policy.next_lengths(1)
+        measured.add_target_pass(1, 0.0395 / MATCH_FACTOR * 0.97)
+        policy.update(lengths(0), lengths(0), measured)
+    assert policy.memory.dropped == [1]

@@ -617,7 +617,8 @@ class AdaptiveDraftLength:
         (or newly trusted) pass length from now on.
         The first step of a remembered batch size is priced against the memory: if its target
         pass (1 token after a "no", a drafting step's width after a "yes") costs what the
-        remembered costs say (within memory.MATCH_FACTOR either way) the remembered verdict
+        remembered costs say (at most memory.MATCH_FACTOR times their median, at least their
+        fastest 1-token pass's share divided by it) the remembered verdict
         and costs stand (no probes, and after a "no" no draft prefill); if neither it nor the
         next pass does, they are dropped and its cost check starts over. True when some entry
         was taken. A policy takes one memory: a second recall raises RuntimeError."""
@@ -702,7 +703,12 @@ class AdaptiveDraftLength:
         single = remembered.target(1)
         expected = None if relative is None or single is None else relative * single
         if fresh is not None and expected is not None:
-            if expected / MATCH_FACTOR <= fresh <= expected * MATCH_FACTOR:
+            # faster than the remembered median is checked against the fastest remembered
+            # 1-token pass: the memory's samples include the slow first passes of a cold
+            # process, and a warm one beating their median by 1.3x is the same machine
+            fastest = remembered.target_pass[1].low if 1 in remembered.target_pass else single
+            floor = expected * min(1.0, fastest / single) if single > 0 else expected
+            if floor / MATCH_FACTOR <= fresh <= expected * MATCH_FACTOR:
                 del self._recalled[bucket]
                 self._mismatched.pop(bucket, None)
                 return

@@ -14,7 +14,9 @@ model, usable cores). It holds, per batch size, the last pass timings (AdaptiveD
 StepCosts windows) and the verdict. AdaptiveDraftLength.recall loads it: each remembered batch
 size starts from those costs and that verdict; the target pass of its first step (1 token after
 a "no", the drafting step's width after a "yes") must cost what the remembered costs say
-(within MATCH_FACTOR either way); if it does not, the next pass is checked as well, and if
+(at most MATCH_FACTOR times their median, at least their fastest 1-token pass's share divided
+by MATCH_FACTOR: the remembered samples include a cold process's slow first passes); if it
+does not, the next pass is checked as well, and if
 neither matches the memory of that batch size is dropped and its cost check runs as without
 one (one slow pass, the machine busy for a moment, does not drop it). The policy writes the
 file again whenever a verdict changes and whenever it times a pass length for the first time
