@@ -183,6 +183,22 @@ def _check_int_tensor(x: object, what: str) -> torch.Tensor:
     return x
 
 
+def _check_extend_shapes(
+    tokens: object, num_valid: object, batch: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The type and shape checks of `check_extend_args` and `check_extend_rows`."""
+    tokens = _check_int_tensor(tokens, "tokens")
+    num_valid = _check_int_tensor(num_valid, "num_valid")
+    if tokens.dim() != 2 or tokens.shape[0] != batch:
+        raise ValueError(f"tokens: expected shape (batch={batch}, n), got {tuple(tokens.shape)}")
+    if tuple(num_valid.shape) != (batch,):
+        raise ValueError(
+            f"num_valid: expected shape ({batch},) (one count per row), "
+            f"got {tuple(num_valid.shape)}"
+        )
+    return tokens, num_valid
+
+
 def check_extend_args(
     tokens: object, num_valid: object, batch: int, vocab_limit: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,16 +207,8 @@ def check_extend_args(
     tokens: `[batch, n]`; num_valid: `[batch]` with `0 <= num_valid[b] <= n`; the valid
     tokens (not the padding) must lie in `[0, vocab_limit)`.
     """
-    tokens = _check_int_tensor(tokens, "tokens")
-    num_valid = _check_int_tensor(num_valid, "num_valid")
-    if tokens.dim() != 2 or tokens.shape[0] != batch:
-        raise ValueError(f"tokens: expected shape (batch={batch}, n), got {tuple(tokens.shape)}")
+    tokens, num_valid = _check_extend_shapes(tokens, num_valid, batch)
     n = tokens.shape[1]
-    if tuple(num_valid.shape) != (batch,):
-        raise ValueError(
-            f"num_valid: expected shape ({batch},) (one count per row), "
-            f"got {tuple(num_valid.shape)}"
-        )
     tokens = tokens.long()
     num_valid = num_valid.to(device=tokens.device, dtype=torch.long)
     bad_rows = ((num_valid < 0) | (num_valid > n)).nonzero().flatten().tolist()
@@ -226,16 +234,8 @@ def check_extend_rows(
     done on the tensors' values as lists (a dozen small tensor operations cost a model that
     runs a pass in a few milliseconds more than the comparisons). Returns each row's valid
     tokens and the counts."""
-    tokens = _check_int_tensor(tokens, "tokens")
-    num_valid = _check_int_tensor(num_valid, "num_valid")
-    if tokens.dim() != 2 or tokens.shape[0] != batch:
-        raise ValueError(f"tokens: expected shape (batch={batch}, n), got {tuple(tokens.shape)}")
+    tokens, num_valid = _check_extend_shapes(tokens, num_valid, batch)
     n = tokens.shape[1]
-    if tuple(num_valid.shape) != (batch,):
-        raise ValueError(
-            f"num_valid: expected shape ({batch},) (one count per row), "
-            f"got {tuple(num_valid.shape)}"
-        )
     counts = num_valid.tolist()
     bad_rows = [b for b, k in enumerate(counts) if not 0 <= k <= n]
     if bad_rows:
