@@ -18,6 +18,8 @@ from specsample.engine.length import (
     PAUSE_Z,
     PROBE_ATTEMPTS,
     PROBE_LENGTH,
+    RETIME_BELOW,
+    RETIME_MARGIN,
     TRIM_LEVEL,
     TRIM_Z,
     TRUST_SAMPLES,
@@ -887,6 +889,50 @@ def test_the_tally_of_real_steps_starts_after_the_yes_and_over_after_a_recheck()
     assert asked == [0, 0, 0, 1] and policy.can_pay is True  # the recheck's costs say yes
     verdicts = drafting_steps(policy, measured, GUARD_STEPS, [4], [4], 6.0)
     assert verdicts == [True] * (GUARD_STEPS - 1) + [False]
+
+
+def test_steps_near_break_even_time_a_fresh_pass_and_a_machine_now_faster_says_no():
+    """The cost check's 1-token passes were all timed while the machine was slow (1.0, three
+    of them: no retime for want of samples); it then runs at 0.75 of that. Real steps of 4
+    drafts take 4.6: against the slow baseline they could emit 5 tokens in 5.0, so they pay,
+    by under RETIME_MARGIN. After 2 * GUARD_STEPS of them the next step is target-only, to
+    time a fresh 1-token pass (0.75); against it the same steps lose, and the next one turns
+    the verdict to no."""
+    measured = costs(0.1)
+    measured.add_target_pass(1, 1.0)
+    assert measured.target_pass[1].count >= RETIME_BELOW
+    policy = warmed(AdaptiveDraftLength(max_k=16), measured, rows=1)
+    assert 5 > 4.6 and 5 < RETIME_MARGIN * 4.6
+    assert all(drafting_steps(policy, measured, 2 * GUARD_STEPS, [4], [4], 4.6))
+    assert policy.next_lengths(1).tolist() == [0]  # the fresh 1-token pass
+    measured.add_target_pass(1, 0.75)
+    measured.last_step_seconds = 0.75
+    policy.update(lengths(0), lengths(0), measured)
+    assert policy.can_pay is True  # the modelled costs still say yes
+    assert drafting_steps(policy, measured, 1, [4], [4], 4.6) == [False]
+
+
+def test_steps_that_clearly_pay_are_not_interrupted_for_fresh_passes():
+    """Negative control: steps that could emit 5 tokens in 2.0 (2.5x over the baseline) never
+    ask for a target-only step, however long they go on; nor do steps near break-even before
+    2 * GUARD_STEPS of them, and after one fresh pass the next is due twice as far on."""
+    measured = costs(0.1)
+    measured.add_target_pass(1, 1.0)
+    policy = warmed(AdaptiveDraftLength(max_k=16), measured, rows=1)
+    for _ in range(8 * GUARD_STEPS):
+        assert int(policy.next_lengths(1)) > 0
+        drafting_steps(policy, measured, 1, [4], [4], 2.0)
+    near = warmed(AdaptiveDraftLength(max_k=16), measured, rows=1)
+    asked = []
+    for _ in range(6 * GUARD_STEPS):
+        asked.append(int(near.next_lengths(1)))
+        if asked[-1]:
+            drafting_steps(near, measured, 1, [4], [4], 4.6)
+        else:
+            measured.last_step_seconds = 1.0
+            near.update(lengths(0), lengths(0), measured)
+    zeros = [i for i, k in enumerate(asked) if k == 0]
+    assert zeros == [2 * GUARD_STEPS, 4 * GUARD_STEPS + 1]  # after 16 and 32 drafting steps
 
 
 # ---------------------------------------------------------------- adaptive: lengths from the costs

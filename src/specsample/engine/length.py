@@ -168,6 +168,15 @@ GUARD_STEPS = 8
 # load: weights paged in from disk), the step before its judgment is target-only, to time one
 # more (a slow 1-token pass makes every drafting step look as if it paid).
 RETIME_BELOW = 3
+# Past its first GUARD_STEPS steps the check keeps judging the steps since the "yes" against
+# the fastest 1-token pass seen, but drafting steps time no 1-token pass: if every one was
+# timed while the machine was slow, that baseline stays slow, and steps that lose at the
+# machine's real speed look as if they paid (a main-command run on llama.cpp drafted to its
+# end at 0.66x target-only). So while the steps pay by less than RETIME_MARGIN over the
+# baseline, a step times a fresh 1-token pass at growing gaps: after 2, 4, 8, ... times
+# GUARD_STEPS drafting steps. Steps that clearly pay (drafting on transformers: 3x and more
+# over the baseline) are never interrupted.
+RETIME_MARGIN = 1.3
 # The cost check's "yes" needs some draft length to beat target-only by this factor when every
 # draft is kept: modelled step costs leave out what real drafting steps add (a step's first
 # draft pass feeds the tokens the last one committed, the verification, the engine's own work)
@@ -579,6 +588,9 @@ class AdaptiveDraftLength:
         # emitted, rows x seconds they took (what target-only would have spent on as many rows)]
         self._real_steps: dict[int, list[float]] = {}
         self._retime: set[int] = set()  # batch sizes whose next step times a 1-token pass
+        # per batch size, the drafting step of the tally at which the next fresh 1-token pass
+        # is due while the real steps pay by less than RETIME_MARGIN
+        self._retime_due: dict[int, int] = {}
         self._costs: StepCosts | None = None  # the costs for the batch size of the last call
         self._since_check = 0
         self._check_gap = recheck_every
@@ -972,7 +984,8 @@ class AdaptiveDraftLength:
         pass seen; RETIME_BELOW) would have for every token they could have emitted (module
         docstring: break-even gains nothing, so it counts as not paying).
         The tally starts over after it says False (a recheck that finds "yes" again is judged
-        on its own steps)."""
+        on its own steps). While the steps pay by less than RETIME_MARGIN, the step after
+        2, 4, 8, ... times GUARD_STEPS of them times a fresh 1-token pass (RETIME_MARGIN)."""
         seconds, single = costs.last_step_seconds, costs.target_pass.get(1)
         if seconds is None or single is None or single.low <= 0:
             return True
@@ -983,8 +996,14 @@ class AdaptiveDraftLength:
         if tally[0] == GUARD_STEPS - 1 and single.count < RETIME_BELOW:
             self._retime.add(bucket)
         if tally[0] < GUARD_STEPS or tally[1] > tally[2] / single.low:
+            if tally[0] >= GUARD_STEPS:
+                due = self._retime_due.setdefault(bucket, 2 * GUARD_STEPS)
+                if tally[0] >= due and tally[1] < RETIME_MARGIN * tally[2] / single.low:
+                    self._retime.add(bucket)
+                    self._retime_due[bucket] = 2 * due
             return True
         del self._real_steps[bucket]
+        self._retime_due.pop(bucket, None)
         return False
 
     def _cost_verdict(self, costs: StepCosts) -> bool | None:
