@@ -174,7 +174,7 @@ RETIME_BELOW = 3
 # machine's real speed look as if they paid (a main-command run on llama.cpp drafted to its
 # end at 0.66x target-only). So while the steps pay by less than RETIME_MARGIN over the
 # baseline, a step times a fresh 1-token pass at growing gaps: after 2, 4, 8, ... times
-# GUARD_STEPS drafting steps. Steps that clearly pay (drafting on transformers: 3x and more
+# GUARD_STEPS drafting steps. Steps that clearly pay (drafting on transformers: 2.7x and more
 # over the baseline) are never interrupted.
 RETIME_MARGIN = 1.3
 # The cost check's "yes" needs some draft length to beat target-only by this factor when every
