@@ -64,6 +64,9 @@ def test_pad_width_is_the_shortest_trusted_wider_pass_a_tenth_cheaper():
     # passes timed as free (a clock too coarse for them) are never padded: a wider one cannot
     # cost less than nothing, and its filler costs real time
     assert curve({1: 0.0, 3: 0.0, 4: 0.0}).pad_width(3) == 3
+    # real timings are fractions of a second: the same curve in tens of milliseconds pads alike
+    seconds = curve({n: 0.03 * cost for n, cost in KINKED.items()})
+    assert seconds.pad_width(3) == 4 and seconds.pad_width(7) == 8
 
 
 def test_trim_drops_a_draft_whose_pass_costs_more_than_the_tokens_it_may_add():

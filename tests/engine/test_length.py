@@ -891,25 +891,26 @@ def test_the_tally_of_real_steps_starts_after_the_yes_and_over_after_a_recheck()
     assert verdicts == [True] * (GUARD_STEPS - 1) + [False]
 
 
-def test_steps_near_break_even_time_a_fresh_pass_and_a_machine_now_faster_says_no():
+@pytest.mark.parametrize("unit", [1.0, 0.04])
+def test_steps_near_break_even_time_a_fresh_pass_and_a_machine_now_faster_says_no(unit):
     """The cost check's 1-token passes were all timed while the machine was slow (1.0, three
     of them: no retime for want of samples); it then runs at 0.75 of that. Real steps of 4
     drafts take 4.6: against the slow baseline they could emit 5 tokens in 5.0, so they pay,
     by under RETIME_MARGIN. After 2 * GUARD_STEPS of them the next step is target-only, to
     time a fresh 1-token pass (0.75); against it the same steps lose, and the next one turns
-    the verdict to no."""
-    measured = costs(0.1)
-    measured.add_target_pass(1, 1.0)
+    the verdict to no. In units of 1 and of 40 ms (the ratio, not the seconds, decides)."""
+    measured = costs(0.1 * unit, unit)
+    measured.add_target_pass(1, unit)
     assert measured.target_pass[1].count >= RETIME_BELOW
     policy = warmed(AdaptiveDraftLength(max_k=16), measured, rows=1)
     assert 5 > 4.6 and 5 < RETIME_MARGIN * 4.6
-    assert all(drafting_steps(policy, measured, 2 * GUARD_STEPS, [4], [4], 4.6))
+    assert all(drafting_steps(policy, measured, 2 * GUARD_STEPS, [4], [4], 4.6 * unit))
     assert policy.next_lengths(1).tolist() == [0]  # the fresh 1-token pass
-    measured.add_target_pass(1, 0.75)
-    measured.last_step_seconds = 0.75
+    measured.add_target_pass(1, 0.75 * unit)
+    measured.last_step_seconds = 0.75 * unit
     policy.update(lengths(0), lengths(0), measured)
     assert policy.can_pay is True  # the modelled costs still say yes
-    assert drafting_steps(policy, measured, 1, [4], [4], 4.6) == [False]
+    assert drafting_steps(policy, measured, 1, [4], [4], 4.6 * unit) == [False]
 
 
 def test_steps_that_clearly_pay_are_not_interrupted_for_fresh_passes():
@@ -933,6 +934,34 @@ def test_steps_that_clearly_pay_are_not_interrupted_for_fresh_passes():
             near.update(lengths(0), lengths(0), measured)
     zeros = [i for i, k in enumerate(asked) if k == 0]
     assert zeros == [2 * GUARD_STEPS, 4 * GUARD_STEPS + 1]  # after 16 and 32 drafting steps
+
+
+def test_a_recheck_that_says_yes_again_times_its_fresh_passes_from_the_start():
+    """The gaps between fresh 1-token passes start over with the tally: after a "no" and a
+    recheck that finds "yes" again, the first fresh pass comes after 2 * GUARD_STEPS drafting
+    steps again, not at the doubled gap the last tally had reached."""
+    measured = costs(0.1)
+    measured.add_target_pass(1, 1.0)
+    policy = warmed(AdaptiveDraftLength(max_k=16, recheck_every=4), measured, rows=1)
+
+    def run(steps: int, seconds: float) -> list[int]:
+        asked = []
+        for _ in range(steps):
+            asked.append(int(policy.next_lengths(1)))
+            if asked[-1]:
+                drafting_steps(policy, measured, 1, [4], [4], seconds)
+            else:
+                measured.last_step_seconds = 1.0
+                policy.update(lengths(0), lengths(0), measured)
+        return asked
+
+    first = run(2 * GUARD_STEPS + 1, 4.6)
+    assert first.index(0) == 2 * GUARD_STEPS  # the fresh pass; the next one is due at 32
+    run(1, 20.0)  # a slow step: the tally no longer pays
+    assert policy.can_pay is False
+    assert run(4, 4.6) == [0, 0, 0, 1] and policy.can_pay is True  # the recheck says yes
+    again = run(2 * GUARD_STEPS + 1, 4.6)
+    assert again.index(0) == 2 * GUARD_STEPS
 
 
 # ---------------------------------------------------------------- adaptive: lengths from the costs

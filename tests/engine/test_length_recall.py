@@ -353,3 +353,21 @@ def test_a_pass_faster_than_the_remembered_fastest_by_the_factor_drops_the_memor
         measured.add_target_pass(1, 0.0395 / MATCH_FACTOR * 0.97)
         policy.update(lengths(0), lengths(0), measured)
     assert policy.memory.dropped == [1]
+
+
+def test_a_slow_pass_is_checked_against_the_remembered_1_token_pass_not_a_longer_one(tmp_path):
+    """The memory holds a 2-token pass too (twice the 1-token one). A 1-token pass 1.6x the
+    remembered one is slower than MATCH_FACTOR allows, though within it of the 2-token pass:
+    two of them drop the memory."""
+    policy = AdaptiveDraftLength(16)
+    assert policy.recall(remembered(tmp_path, NO_DRAFT, NO_PASSES))
+    twin = policy._recalled[1]
+    for _ in range(2):
+        twin.add_target_pass(2, 2 * NO_PASSES[1])
+    measured = policy.bucket_costs[1]
+    assert 1.6 > MATCH_FACTOR and 1.6 / 2 < MATCH_FACTOR
+    for _ in range(2):
+        policy.next_lengths(1)
+        measured.add_target_pass(1, 1.6 * NO_PASSES[1])
+        policy.update(lengths(0), lengths(0), measured)
+    assert policy.memory.dropped == [1]
