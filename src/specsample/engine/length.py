@@ -718,8 +718,8 @@ class AdaptiveDraftLength:
             # faster than the remembered median is checked against the fastest remembered
             # 1-token pass: the memory's samples include the slow first passes of a cold
             # process, and a warm one beating their median by 1.3x is the same machine
-            fastest = remembered.target_pass[1].low if 1 in remembered.target_pass else single
-            floor = expected * min(1.0, fastest / single) if single > 0 else expected
+            # (recall takes only entries with a 1-token pass of positive median)
+            floor = expected * min(1.0, remembered.target_pass[1].low / single)
             if floor / MATCH_FACTOR <= fresh <= expected * MATCH_FACTOR:
                 del self._recalled[bucket]
                 self._mismatched.pop(bucket, None)
