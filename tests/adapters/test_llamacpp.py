@@ -690,3 +690,28 @@ def test_a_deferred_draft_loads_only_when_the_engine_drafts(gguf_path):
     drafted = run(ModelDrafter(lazy), 3)
     assert lazy.loaded and drafted.stats.draft_passes > 0
     assert drafted.tokens == run(ModelDrafter(model()), 3).tokens
+
+
+def test_a_deferred_models_vocabulary_size_may_come_from_the_caller(gguf_path, monkeypatch):
+    """load_pair has read the draft's token list to compare the tokenizers: the deferred
+    draft takes its length from there instead of reading the file again. A size that does not
+    match the weights is refused when they load; a size without defer, or not a positive
+    integer, at once."""
+    import specsample.adapters.llamacpp as module
+    from specsample.adapters import default_pair
+    from specsample.adapters.loading import load_pair
+
+    reads = []
+    real = module.read_gguf_tokenizer
+    monkeypatch.setattr(module, "read_gguf_tokenizer", lambda *a: reads.append(a) or real(*a))
+    monkeypatch.setattr(default_pair, "gguf_paths", lambda: (gguf_path, gguf_path))
+    pair = load_pair(backend="llama.cpp", threads=1, n_ctx=256, defer_draft=True)
+    assert not pair.draft.loaded and pair.draft.vocab_size == VOCAB and reads == []
+    LlamaCppLM(gguf_path, threads=1, defer=True)
+    assert len(reads) == 1  # without the size, the model reads it itself
+    wrong = LlamaCppLM(gguf_path, argument="draft", threads=1, defer=True, vocab_size=VOCAB + 1)
+    with pytest.raises(ValueError, match=rf"^draft: expected {VOCAB + 1} tokens"):
+        wrong.prefill([[1, 2]])
+    for bad, defer in ((VOCAB, False), (0, True), (True, True), (3.0, True)):
+        with pytest.raises(ValueError, match=r"^vocab_size: expected None, or a positive"):
+            LlamaCppLM(gguf_path, threads=1, defer=defer, vocab_size=bad)

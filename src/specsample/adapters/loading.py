@@ -240,15 +240,20 @@ def _load_llamacpp_pair(
         target_path = check_gguf_file("target", target)
         draft_path = check_gguf_file("draft", draft) if draft is not None and use_draft else None
         description = f"target {target}" + (f", draft {draft}" if draft_path else "")
+    draft_tok = None
     if draft_path is not None:
-        check_same_gguf_tokenizer(
-            read_gguf_tokenizer(target_path, "target"), read_gguf_tokenizer(draft_path, "draft")
-        )
+        target_tok = read_gguf_tokenizer(target_path, "target")
+        draft_tok = read_gguf_tokenizer(draft_path, "draft")
+        check_same_gguf_tokenizer(target_tok, draft_tok)
     sizes = dict(threads=threads, n_ctx=n_ctx, max_batch=max_batch, repack=repack)
     target_lm = LlamaCppLM(target_path, argument="target", **sizes)
     draft_lm = None
-    if draft_path is not None:
-        draft_lm = LlamaCppLM(draft_path, argument="draft", defer=defer_draft, **sizes)
+    if draft_tok is not None:
+        # a deferred draft takes its vocabulary size from the token list just read
+        vocab = len(draft_tok.tokens) if defer_draft else None
+        draft_lm = LlamaCppLM(
+            draft_path, argument="draft", defer=defer_draft, vocab_size=vocab, **sizes
+        )
     description += f" on llama.cpp ({target_lm.threads} threads, n_ctx {n_ctx}"
     description += ", weights repacked)" if repack else ")"
     return LoadedPair(
