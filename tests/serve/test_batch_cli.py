@@ -142,6 +142,50 @@ def test_serving_defaults_on_llamacpp_are_auto_length_and_repacked_weights(tmp_p
     assert not engine.target.model.repack
 
 
+def test_serving_the_default_pair_on_llamacpp_loads_the_draft_at_its_first_draft(
+    tmp_path, monkeypatch
+):
+    """serve and batch defer the default pair's draft as generate does: its weights load at
+    the engine's first draft (a server whose cost memory says drafting does not pay never
+    holds them), and the text is the one an eagerly loaded draft gives."""
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("gguf")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "adapters"))
+    from tiny_gguf import write_tiny_gguf
+
+    from specsample import SamplingConfig
+    from specsample.adapters import default_pair
+
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
+    monkeypatch.setattr(default_pair, "gguf_paths", lambda: (gguf, gguf))
+    common = ["--threads", "1", "--context", "64", "--max-batch", "2", "--k", "3"]
+    common += ["--no-prompt-cache", "--no-cost-memory", "--backend", "llama.cpp"]
+
+    def tokens(engine) -> list[int]:
+        engine.add_request(
+            list(range(3, 13)), sampling=SamplingConfig(temperature=1.0), max_new_tokens=12, seed=7
+        )
+        out: list[int] = []
+        for _ in range(40):
+            for piece in engine.step():
+                out += piece.tokens
+            if not engine.has_unfinished():
+                return out
+        raise AssertionError("the request did not finish in 40 steps")
+
+    engine = _loaded_engine(*common)
+    draft = engine.drafter.cursor.model
+    assert engine.target.model.loaded and not draft.loaded
+    lazy = tokens(engine)
+    assert draft.loaded and engine.stats.draft_passes > 0
+    eager = _loaded_engine(*common, "--target", str(gguf), "--draft", str(gguf))
+    assert eager.drafter.cursor.model.loaded
+    assert tokens(eager) == lazy and len(lazy) == 12
+
+
 def test_serving_on_llamacpp_restores_kept_prompts_unless_turned_off(tmp_path):
     """serve and batch on llama.cpp keep prompts as generate does (--prompt-cache, default on;
     conftest points $SPECSAMPLE_PROMPT_CACHE at a fresh folder): both models get a cache, a

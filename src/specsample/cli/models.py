@@ -207,6 +207,10 @@ class ModelLoader:
             n_ctx=context * o.max_batch,
             max_batch=o.max_batch,
             repack=repack,
+            # the default pair on llama.cpp: the draft's weights load at its first draft (as
+            # for generate: a server whose cost memory says drafting does not pay never holds
+            # them)
+            defer_draft=True,
         )
         if o.drafter == "model" and pair.draft is None:
             raise ValueError("--drafter model needs --draft when --target is given")
