@@ -149,25 +149,27 @@ def test_the_match_factor_is_thirty_percent_either_way():
 
 @pytest.mark.parametrize("factor", [1.4, 1 / 1.4])
 def test_a_machine_at_another_speed_drops_the_memory_and_checks_again(tmp_path, factor):
-    """First 1-token passes outside MATCH_FACTOR of the remembered ones (another load, another
-    setting the key does not see): after the second of them the memory of that batch size is
-    dropped, its costs start from that pass, and the cost check runs as without a memory (one
-    more target-only step, then probes); the verdict it reaches is written back. The same for
-    a remembered "yes" whose first drafting passes cost another amount."""
+    """First 1-token passes faster than MATCH_FACTOR allows (the memory was timed while the
+    machine was busy, or another setting the key does not see): after the second of them the
+    remembered "no" of that batch size is dropped, its costs start from that pass, and the cost
+    check runs as without a memory (one more target-only step, then probes); the verdict it
+    reaches is written back. A remembered "yes" whose first drafting passes cost another
+    amount, more or less, is dropped the same way. (A "no" with slower passes stands: below.)"""
     memory = remembered(tmp_path, NO_DRAFT, NO_PASSES)
     policy = AdaptiveDraftLength(16)
     policy.recall(memory)
     measured = policy.bucket_costs[1]
+    faster = 1 / 1.4
     for _ in range(2):
         assert policy.verdicts == {1: False} and not memory.dropped
         assert int(policy.next_lengths(1)) == 0
-        measured.add_target_pass(1, NO_PASSES[1] * factor)
+        measured.add_target_pass(1, NO_PASSES[1] * faster)
         policy.update(lengths(0), lengths(0), measured)
-    assert memory.dropped == [1] and 1 not in policy.verdicts
+    assert memory.dropped == [1] and 1 not in policy.verdicts and not memory.slower
     assert list(measured.target_pass) == [1] and measured.target_pass[1].count == 1
     assert measured.draft_step.count == 0
     # now drafting pays: a cheap draft and a flat curve at this machine's speed
-    fresh = NO_PASSES[1] * factor
+    fresh = NO_PASSES[1] * faster
     scaled = {n: fresh * seconds / YES_PASSES[1] for n, seconds in YES_PASSES.items()}
     assert cost_check(policy, YES_DRAFT * fresh / YES_PASSES[1], scaled) == [0, 4]
     saved = json.loads(memory.path.read_text())
@@ -186,6 +188,38 @@ def test_a_machine_at_another_speed_drops_the_memory_and_checks_again(tmp_path, 
         policy.update(lengths(k), lengths(k), measured)
     assert policy.memory.dropped == [1] and 1 not in policy.verdicts
     assert list(measured.target_pass) == [k + 1]
+
+
+@pytest.mark.parametrize(
+    ("first", "second"), [(1.4, 1.4), (1.4, 1 / 1.4), (1 / 1.4, 1.4), (1 / 1.4, 1 / 1.4)]
+)
+def test_a_remembered_no_is_dropped_only_by_passes_faster_than_remembered(tmp_path, first, second):
+    """Two first 1-token passes outside MATCH_FACTOR drop a remembered "no" only when both ran
+    faster than remembered. Otherwise the machine is busier than when the memory was written:
+    the "no" stands with its remembered costs (a "no" rests on cost ratios, and checking
+    again would load and prefill the draft and probe), the policy stays target-only, the
+    memory says so (`slower`) and its file keeps the "no"."""
+    memory = remembered(tmp_path, NO_DRAFT, NO_PASSES)
+    policy = AdaptiveDraftLength(16)
+    policy.recall(memory)
+    measured = policy.bucket_costs[1]
+    for factor in (first, second):
+        assert int(policy.next_lengths(1)) == 0
+        measured.add_target_pass(1, NO_PASSES[1] * factor)
+        policy.update(lengths(0), lengths(0), measured)
+    if first < 1 and second < 1:
+        assert memory.dropped == [1] and not memory.slower and 1 not in policy.verdicts
+        return
+    assert memory.slower == [1] and not memory.dropped and policy.verdicts == {1: False}
+    assert sorted(measured.target_pass) == sorted(NO_PASSES)  # the remembered costs stay
+    drafts = measured.draft_step.count
+    for _ in range(40):  # no probe, no further check
+        assert int(policy.next_lengths(1)) == 0
+        measured.add_target_pass(1, NO_PASSES[1] * 1.4)
+        policy.update(lengths(0), lengths(0), measured)
+    assert memory.slower == [1] and not memory.dropped and policy.verdicts == {1: False}
+    assert measured.draft_step.count == drafts > 0
+    assert json.loads(memory.path.read_text())["buckets"]["1"]["verdict"] is False
 
 
 def test_one_pass_at_another_speed_does_not_drop_the_memory(tmp_path):
@@ -222,7 +256,7 @@ def test_the_check_waits_for_the_first_target_pass(tmp_path):
     assert policy.verdicts == {1: False} and not memory.dropped
     for _ in range(2):
         assert int(policy.next_lengths(1)) == 0
-        measured.add_target_pass(1, NO_PASSES[1] * 1.4)  # outside MATCH_FACTOR
+        measured.add_target_pass(1, NO_PASSES[1] / 1.4)  # outside MATCH_FACTOR
         policy.update(lengths(0), lengths(0), measured)
     assert memory.dropped == [1] and 1 not in policy.verdicts
 

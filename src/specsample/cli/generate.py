@@ -391,7 +391,8 @@ def _note(args: argparse.Namespace, message: str) -> None:
 
 
 def _reuse_facts(memory=None, prompt_cache=None) -> dict:
-    """What the run took from earlier runs: the cost memory (recalled, dropped, its file) and
+    """What the run took from earlier runs: the cost memory (recalled, dropped, a "no" that stood
+    though the machine ran slower, its file) and
     the target's prompt cache (prompt tokens restored and computed, its folder); a key only for
     what this run used."""
     facts: dict = {}
@@ -399,6 +400,7 @@ def _reuse_facts(memory=None, prompt_cache=None) -> dict:
         facts["cost_memory"] = {
             "recalled": bool(memory.recalled),
             "dropped": bool(memory.dropped),
+            "slower": bool(memory.slower),
             "path": str(memory.path),
         }
     if prompt_cache is not None:
@@ -439,6 +441,8 @@ def _print_stats(summary: dict, memory=None, prompt_cache=None) -> None:
         found = "recalled" if fact["recalled"] else "none yet for this setting"
         if fact["dropped"]:
             found += ", dropped: the machine ran at another speed than remembered"
+        if fact["slower"]:
+            found += ", the machine ran slower than remembered: its 'no' stands"
         lines.append(f"  cost memory           {found} ({fact['path']})")
     if "prompt_cache" in facts:
         fact = facts["prompt_cache"]

@@ -133,7 +133,8 @@ def add_backend_arguments(parser) -> None:
         default=True,
         help="--k auto: start from the pass costs and the verdict (does drafting pay here?) "
         "that earlier runs with the same models, settings and machine measured (dropped when "
-        "the first two target passes cost more than 1.3x more or less than remembered); kept in "
+        "the first two target passes cost more than 1.3x more or less than remembered; a "
+        "remembered 'drafting does not pay' stands when they cost more); kept in "
         "$SPECSAMPLE_COST_MEMORY (a folder, or 'off'), default the cache's costs/ folder. "
         "Spares each run the probe steps (and, where drafting does not pay, the draft model's "
         "prefill). Exact either way. Default: on",

@@ -610,8 +610,10 @@ class AdaptiveDraftLength:
         # remembered costs that this process's first pass of that size is checked against
         self.memory = None
         self._recalled: dict[int, StepCosts] = {}
-        # per batch size, the first pass that did not match its memory (_check_recalled)
+        # per batch size, the first pass that did not match its memory (_check_recalled), and
+        # whether it was faster than the memory says
         self._mismatched: dict[int, tuple[int, float]] = {}
+        self._mismatched_faster: dict[int, bool] = {}
         # per batch size, the pass lengths the memory holds (see _timed_lengths)
         self._saved_lengths: dict[int, set[tuple[int, bool]]] = {}
 
@@ -704,7 +706,13 @@ class AdaptiveDraftLength:
         (between remembered lengths, on the line between them). If it does not, the next pass
         is checked too: one slow pass (the machine busy for a moment) must not drop a memory.
         If that one does not either, the batch size's memory is dropped (its costs start from
-        that pass, its verdict from the cost check)."""
+        that pass, its verdict from the cost check), except a remembered "no" when the passes
+        ran slower than remembered: it stands, with its costs (a "no" rests on cost ratios,
+        not on the speed; a machine busier now than when the memory was written times the
+        probes no better, and checking again would load and prefill the draft and probe for
+        nothing: in a goal run on llama.cpp, runs whose memory was dropped that way ran at
+        0.79-0.92x target-only). Passes faster than remembered still drop a "no": the memory
+        may have been timed while the machine was busy."""
         from specsample.engine.memory import MATCH_FACTOR
 
         if costs.last_pass is self._mismatched.get(bucket):
@@ -714,6 +722,7 @@ class AdaptiveDraftLength:
         relative = remembered.relative_pass_cost(width, interpolate=True)
         single = remembered.target(1)
         expected = None if relative is None or single is None else relative * single
+        faster = False
         if fresh is not None and expected is not None:
             # faster than the remembered median is checked against the fastest remembered
             # 1-token pass: the memory's samples include the slow first passes of a cold
@@ -723,11 +732,19 @@ class AdaptiveDraftLength:
             if floor / MATCH_FACTOR <= fresh <= expected * MATCH_FACTOR:
                 del self._recalled[bucket]
                 self._mismatched.pop(bucket, None)
+                self._mismatched_faster.pop(bucket, None)
                 return
+            faster = fresh < floor / MATCH_FACTOR
         if bucket not in self._mismatched:
             self._mismatched[bucket] = costs.last_pass
+            self._mismatched_faster[bucket] = faster
             return
+        faster = self._mismatched_faster.pop(bucket) and faster  # both passes faster
         del self._recalled[bucket], self._mismatched[bucket]
+        if self._cost_verdicts.get(bucket) is False and not faster:
+            if self.memory is not None:
+                self.memory.slower.append(bucket)
+            return
         costs.keep_only(width, fresh)
         self.verdicts.pop(bucket, None)
         self._cost_verdicts.pop(bucket, None)

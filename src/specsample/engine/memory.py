@@ -16,12 +16,14 @@ size starts from those costs and that verdict; the target pass of its first step
 a "no", the drafting step's width after a "yes") must cost what the remembered costs say
 (at most MATCH_FACTOR times their median, at least their fastest 1-token pass's share divided
 by MATCH_FACTOR: the remembered samples include a cold process's slow first passes); if it
-does not, the next pass is checked as well, and if
-neither matches the memory of that batch size is dropped and its cost check runs as without
-one (one slow pass, the machine busy for a moment, does not drop it). The policy writes the
-file again whenever a verdict changes and whenever it times a pass length for the first time
-or comes to trust one (at most twice per length and batch size in a process). Files older
-than MAX_AGE_DAYS are not used.
+does not, the next pass is checked as well, and if neither matches the memory of that batch
+size is dropped and its cost check runs as without one (one slow pass, the machine busy for a
+moment, does not drop it). A remembered "no" is dropped only by passes faster than
+remembered: slower ones (the machine busier than when the memory was written) leave it
+standing with its costs (AdaptiveDraftLength._check_recalled). The policy writes the file
+again whenever a verdict changes and whenever it times a pass length for the first time or
+comes to trust one (at most twice per length and batch size in a process). Files older than
+MAX_AGE_DAYS are not used.
 
 The keep rates are of the text as well, so the memory holds them only as a prior: the decayed
 keep tests of the last process's rows by draft position (pooled over its rows), written when a
@@ -125,6 +127,8 @@ class CostMemory:
         self.path = Path(directory) / f"costs-{hashlib.sha256(text.encode()).hexdigest()[:20]}.json"
         self.recalled = False  # set by AdaptiveDraftLength.recall when it used a remembered entry
         self.dropped: list[int] = []  # batch sizes whose memory their first pass contradicted
+        # batch sizes whose remembered "no" stood though their first passes ran slower
+        self.slower: list[int] = []
 
     @classmethod
     def from_environment(cls, key: dict[str, Any]) -> CostMemory | None:
