@@ -122,3 +122,15 @@ def test_empty_drafts_of_one_batch_size_share_tensors_without_elements():
     assert draft.parents.shape == (0,) and draft.probs is None
     assert draft.tokens.numel() == draft.valid.numel() == draft.parents.numel() == 0
     assert draft.is_chain and draft.num_nodes == 0 and draft.depths().tolist() == [0, 0]
+
+
+def test_a_drafts_fields_cannot_be_assigned():
+    """Draft.empty hands out one draft per batch size (above), so a draft's fields cannot be
+    assigned: a change would reach every later step of that size."""
+    import dataclasses
+
+    first = Draft.empty(2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        first.tokens = torch.zeros(2, 1, dtype=torch.int64)
+    wider = dataclasses.replace(first, probs=torch.zeros(2, 0, 4))
+    assert wider is not first and first.probs is None

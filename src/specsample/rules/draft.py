@@ -12,9 +12,12 @@ from specsample.rules.tree import node_depths
 _EMPTY: dict[int, Draft] = {}  # Draft.empty by batch size
 
 
-@dataclass
+@dataclass(frozen=True)
 class Draft:
-    """tokens  int64 [batch, n]: the node tokens (0 where not valid).
+    """Frozen: Draft.empty hands out one shared draft per batch size, so no code may change a
+    draft's fields (dataclasses.replace makes a new one).
+
+    tokens     int64 [batch, n]: the node tokens (0 where not valid).
     parents    int64 [n]: each node's parent (-1: the root, i.e. the row's last token); nodes in
                topological order, siblings in the order they were drawn.
     probs      float [batch, n, vocab]: the distribution each node was drawn from (given its
