@@ -17,6 +17,7 @@ test_a_wrong_context_is_far_outside_the_tolerance checks that for this model.
 from __future__ import annotations
 
 import random
+import warnings
 from pathlib import Path
 
 import pytest
@@ -389,8 +390,11 @@ def test_load_pair_runs_gguf_files_on_llamacpp(gguf_path):
         load_pair(str(gguf_path), None, backend="llama.cpp", draft_quantize="int8")
 
 
-def test_load_pair_passes_repack_to_both_models_and_only_on_llamacpp(gguf_path):
+def test_load_pair_passes_repack_to_both_models_and_only_on_llamacpp(gguf_path, monkeypatch):
+    import specsample.adapters.llamacpp as llamacpp
     from specsample.adapters.loading import load_pair
+
+    monkeypatch.setattr(llamacpp, "amx_kernels", lambda: False)  # not a build with AMX kernels
 
     plain = load_pair(str(gguf_path), str(gguf_path), backend="llama.cpp", threads=1, n_ctx=256)
     assert not plain.target.repack and not plain.draft.repack
@@ -405,6 +409,44 @@ def test_load_pair_passes_repack_to_both_models_and_only_on_llamacpp(gguf_path):
     assert torch.allclose(plain.target.prefill(prompt), pair.target.prefill(prompt), atol=0.05)
     with pytest.raises(ValueError, match=r"^repack: expected the llama.cpp backend"):
         load_pair(str(gguf_path), None, backend="transformers", repack=True)
+
+
+def test_amx_kernels_reads_the_builds_system_info(monkeypatch):
+    import llama_cpp
+
+    from specsample.adapters.llamacpp import amx_kernels
+
+    info = b"CPU : AVX2 = 1 | AVX512 = 1 | AVX512_VNNI = 1 | AMX_INT8 = 1 | REPACK = 1 | "
+    monkeypatch.setattr(llama_cpp, "llama_print_system_info", lambda: info)
+    assert amx_kernels() is True
+    monkeypatch.setattr(llama_cpp, "llama_print_system_info", lambda: info.replace(b"AMX", b"X"))
+    assert amx_kernels() is False
+
+
+def test_a_build_with_amx_kernels_repacks_only_when_asked_and_says_why_not(gguf_path, monkeypatch):
+    """llama.cpp's AMX kernels (compiled in on processors with AMX tiles) crash on repacked
+    weights: the pair's description says why the weights are not repacked, and a model asked to
+    repack them warns (the tiny test model's float32 weights never reach those kernels)."""
+    import specsample.adapters.llamacpp as llamacpp
+    from specsample.adapters.loading import load_pair
+
+    monkeypatch.setattr(llamacpp, "amx_kernels", lambda: True)
+    plain = load_pair(str(gguf_path), None, backend="llama.cpp", threads=1, n_ctx=256)
+    assert plain.description.endswith(
+        ", weights not repacked: this llama.cpp build's AMX kernels crash on them)"
+    )
+    with pytest.warns(UserWarning, match=r"^target: repacked weights with a llama.cpp build"):
+        pair = load_pair(
+            str(gguf_path), None, backend="llama.cpp", threads=1, n_ctx=256, repack=True
+        )
+    assert pair.target.repack and pair.description.endswith(", weights repacked)")
+    monkeypatch.setattr(llamacpp, "amx_kernels", lambda: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        other = load_pair(
+            str(gguf_path), None, backend="llama.cpp", threads=1, n_ctx=256, repack=True
+        )
+    assert other.target.repack
 
 
 def test_prompt_longer_than_the_context_and_too_many_rows(gguf_path):

@@ -261,17 +261,24 @@ def test_cost_memory_is_written_then_recalled_and_can_be_turned_off(
 
 
 @pytest.mark.parametrize(
-    ("options", "repack"),
+    ("options", "amx", "repack"),
     [
-        (["--backend", "llama.cpp"], True),  # llama.cpp's own default
-        (["--backend", "llama.cpp", "--rule", "coupled"], False),  # same logits for 1-4 tokens
-        (["--backend", "llama.cpp", "--no-repack"], False),
-        (["--backend", "llama.cpp", "--rule", "coupled", "--repack"], True),
-        (["--backend", "transformers"], False),  # not a transformers option
+        (["--backend", "llama.cpp"], False, True),  # llama.cpp's own default
+        (["--backend", "llama.cpp", "--rule", "coupled"], False, False),  # same logits 1-4
+        (["--backend", "llama.cpp", "--no-repack"], False, False),
+        (["--backend", "llama.cpp", "--rule", "coupled", "--repack"], False, True),
+        (["--backend", "transformers"], False, False),  # not a transformers option
+        # a llama.cpp build with AMX kernels: they crash on repacked weights
+        (["--backend", "llama.cpp"], True, False),
+        (["--backend", "llama.cpp", "--repack"], True, True),  # as asked (load_pair warns)
+        (["--backend", "transformers"], True, False),
     ],
 )
-def test_weights_are_repacked_by_default_on_llamacpp(monkeypatch, tmp_path, options, repack):
+def test_weights_are_repacked_by_default_on_llamacpp(monkeypatch, tmp_path, options, amx, repack):
+    import specsample.adapters.llamacpp as llamacpp
     import specsample.adapters.loading as loading
+
+    monkeypatch.setattr(llamacpp, "amx_kernels", lambda: amx)
 
     asked = {}
 

@@ -118,7 +118,7 @@ def test_serving_recalls_the_cost_memory_of_its_setting_unless_turned_off(tiny_p
     assert getattr(_loaded_policy(*common, "--drafter", "none"), "memory", None) is None
 
 
-def test_serving_defaults_on_llamacpp_are_auto_length_and_repacked_weights(tmp_path):
+def test_serving_defaults_on_llamacpp_are_auto_length_and_repacked_weights(tmp_path, monkeypatch):
     """On llama.cpp (CPUs) the default is the adaptive length (its cost check finds out per
     batch size whether drafting can pay at all; --k still fixes it), and weights repacked for
     multi-token passes (--no-repack turns it off)."""
@@ -130,8 +130,10 @@ def test_serving_defaults_on_llamacpp_are_auto_length_and_repacked_weights(tmp_p
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "adapters"))
     from tiny_gguf import write_tiny_gguf
 
+    import specsample.adapters.llamacpp as llamacpp
     from specsample.engine.length import AdaptiveDraftLength, FixedDraftLength
 
+    monkeypatch.setattr(llamacpp, "amx_kernels", lambda: False)  # not a build with AMX kernels
     gguf = str(write_tiny_gguf(tmp_path / "tiny.gguf"))
     common = ["--target", gguf, "--draft", gguf, "--threads", "1", "--context", "64"]
     engine = _loaded_engine(*common, "--max-batch", "2")
@@ -140,6 +142,9 @@ def test_serving_defaults_on_llamacpp_are_auto_length_and_repacked_weights(tmp_p
     engine = _loaded_engine(*common, "--max-batch", "2", "--k", "3", "--no-repack")
     assert isinstance(engine.policy, FixedDraftLength) and engine.policy.k == 3
     assert not engine.target.model.repack
+    # a llama.cpp build with AMX kernels (they crash on repacked weights): off by default
+    monkeypatch.setattr(llamacpp, "amx_kernels", lambda: True)
+    assert not _loaded_engine(*common, "--max-batch", "2").target.model.repack
 
 
 def test_serving_the_default_pair_on_llamacpp_loads_the_draft_at_its_first_draft(

@@ -42,6 +42,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -63,7 +64,7 @@ from specsample.adapters.protocol import (
     check_truncate_args,
 )
 
-__all__ = ["LlamaCppLM", "LlamaCppTokenizer", "default_threads", "is_available"]
+__all__ = ["LlamaCppLM", "LlamaCppTokenizer", "amx_kernels", "default_threads", "is_available"]
 
 INSTALL_HINT = (
     "install it with: pip install 'llama-cpp-python>=0.3' (or the project's `llamacpp` extra; "
@@ -124,6 +125,18 @@ def _llama() -> Any:
     return llama_cpp
 
 
+def amx_kernels() -> bool:
+    """True if this llama-cpp-python build compiled llama.cpp's AMX kernels (its system info
+    says AMX_INT8 = 1): a build made with -march=native on a processor with AMX tiles does.
+    Those kernels run on repacked weights only, and in llama.cpp as llama-cpp-python 0.3.36
+    carries it they crash the process with an illegal instruction at the first pass over a
+    Q4_K model (seen on a 2-core Intel Xeon with AMX, 2026-12-01). The command line turns
+    repacking off for such a build, and tools/setup.sh compiles llama.cpp without AMX."""
+    if not is_available():  # loading a model says what to install
+        return False
+    return b"AMX_INT8 = 1" in _llama().llama_print_system_info()
+
+
 def _logged_errors() -> str:
     """llama.cpp's error lines since the log was last cleared, as one line."""
     lines = [
@@ -145,6 +158,13 @@ class _Model:
         params = llama.llama_model_default_params()
         params.vocab_only = vocab_only
         params.use_extra_bufts = repack
+        if repack and not vocab_only and amx_kernels():
+            warnings.warn(
+                f"{argument}: repacked weights with a llama.cpp build that has AMX kernels; "
+                "in llama-cpp-python 0.3.36 they crash with an illegal instruction (pass "
+                "repack=False, or compile llama.cpp without AMX as tools/setup.sh does)",
+                stacklevel=3,
+            )
         _LOG.clear()
         pointer = llama.llama_model_load_from_file(str(self.path).encode(), params)
         if not pointer:

@@ -223,7 +223,7 @@ def _load_llamacpp_pair(
 ) -> LoadedPair:
     """Both GGUF files on llama.cpp, their tokenizers checked to match first (from the files'
     metadata, before any weights load)."""
-    from specsample.adapters.llamacpp import LlamaCppLM, LlamaCppTokenizer
+    from specsample.adapters.llamacpp import LlamaCppLM, LlamaCppTokenizer, amx_kernels
 
     if draft_quantize != "none":
         raise ValueError(
@@ -255,7 +255,12 @@ def _load_llamacpp_pair(
             draft_path, argument="draft", defer=defer_draft, vocab_size=vocab, **sizes
         )
     description += f" on llama.cpp ({target_lm.threads} threads, n_ctx {n_ctx}"
-    description += ", weights repacked)" if repack else ")"
+    if repack:
+        description += ", weights repacked)"
+    elif amx_kernels():
+        description += ", weights not repacked: this llama.cpp build's AMX kernels crash on them)"
+    else:
+        description += ")"
     return LoadedPair(
         target_lm,
         draft_lm,

@@ -125,7 +125,9 @@ def add_backend_arguments(parser) -> None:
         "load; exact all the same (each token follows the distribution its verifying pass "
         "computed), but a position's logits then differ slightly with the pass's size. Default: "
         "on with the llama.cpp backend, except for generate --rule coupled (whose same text with "
-        "and without drafts needs the same logits from passes of 1 to 4 tokens)",
+        "and without drafts needs the same logits from passes of 1 to 4 tokens) and for a "
+        "llama.cpp build with AMX kernels (they crash on repacked weights; tools/setup.sh "
+        "compiles llama.cpp without them)",
     )
     parser.add_argument(
         "--cost-memory",
@@ -251,7 +253,8 @@ class ModelLoader:
 def default_repack(options: argparse.Namespace, rule: str) -> bool:
     """--repack as given, else on with the llama.cpp backend (llama.cpp's own default: faster
     passes) unless the rule is coupled (drafter-invariant text needs bit-identical logits from
-    passes of 1 to 4 tokens, which only unrepacked weights give)."""
+    passes of 1 to 4 tokens, which only unrepacked weights give) or the llama.cpp build has AMX
+    kernels (they crash on repacked weights: adapters/llamacpp.amx_kernels)."""
     from specsample.adapters.loading import resolve_backend
 
     if options.repack is not None:
@@ -261,7 +264,11 @@ def default_repack(options: argparse.Namespace, rule: str) -> bool:
     chosen = resolve_backend(
         options.backend, options.target, options.draft, options.device, options.draft_quantize
     )
-    return chosen == "llama.cpp"
+    if chosen != "llama.cpp":
+        return False
+    from specsample.adapters.llamacpp import amx_kernels
+
+    return not amx_kernels()
 
 
 def recall_costs(options: argparse.Namespace, pair, policy, rule: str, tree=None):
