@@ -34,7 +34,6 @@ ROOT = HERE.parent
 CLI = ROOT / ".venv" / "bin" / "specsample"
 PROMPT = "Write a Python function that reverses a linked list."  # tools/run.sh's default
 OUT_MD = HERE / "main_command.md"
-OUT_JSON = HERE / "main_command.json"
 BASELINE = "transformers target-only"
 
 CONTENDERS = {
@@ -50,11 +49,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="runs per contender (default 3)")
     parser.add_argument("--tokens", type=int, default=128, help="new tokens (default 128)")
     parser.add_argument("--no-write", action="store_true", help="do not write the md/json")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=OUT_MD,
+        help="the markdown file to write (the json beside it, same name; default main_command.md)",
+    )
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats: expected an integer >= 1, got {args.repeats}")
     if args.tokens < 1:
         parser.error(f"--tokens: expected an integer >= 1, got {args.tokens}")
+    if args.out.suffix != ".md":
+        parser.error(f"--out: expected a path ending in .md, got {str(args.out)!r}")
     if not CLI.exists():
         parser.error(f"expected the command line at {CLI} (run bash tools/run.sh once first)")
     return args
@@ -120,9 +127,10 @@ def main() -> None:
     text = markdown(record)
     print(text)
     if not args.no_write:
-        OUT_MD.write_text(text)
-        OUT_JSON.write_text(json.dumps(record, indent=1))
-        print(f"wrote {OUT_MD} and {OUT_JSON}", file=sys.stderr)
+        out_json = args.out.with_suffix(".json")
+        args.out.write_text(text)
+        out_json.write_text(json.dumps(record, indent=1))
+        print(f"wrote {args.out} and {out_json}", file=sys.stderr)
 
 
 def markdown(record: dict) -> str:
