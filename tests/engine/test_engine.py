@@ -276,14 +276,21 @@ def test_bad_engine_arguments_are_refused_naming_them():
 
 
 def engine_p_value(
-    drafter, *, draft_length=2, abort_every: int = 0, seed: int = 0, prompt_pass_apart=False
+    drafter,
+    *,
+    draft_length=2,
+    abort_every: int = 0,
+    seed: int = 0,
+    prompt_pass_apart=False,
+    max_new_tokens: int = DEPTH,
 ) -> float:
     """About ROWS requests over two prompts and four sampling configs; half are added before
     the first step, the rest after two steps (queued behind max_batch, joining as rows free
     up). Every `abort_every`-th request (by id, so independently of its tokens) is aborted after
     the first step and left out. Each (prompt, config) group is G-tested against its exact law.
     The toy target scores a request's prompt and first drafts in one pass (`add_rows_last`);
-    with prompt_pass_apart it lacks that, and a request's prompt pass runs when it joins."""
+    with prompt_pass_apart it lacks that, and a request's prompt pass runs when it joins.
+    Requests generate max_new_tokens tokens (at least DEPTH; only the first DEPTH are tested)."""
     target, _ = toy_pair()
     if prompt_pass_apart:
         target.add_rows_last = None  # not a PromptScoring model
@@ -297,7 +304,10 @@ def engine_p_value(
             g = (offset + i) % len(groups)
             prompt, config = groups[g]
             request_id = engine.add_request(
-                prompt, sampling=config, max_new_tokens=DEPTH, seed=seed * 10**6 + offset + i
+                prompt,
+                sampling=config,
+                max_new_tokens=max_new_tokens,
+                seed=seed * 10**6 + offset + i,
             )
             requests[request_id] = g
 
@@ -338,7 +348,12 @@ ENGINE_VARIANTS = {
     "tree-joining-aborts": lambda: engine_p_value(
         TreeDrafter(toy_pair()[1], TreeShape((2, 1))), abort_every=5
     ),
-    "adaptive-length": lambda: engine_p_value(ModelDrafter(toy_pair()[1]), draft_length="auto"),
+    # The adaptive length's cost check starts with target-only steps (until FIRST_SINGLE_PASSES
+    # 1-token passes are timed) before it drafts: with DEPTH tokens per request the run ends
+    # before then; with one more, the last rows to join draft their third token (tested).
+    "adaptive-length": lambda: engine_p_value(
+        ModelDrafter(toy_pair()[1]), draft_length="auto", max_new_tokens=DEPTH + 1
+    ),
 }
 
 

@@ -31,7 +31,7 @@ from specsample.drafters.model import ModelDrafter
 from specsample.drafters.ngram import NgramDrafter
 from specsample.drafters.tree import TreeDrafter, TreeShape
 from specsample.engine import generate
-from specsample.engine.length import AdaptiveDraftLength
+from specsample.engine.length import FIRST_SINGLE_PASSES, AdaptiveDraftLength
 from specsample.warpers import SamplingConfig, logits_to_probs
 from stats_identities import assert_stats_identities
 
@@ -42,6 +42,10 @@ DEPTH = 3  # new tokens whose joint is tested
 MIN_EXPECTED = 5.0
 PROMPT = [0, 1, 2, 0, 1, 2, 0]  # repeats, so n-gram lookups hit
 SHORT_PROMPT = [2, 1]
+# New tokens for AdaptiveDraftLength runs: the first comes from the prompt pass, the next
+# FIRST_SINGLE_PASSES from the cost check's target-only steps (timing 1-token passes), and two
+# more leave room for a probe's draft and its bonus token (the loop never drafts past the limit).
+ADAPTIVE_NEW_TOKENS = FIRST_SINGLE_PASSES + 3
 
 
 def toy_pair() -> tuple[ToyLM, ToyLM]:
@@ -178,16 +182,18 @@ VARIANTS = {
     # EOS = 2 ends rows early, often inside a draft (later drafts and the cache past it dropped).
     "eos": lambda: exactness_p_value(model_drafter(), draft_length=3, max_new_tokens=4, eos=(2,)),
     "ragged-prompts": lambda: exactness_p_value(model_drafter(), prompts=(PROMPT, SHORT_PROMPT)),
-    # Whether AdaptiveDraftLength pauses depends on measured wall-clock costs (on this toy pair
-    # it usually pauses after one step, then probes); the never-paused variant makes sure the
+    # Whether AdaptiveDraftLength pauses depends on measured wall-clock costs (its cost check's
+    # target-only steps come first, then probes); the never-paused variant makes sure the
     # per-row schedule (different k in one batch) is exercised on every machine.
     "adaptive-length": lambda: exactness_p_value(
         model_drafter(),
         draft_length=AdaptiveDraftLength(max_k=3, start_k=1, probe_every=2),
-        max_new_tokens=5,
+        max_new_tokens=ADAPTIVE_NEW_TOKENS,
     ),
     "adaptive-length-never-paused": lambda: exactness_p_value(
-        model_drafter(), draft_length=NeverPausedLength(max_k=3, start_k=1), max_new_tokens=5
+        model_drafter(),
+        draft_length=NeverPausedLength(max_k=3, start_k=1),
+        max_new_tokens=ADAPTIVE_NEW_TOKENS,
     ),
     "block-rule-k3": lambda: exactness_p_value(
         model_drafter(), draft_length=3, max_new_tokens=4, rule="block"
@@ -207,7 +213,7 @@ VARIANTS = {
     "block-rule-draft-stops-adaptive": lambda: exactness_p_value(
         ModelDrafter(toy_pair()[1], confidence=0.6, survival=0.3),
         draft_length=AdaptiveDraftLength(max_k=3, probe_every=2),
-        max_new_tokens=5,
+        max_new_tokens=ADAPTIVE_NEW_TOKENS,
         rule="block",
     ),
     # Multi-draft and trees: scored in one target pass, verified by recursive rejection sampling.

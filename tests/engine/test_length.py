@@ -13,6 +13,7 @@ from specsample.engine.length import (
     EARLY_LEVEL,
     EARLY_TESTS,
     EXPLORE_REACH,
+    FIRST_SINGLE_PASSES,
     GUARD_STEPS,
     PAUSE_LEVEL,
     PAUSE_Z,
@@ -31,12 +32,14 @@ from specsample.engine.length import (
 
 
 def costs(draft_step: float, target_pass: float = 1.0) -> StepCosts:
-    """Measured costs: a draft step, and a target pass that costs the same on 1 or 9 tokens (each
-    timed twice, enough for the cost check to decide)."""
+    """Measured costs: a draft step, and a target pass that costs the same on 1 or 9 tokens (the
+    1-token pass timed FIRST_SINGLE_PASSES times, the draft step and the 9-token pass twice:
+    enough for the cost check to decide)."""
     measured = StepCosts()
+    for _ in range(FIRST_SINGLE_PASSES):
+        measured.add_target_pass(1, target_pass)
     for _ in range(2):
         measured.draft_step.add(draft_step)
-        measured.add_target_pass(1, target_pass)
         measured.add_target_pass(9, target_pass)
     return measured
 
@@ -89,18 +92,17 @@ def test_fixed_length_rejects_anything_but_a_non_negative_int(k):
 
 
 def test_adaptive_first_times_target_passes_then_probes():
-    """Steps 1-2 are target-only (1-token passes, free), then the probe (4 drafts per row, a
-    5-token pass); until it was timed, no verdict, and a "yes" comes after one probe. The rows'
-    schedules follow their keep tests meanwhile."""
+    """Steps 1 to FIRST_SINGLE_PASSES (3) are target-only (1-token passes, free), then the probe
+    (4 drafts per row, a 5-token pass); until it was timed, no verdict, and a "yes" comes after
+    one probe. The rows' schedules follow their keep tests meanwhile."""
+    assert FIRST_SINGLE_PASSES == 3
     policy = AdaptiveDraftLength(max_k=8, start_k=3)
     measured = StepCosts()
-    assert policy.next_lengths(2).tolist() == [0, 0]
-    measured.add_target_pass(1, 1.0)
-    policy.update(lengths(0, 0), lengths(0, 0), measured)
-    assert policy.next_lengths(2).tolist() == [0, 0]  # one 1-token pass timed: one more
-    measured.add_target_pass(1, 1.0)
-    policy.update(lengths(0, 0), lengths(0, 0), measured)
-    assert policy.can_pay is None
+    for _ in range(FIRST_SINGLE_PASSES):  # fewer 1-token passes timed: one more
+        assert policy.next_lengths(2).tolist() == [0, 0]
+        measured.add_target_pass(1, 1.0)
+        policy.update(lengths(0, 0), lengths(0, 0), measured)
+        assert policy.can_pay is None
     assert policy.next_lengths(2).tolist() == [4, 4]  # the probe
     # The drafter drafted nothing (e.g. its confidence stop): no multi-token pass timed yet.
     policy.update(lengths(0, 0), lengths(0, 0), measured)
@@ -122,7 +124,7 @@ def test_a_probe_whose_drafts_stop_short_is_tried_a_few_times():
     the lengths measured."""
     policy = AdaptiveDraftLength(max_k=8)
     measured = StepCosts()
-    for _ in range(2):
+    for _ in range(FIRST_SINGLE_PASSES):
         assert int(policy.next_lengths(1)) == 0
         measured.add_target_pass(1, 1.0)
         policy.update(lengths(0), lengths(0), measured)
@@ -143,9 +145,10 @@ LLAMACPP_DRAFT, LLAMACPP_PASSES = 0.0215, {1: 0.048, 2: 0.083, 5: 0.187}  # (2: 
 def llamacpp_cost_check(measured: StepCosts, *policies: AdaptiveDraftLength) -> list[int]:
     """Runs the policies through their cost check for one row on llama.cpp's 2-core costs
     (into `measured`), every draft kept; each step every policy must ask the same length and
-    none may be stopped yet. Returns the lengths asked."""
+    none may be stopped yet: FIRST_SINGLE_PASSES target-only steps and two probes. Returns the
+    lengths asked."""
     schedule = []
-    for _ in range(4):
+    for _ in range(FIRST_SINGLE_PASSES + 2):
         asked = {int(policy.next_lengths(1)) for policy in policies}
         assert len(asked) == 1 and not any(policy.stopped for policy in policies)
         k = asked.pop()
@@ -158,19 +161,19 @@ def llamacpp_cost_check(measured: StepCosts, *policies: AdaptiveDraftLength) -> 
     return schedule
 
 
-def test_adaptive_stops_drafting_in_four_steps_where_no_draft_length_can_pay():
+def test_adaptive_stops_drafting_in_five_steps_where_no_draft_length_can_pay():
     """The pass costs measured with llama.cpp on 2 CPU cores (1.5B target, 0.5B draft): a
     draft pass 0.45 of a 1-token target pass and a 5-token pass 3.9 of it (between them a
     2-token pass is priced 1.73, as measured). Even with every draft kept, k drafts give
-    (k + 1) / (0.45 k + r(k + 1)) < 1 for every k: after two target-only steps and two probe
-    steps of four drafts (a "no" needs two samples) the policy goes target-only,
-    whatever the acceptance, and drafts one token after recheck_every steps to measure again,
-    then after twice as many."""
+    (k + 1) / (0.45 k + r(k + 1)) < 1 for every k: after three target-only steps
+    (FIRST_SINGLE_PASSES) and two probe steps of four drafts (a "no" needs two samples) the
+    policy goes target-only, whatever the acceptance, and drafts one token after recheck_every
+    steps to measure again, then after twice as many."""
     recheck = 16
     policy = AdaptiveDraftLength(max_k=16, recheck_every=recheck)
     measured = StepCosts()
     # every draft kept: does not matter
-    assert llamacpp_cost_check(measured, policy) == [0, 0, 4, 4]
+    assert llamacpp_cost_check(measured, policy) == [0, 0, 0, 4, 4]
     assert policy.can_pay is False
     schedule = [int(policy.next_lengths(1)) for _ in range(7 * recheck)]
     rechecks = [step for step, k in enumerate(schedule) if k]
@@ -182,8 +185,9 @@ def test_adaptive_stops_drafting_in_four_steps_where_no_draft_length_can_pay():
     assert sum(int(default.next_lengths(1)) for _ in range(2000)) == 0
     # The same target costs with a cheap draft (c = 0.05: a small drafter on a fast machine).
     cheap = StepCosts()
-    for _ in range(2):
+    for _ in range(FIRST_SINGLE_PASSES):
         cheap.add_target_pass(1, 0.048)
+    for _ in range(2):
         cheap.draft_step.add(0.0024)
         cheap.add_target_pass(2, 0.05)
     cheap.add_target_pass(5, 0.06)
@@ -197,7 +201,7 @@ def test_a_no_stands_while_the_target_only_passes_drift():
     draft catch up). The verdict stands until a step drafts again (a recheck)."""
     measured = StepCosts()
     policy = AdaptiveDraftLength(max_k=16)
-    assert llamacpp_cost_check(measured, policy) == [0, 0, 4, 4]
+    assert llamacpp_cost_check(measured, policy) == [0, 0, 0, 4, 4]
     assert policy.can_pay is False
     for _ in range(40):  # the machine slows down: 1-token passes now take 70 ms
         assert int(policy.next_lengths(1)) == 0
@@ -217,7 +221,7 @@ def test_stopped_means_no_drafting_at_any_batch_size_and_no_recheck():
     to every bigger batch, and no rechecks. A "no" for 8 rows alone leaves one row drafting."""
     measured = StepCosts()
     policy, rechecking = AdaptiveDraftLength(max_k=16), AdaptiveDraftLength(16, recheck_every=8)
-    assert llamacpp_cost_check(measured, policy, rechecking) == [0, 0, 4, 4]
+    assert llamacpp_cost_check(measured, policy, rechecking) == [0, 0, 0, 4, 4]
     assert policy.can_pay is False and policy.stopped
     assert rechecking.can_pay is False and not rechecking.stopped
     eight = AdaptiveDraftLength(max_k=16)
@@ -230,7 +234,7 @@ def test_adaptive_cost_check_needs_two_samples_to_say_no():
     look hopeless: a "no" waits for a second sample and must hold with the fastest draft pass
     seen too."""
     measured = StepCosts()
-    for _ in range(2):
+    for _ in range(FIRST_SINGLE_PASSES):
         measured.add_target_pass(1, 1.0)
     measured.draft_step.add(5.0)  # warm-up
     measured.add_target_pass(2, 1.05)
@@ -248,8 +252,9 @@ def test_adaptive_cost_check_needs_two_samples_to_say_no():
     policy.update(lengths(1), lengths(1), measured)
     assert policy.can_pay is True  # still: the fastest draft pass seen is 0.05
     slow = StepCosts()
-    for _ in range(2):
+    for _ in range(FIRST_SINGLE_PASSES):
         slow.add_target_pass(1, 1.0)
+    for _ in range(2):
         slow.add_target_pass(2, 1.05)
         slow.draft_step.add(2.0)
     policy.update(lengths(1), lengths(1), slow)
@@ -265,8 +270,9 @@ def test_adaptive_cost_check_matches_the_theory_at_alpha_one():
     for c in (0.0, 0.1, 0.3, 0.45, 0.8):
         for two in (1.0, 1.3, 1.73, 2.2):
             measured = StepCosts()
-            for _ in range(2):
+            for _ in range(FIRST_SINGLE_PASSES):
                 measured.add_target_pass(1, 1.0)
+            for _ in range(2):
                 measured.add_target_pass(2, two)
                 measured.draft_step.add(c)
             measured.add_target_pass(5, 1.0 + 4 * (two - 1.0))  # the probe, on the chord
@@ -448,7 +454,7 @@ def test_adaptive_pauses_a_model_free_drafter_when_verifying_more_tokens_costs_t
     can make drafting lose. Acceptance near 0 with a pass over k+1 tokens costing 1 + k/2 loses
     for every k; acceptance 0.9 wins."""
     expensive = StepCosts()
-    for n in [1, *range(1, 10)]:
+    for n in [*[1] * (FIRST_SINGLE_PASSES - 1), *range(1, 10)]:
         expensive.add_target_pass(n, 1.0 + (n - 1) / 2)
     policy = AdaptiveDraftLength(max_k=8, start_k=4, min_tests=1)
     for _ in range(3):
@@ -513,7 +519,7 @@ def test_a_row_whose_drafts_are_kept_reaches_long_drafts_on_a_flattening_curve()
     past the longest timed one along the chord from 1 token, kept it at 1 to 4 drafts.)"""
     curve = {1: 1.0, 2: 1.74, 3: 2.15, 4: 2.17, 5: 2.47, 9: 2.65, 17: 3.0}
     measured = StepCosts()
-    for n in (1, 1, 2, 2, 5):
+    for n in (*[1] * FIRST_SINGLE_PASSES, 2, 2, 5):
         measured.add_target_pass(n, curve[n])
     for _ in range(6):
         measured.draft_step.add(0.12)
@@ -539,7 +545,8 @@ def test_adaptive_caps_a_new_row_at_the_prior_alpha_before_its_first_keep_test()
     more), so a new row drafts one token (the floor before its own keep tests), not start_k;
     with flat pass costs it drafts start_k."""
     steep = StepCosts()
-    for n in (1, 1, 2, 2, 3, 4, 5):  # (a length not timed yet would be priced optimistically)
+    # (a length not timed yet would be priced optimistically)
+    for n in (*[1] * FIRST_SINGLE_PASSES, 2, 2, 3, 4, 5):
         steep.add_target_pass(n, 1.0 + 0.73 * (n - 1))
     policy = warmed(AdaptiveDraftLength(max_k=8, start_k=4), steep)
     assert policy.next_lengths(2).tolist() == [1, 1]
@@ -551,7 +558,7 @@ def test_adaptive_caps_row_lengths_at_the_theory_best_k():
     """alpha 0.8, c 0.4 and passes costing 1 + 0.25 (n - 1): the theory's best k is 1."""
     measured = StepCosts()
     measured.draft_step.add(0.4)
-    for n in (1, 1, 3, 5):
+    for n in (*[1] * FIRST_SINGLE_PASSES, 3, 5):
         measured.add_target_pass(n, 1.0 + 0.25 * (n - 1))
     policy = AdaptiveDraftLength(max_k=8, start_k=6, min_tests=1)
     policy.next_lengths(2)
@@ -618,15 +625,18 @@ def test_adaptive_rows_are_independent_and_a_joining_row_starts_from_the_prior()
 def test_each_batch_size_has_its_own_costs_and_verdict():
     """Costs are kept per batch size (1, 2, 4, 8, ...): one row on flat passes can draft, while
     eight rows, whose 5-token-per-row pass costs 4.5 times their 1-token pass (a compute-bound
-    CPU), cannot. A batch size first seen starts its own cost check: two target-only steps."""
+    CPU), cannot. A batch size first seen starts its own cost check: FIRST_SINGLE_PASSES (3)
+    target-only steps."""
     solo, rows = ["solo"], list(range(8))
     policy = warmed(AdaptiveDraftLength(max_k=8, start_k=3), costs(0.05), rows=solo)
     assert policy.next_lengths(solo).tolist() == [3] and policy.can_pay is True
     eight, none = StepCosts(), lengths(*[0] * 8)
     assert policy.next_lengths(rows).tolist() == [0] * 8 and policy.can_pay is None
-    eight.add_target_pass(1, 8.0)
-    policy.update(rows, none, none, eight)
-    assert policy.next_lengths(rows).tolist() == [0] * 8  # one 1-token pass timed: one more
+    for _ in range(FIRST_SINGLE_PASSES - 1):
+        eight.add_target_pass(1, 8.0)
+        policy.update(rows, none, none, eight)
+        # fewer than FIRST_SINGLE_PASSES 1-token passes timed: one more
+        assert policy.next_lengths(rows).tolist() == [0] * 8 and policy.can_pay is None
     eight.add_target_pass(1, 8.0)
     policy.update(rows, none, none, eight)
     fours = lengths(*[4] * 8)
@@ -648,9 +658,10 @@ def test_a_bigger_batch_takes_a_no_from_a_smaller_one_but_not_a_yes():
     2, 4, 8 rows decode target-only without a cost check of their own; a "yes" for one row
     does not carry over (8 rows still run their own check)."""
     steep = StepCosts()
+    for _ in range(FIRST_SINGLE_PASSES):
+        steep.add_target_pass(1, 1.0)
     for _ in range(2):
         steep.draft_step.add(0.45)
-        steep.add_target_pass(1, 1.0)
         steep.add_target_pass(2, 1.73)
     steep.add_target_pass(5, 3.9)
     policy = AdaptiveDraftLength(max_k=8)
@@ -893,7 +904,7 @@ def test_the_tally_of_real_steps_starts_after_the_yes_and_over_after_a_recheck()
 
 @pytest.mark.parametrize("unit", [1.0, 0.04])
 def test_steps_near_break_even_time_a_fresh_pass_and_a_machine_now_faster_says_no(unit):
-    """The cost check's 1-token passes were all timed while the machine was slow (1.0, three
+    """The cost check's 1-token passes were all timed while the machine was slow (1.0, four
     of them: no retime for want of samples); it then runs at 0.75 of that. Real steps of 4
     drafts take 4.6: against the slow baseline they could emit 5 tokens in 5.0, so they pay,
     by under RETIME_MARGIN. After 2 * GUARD_STEPS of them the next step is target-only, to
@@ -1149,7 +1160,7 @@ def test_a_yes_needs_a_margin_over_target_only(five_tokens, verdict):
 
     assert MARGIN == 1.1
     policy, measured = AdaptiveDraftLength(max_k=16), StepCosts()
-    for _ in range(2):
+    for _ in range(FIRST_SINGLE_PASSES):
         assert int(policy.next_lengths(1)) == 0
         measured.add_target_pass(1, 0.053)
         policy.update(lengths(0), lengths(0), measured)
@@ -1166,14 +1177,16 @@ def test_a_yes_needs_a_margin_over_target_only(five_tokens, verdict):
 
 def test_a_yes_must_hold_against_the_fastest_one_token_pass():
     """A cold first pass (weights paged in from disk) makes the 1-token median slow and
-    drafting look cheap: 80 and 53 ms give a median of 66.5 ms, against which 4 drafts of
-    26 ms and a 5-token pass of 120 ms would be 1.48x target-only; against the 53 ms pass seen
-    they are 1.18x (yes), and with a 5-token pass of 140 ms 1.09x: no (below MARGIN), though
-    the median alone would say 1.36x."""
+    drafting look cheap: 80, 66 and 53 ms (the cost check's FIRST_SINGLE_PASSES) give a median
+    of 66 ms, against which 4 drafts of 26 ms and a 5-token pass of 120 ms would be 1.47x
+    target-only; against the 53 ms pass seen they are 1.18x (yes), and with a 5-token pass of
+    140 ms 1.09x: no (below MARGIN), though the median alone would say 1.35x."""
+    singles = (0.080, 0.066, 0.053)
+    assert len(singles) == FIRST_SINGLE_PASSES
     verdicts = []
     for five_tokens in (0.120, 0.140):
         policy, measured = AdaptiveDraftLength(max_k=4), StepCosts()
-        for single in (0.080, 0.053):
+        for single in singles:
             assert int(policy.next_lengths(1)) == 0
             measured.add_target_pass(1, single)
             policy.update(lengths(0), lengths(0), measured)
@@ -1190,14 +1203,13 @@ def test_a_yes_must_hold_against_the_fastest_one_token_pass():
 
 
 def test_after_a_cold_start_a_fresh_one_token_pass_is_timed_before_real_steps_are_judged():
-    """The cost check's two 1-token passes both slow (a cold load: 2.0 where the machine, warm,
-    takes 1.0): against them a drafting step of 4 drafts that took 5.5 seconds looks paid for
-    (5 tokens against 2.75 target-only tokens' time). With fewer than RETIME_BELOW 1-token
-    passes, the step before the judgment is target-only: its pass (1.0) is the fastest seen,
-    against which those steps lose (5 tokens against 5.5): "no"."""
-    from specsample.engine.length import RETIME_BELOW
+    """The cost check's FIRST_SINGLE_PASSES (3) 1-token passes all slow (a cold load: 2.0 where
+    the machine, warm, takes 1.0): against them a drafting step of 4 drafts that took 5.5
+    seconds looks paid for (5 tokens against 2.75 target-only tokens' time). With fewer than
+    RETIME_BELOW 1-token passes, the step before the judgment is target-only: its pass (1.0) is
+    the fastest seen, against which those steps lose (5 tokens against 5.5): "no"."""
 
-    assert RETIME_BELOW == 3
+    assert RETIME_BELOW == FIRST_SINGLE_PASSES + 1
 
     def slow(samples: int) -> StepCosts:
         """`samples` slow 1-token and 9-token passes (2.0) and cheap draft passes (0.1)."""
@@ -1208,7 +1220,7 @@ def test_after_a_cold_start_a_fresh_one_token_pass_is_timed_before_real_steps_ar
             measured.add_target_pass(9, 2.0)
         return measured
 
-    measured = slow(2)
+    measured = slow(FIRST_SINGLE_PASSES)
     policy = warmed(AdaptiveDraftLength(max_k=16), measured, rows=1)
     asked, verdicts = [], []
     for _ in range(GUARD_STEPS + 1):
@@ -1223,7 +1235,7 @@ def test_after_a_cold_start_a_fresh_one_token_pass_is_timed_before_real_steps_ar
         verdicts.append(policy.can_pay)
     assert [k > 0 for k in asked] == [True] * (GUARD_STEPS - 1) + [False, True]
     assert verdicts[-1] is False
-    # Negative control: the slow passes alone (no re-timing) would keep the "yes".
-    measured = slow(3)
+    # Negative control: RETIME_BELOW slow passes (no re-timing) keep the "yes".
+    measured = slow(RETIME_BELOW)
     policy = warmed(AdaptiveDraftLength(max_k=16), measured, rows=1)
     assert drafting_steps(policy, measured, GUARD_STEPS, [4], [4], 5.5)[-1] is True

@@ -12,7 +12,13 @@ from test_fit_passes import KINKED, curve, settled
 from test_length import costs, lengths, warmed
 from test_memory import KEY
 
-from specsample.engine.length import GUARD_STEPS, AdaptiveDraftLength, StepCosts
+from specsample.engine.length import (
+    FIRST_SINGLE_PASSES,
+    GUARD_STEPS,
+    RETIME_BELOW,
+    AdaptiveDraftLength,
+    StepCosts,
+)
 from specsample.engine.memory import CostMemory
 
 
@@ -29,12 +35,12 @@ def linear(step: float, draft: float, longest: int = 9) -> StepCosts:
 
 
 def test_lengths_are_int64_in_every_phase_of_the_cost_check():
-    """The engine takes the lengths as int64 counts: the first target-only steps, the probe,
-    a drafting step after the "yes", target-only steps after a "no" and a recheck's one-token
-    draft all return them as int64."""
+    """The engine takes the lengths as int64 counts: the first FIRST_SINGLE_PASSES target-only
+    steps, the probe, a drafting step after the "yes", target-only steps after a "no" and a
+    recheck's one-token draft all return them as int64."""
     policy = AdaptiveDraftLength(max_k=8, recheck_every=2)
     measured = StepCosts()
-    for _ in range(2):
+    for _ in range(FIRST_SINGLE_PASSES):
         asked = policy.next_lengths(2)
         assert asked.tolist() == [0, 0] and asked.dtype == torch.int64
         measured.add_target_pass(1, 1.0)
@@ -57,13 +63,16 @@ def test_lengths_are_int64_in_every_phase_of_the_cost_check():
 
 
 def test_the_step_that_retimes_a_one_token_pass_asks_for_int64_zeros():
-    """After a cold start (fewer than RETIME_BELOW 1-token passes) the step before the check
-    of real steps is target-only: int64 zeros, like every other step's lengths."""
+    """After a cold start (fewer than RETIME_BELOW 1-token passes: the cost check's
+    FIRST_SINGLE_PASSES) the step before the check of real steps is target-only: int64 zeros,
+    like every other step's lengths."""
+    assert FIRST_SINGLE_PASSES < RETIME_BELOW
     slow = StepCosts()
-    for _ in range(2):
+    for _ in range(2):  # a "no" needs two samples of every cost it rests on
         slow.draft_step.add(0.1)
-        slow.add_target_pass(1, 2.0)
         slow.add_target_pass(9, 2.0)
+    for _ in range(FIRST_SINGLE_PASSES):  # the cost check's first 1-token passes
+        slow.add_target_pass(1, 2.0)
     policy = warmed(AdaptiveDraftLength(max_k=16), slow, rows=1)
     for _ in range(GUARD_STEPS - 1):
         assert int(policy.next_lengths(1)) > 0
@@ -268,7 +277,7 @@ def test_trim_cuts_nothing_during_the_cost_checks_probes():
     costs seen so far a narrower width would look cheaper."""
     policy = AdaptiveDraftLength(max_k=8)
     measured = StepCosts()
-    for _ in range(2):
+    for _ in range(FIRST_SINGLE_PASSES):
         policy.next_lengths([0])
         measured.add_target_pass(1, 1.0)
         policy.update([0], lengths(0), lengths(0), measured)

@@ -16,6 +16,7 @@ from test_length_costs import timed
 from specsample.engine.length import (
     EARLY_LEVEL,
     EARLY_TESTS,
+    FIRST_SINGLE_PASSES,
     GUARD_STEPS,
     MARGIN,
     PAUSE_Z,
@@ -39,10 +40,12 @@ def verdict(measured: StepCosts, max_k: int = 8, drafted: int = 1) -> bool | Non
 # ---------------------------------------------------------------- the cost check: what it needs
 
 
-def test_the_cost_check_waits_for_a_second_one_token_pass_even_after_the_probe():
-    """A verdict needs two 1-token passes (one may be a cold first pass), however cheap the
-    probe's passes look: with one, no verdict; with the second, "yes"."""
-    measured = timed({1: [1.0], 5: [1.2, 1.2]}, draft=(0.1,) * 8)
+def test_the_cost_check_waits_for_three_one_token_passes_even_after_the_probe():
+    """A verdict needs FIRST_SINGLE_PASSES (three) 1-token passes (the first ones after loading
+    may be slow), however cheap the probe's passes look: with one fewer, no verdict; with the
+    third, "yes"."""
+    assert FIRST_SINGLE_PASSES == 3
+    measured = timed({1: [1.0] * (FIRST_SINGLE_PASSES - 1), 5: [1.2, 1.2]}, draft=(0.1,) * 8)
     assert verdict(measured) is None
     measured.add_target_pass(1, 1.0)
     assert verdict(measured) is True
@@ -50,8 +53,10 @@ def test_the_cost_check_waits_for_a_second_one_token_pass_even_after_the_probe()
 
 def test_a_no_waits_for_a_second_draft_pass():
     """One draft pass timed (it may include a lazy drafter's prefill) cannot say "no", even
-    with every target pass length timed twice; a second, as slow, can."""
-    measured = timed({1: [1.0, 1.0], 2: [1.9, 1.9], 5: [3.9, 3.9]}, draft=(2.0,))
+    with every longer target pass length timed twice (and FIRST_SINGLE_PASSES 1-token passes);
+    a second, as slow, can."""
+    single = [1.0] * FIRST_SINGLE_PASSES
+    measured = timed({1: single, 2: [1.9, 1.9], 5: [3.9, 3.9]}, draft=(2.0,))
     assert verdict(measured) is None
     measured.draft_step.add(2.0)
     assert verdict(measured) is False
@@ -60,8 +65,8 @@ def test_a_no_waits_for_a_second_draft_pass():
 def test_a_drafter_without_draft_passes_gets_a_no_from_the_pass_costs_alone():
     """An n-gram drafter records no draft pass (c = 0): nothing to wait for on the draft side,
     so a pass curve where each token costs about a 1-token pass (a compute-bound CPU) says "no"
-    as soon as its passes were timed twice."""
-    measured = timed({1: [1.0, 1.0], 2: [1.9, 1.9], 5: [5.0, 5.0]})
+    as soon as its longer passes were timed twice (after FIRST_SINGLE_PASSES 1-token passes)."""
+    measured = timed({1: [1.0] * FIRST_SINGLE_PASSES, 2: [1.9, 1.9], 5: [5.0, 5.0]})
     assert measured.draft_step.count == 0
     assert verdict(measured) is False
 
@@ -75,9 +80,10 @@ def test_a_best_case_of_exactly_margin_over_target_only_is_a_no():
     passes' time, exactly MARGIN (1.1) times target-only, the best of any k. That is a "no"
     (a best case at MARGIN loses in practice); an 11-token pass a hair cheaper is a "yes"."""
     assert MARGIN == 1.1 and 11 / (10 * 0.5 + 5.0) == MARGIN  # exact in floating point
-    at_margin = timed({1: [1.0, 1.0], 5: [2.6, 2.6], 11: [5.0, 5.0]}, draft=(0.5, 0.5))
+    single = [1.0] * FIRST_SINGLE_PASSES
+    at_margin = timed({1: single, 5: [2.6, 2.6], 11: [5.0, 5.0]}, draft=(0.5, 0.5))
     assert verdict(at_margin, max_k=10) is False
-    above = timed({1: [1.0, 1.0], 5: [2.6, 2.6], 11: [4.99, 4.99]}, draft=(0.5, 0.5))
+    above = timed({1: single, 5: [2.6, 2.6], 11: [4.99, 4.99]}, draft=(0.5, 0.5))
     assert verdict(above, max_k=10) is True
 
 
@@ -85,15 +91,16 @@ def test_a_best_case_of_exactly_margin_over_target_only_is_a_no():
     ("max_k", "passes", "draft", "only"),
     [
         # a 2-token pass almost free, longer ones dear: only one draft pays
-        (8, {1: [1.0, 1.0], 2: [1.2], 5: [6.0]}, 0.1, 1),
+        (8, {1: [1.0] * FIRST_SINGLE_PASSES, 2: [1.2], 5: [6.0]}, 0.1, 1),
         # a linear curve: (k + 1) / (1 + 0.87 k) passes MARGIN only from k = 3
-        (4, {1: [1.0, 1.0], 5: [1.0 + 4 * 0.77]}, 0.1, 3),
+        (4, {1: [1.0] * FIRST_SINGLE_PASSES, 5: [1.0 + 4 * 0.77]}, 0.1, 3),
         # max_k = 1: the one length there is
-        (1, {1: [1.0, 1.0], 2: [1.2]}, 0.1, 1),
+        (1, {1: [1.0] * FIRST_SINGLE_PASSES, 2: [1.2]}, 0.1, 1),
     ],
 )
 def test_a_yes_after_one_probe_weighs_every_draft_length(max_k, passes, draft, only):
-    """A "yes" comes from one sample of the longer passes (no second one needed), from any
+    """A "yes" comes from one sample of the longer passes (no second one needed; the 1-token
+    passes are the FIRST_SINGLE_PASSES the cost check always waits for), from any
     draft length in 1..max_k that pays: the shortest alone, only the longest ones, the one
     length max_k = 1 allows (`only`: the shortest that pays)."""
     measured = timed(passes, draft=(draft,))
@@ -113,9 +120,10 @@ def test_a_no_must_fail_at_the_fastest_draft_pass_for_every_length(max_k):
     """A slow first draft pass (2.0: a lazy drafter's prefill) and a fast one (0.05): the
     median says no draft length pays, but a "no" must hold at the fastest draft pass too, and
     there one draft (a 2-token pass 1.2, longer ones dear) pays: still "yes"."""
-    measured = timed({1: [1.0, 1.0], 2: [1.2, 1.2], 5: [6.0, 6.0]}, draft=(2.0, 0.05))
+    single = [1.0] * FIRST_SINGLE_PASSES
+    measured = timed({1: single, 2: [1.2, 1.2], 5: [6.0, 6.0]}, draft=(2.0, 0.05))
     assert verdict(measured, max_k=max_k) is True
-    slow = timed({1: [1.0, 1.0], 2: [1.2, 1.2], 5: [6.0, 6.0]}, draft=(2.0, 2.0))
+    slow = timed({1: single, 2: [1.2, 1.2], 5: [6.0, 6.0]}, draft=(2.0, 2.0))
     assert verdict(slow, max_k=max_k) is False
 
 
@@ -125,7 +133,7 @@ def test_one_token_passes_timed_at_zero_seconds_leave_nothing_to_weigh():
     (it neither divides by them nor stops drafting on them); the check of real drafting steps,
     which prices target-only at the fastest 1-token pass, does not judge (it stays "yes"
     whatever the steps took)."""
-    measured = timed({1: [0.0, 0.0], 5: [0.3, 0.3]}, draft=(0.1, 0.1))
+    measured = timed({1: [0.0] * FIRST_SINGLE_PASSES, 5: [0.3, 0.3]}, draft=(0.1, 0.1))
     policy = warmed(AdaptiveDraftLength(max_k=8), measured, rows=1)
     assert drafting_steps(policy, measured, 2 * GUARD_STEPS, [4], [4], 100.0) == [True] * (
         2 * GUARD_STEPS
@@ -139,11 +147,11 @@ def test_real_steps_that_only_break_even_with_target_only_turn_the_verdict_to_no
     """Each step of 4 drafts could emit 5 tokens and took 5 1-token passes' time: drafting
     gains nothing over target-only, so after GUARD_STEPS steps the verdict is "no" (as the cost
     check's "yes" needs more than break-even). A hair faster (4.99) keeps the "yes"."""
-    measured = timed({1: [1.0, 1.0], 9: [1.0, 1.0]}, draft=(0.1, 0.1))
+    measured = timed({1: [1.0] * FIRST_SINGLE_PASSES, 9: [1.0, 1.0]}, draft=(0.1, 0.1))
     policy = warmed(AdaptiveDraftLength(max_k=16), measured, rows=1)
     verdicts = drafting_steps(policy, measured, GUARD_STEPS, [4], [4], 5.0)
     assert verdicts == [True] * (GUARD_STEPS - 1) + [False]
-    measured = timed({1: [1.0, 1.0], 9: [1.0, 1.0]}, draft=(0.1, 0.1))
+    measured = timed({1: [1.0] * FIRST_SINGLE_PASSES, 9: [1.0, 1.0]}, draft=(0.1, 0.1))
     policy = warmed(AdaptiveDraftLength(max_k=16), measured, rows=1)
     assert drafting_steps(policy, measured, GUARD_STEPS, [4], [4], 4.99)[-1] is True
 
@@ -166,10 +174,11 @@ def test_with_retime_below_one_token_passes_timed_no_step_is_spent_retiming():
 
 @pytest.mark.parametrize("max_k", [1, 2, 3])
 def test_the_probe_drafts_no_more_than_max_k(max_k):
-    """The probe drafts PROBE_LENGTH - 1 = 4 tokens, or max_k where that is fewer, and a pass
-    over max_k + 1 tokens is enough for the verdict."""
+    """After FIRST_SINGLE_PASSES target-only steps the probe drafts PROBE_LENGTH - 1 = 4
+    tokens, or max_k where that is fewer, and a pass over max_k + 1 tokens is enough for the
+    verdict."""
     policy, measured = AdaptiveDraftLength(max_k=max_k), StepCosts()
-    for _ in range(2):
+    for _ in range(FIRST_SINGLE_PASSES):
         assert int(policy.next_lengths(1)) == 0
         measured.add_target_pass(1, 1.0)
         policy.update(lengths(0), lengths(0), measured)
@@ -344,7 +353,7 @@ def test_the_offered_length_is_at_least_one_draft_while_the_verdict_says_yes():
     that cannot tell (each longer pass timed once) keep the last verdict, "yes". Under them
     the best is 9 drafts (10 tokens for 4.5 + 6 passes)."""
     policy = warmed(AdaptiveDraftLength(max_k=16, lengths="costs"), exact_costs(), [0])
-    dear = timed({1: [1.0, 1.0], 2: [3.0], 5: [6.0]}, draft=(0.5, 0.5))
+    dear = timed({1: [1.0] * FIRST_SINGLE_PASSES, 2: [3.0], 5: [6.0]}, draft=(0.5, 0.5))
     policy.update([0], lengths(1), lengths(1), dear)
     assert policy.can_pay is True and not policy.rows[0].paused
     assert policy.next_lengths([0]).tolist() == [9]

@@ -12,7 +12,12 @@ import torch
 from specsample.adapters.toy import ToyLM
 from specsample.drafters.model import ModelDrafter
 from specsample.engine import Engine
-from specsample.engine.length import TRUST_SAMPLES, AdaptiveDraftLength, StepCosts
+from specsample.engine.length import (
+    FIRST_SINGLE_PASSES,
+    TRUST_SAMPLES,
+    AdaptiveDraftLength,
+    StepCosts,
+)
 from specsample.engine.memory import (
     MATCH_FACTOR,
     MAX_AGE_DAYS,
@@ -33,11 +38,12 @@ def lengths(*values: int) -> torch.Tensor:
 
 
 def cost_check(policy: AdaptiveDraftLength, draft: float, passes: dict[int, float]) -> list[int]:
-    """One row through the policy's steps until it has a verdict (at most 6 steps), every
-    draft kept, passes timed at the given costs. Returns the lengths asked."""
+    """One row through the policy's steps until it has a verdict (at most FIRST_SINGLE_PASSES
+    target-only steps and three probes), every draft kept, passes timed at the given costs.
+    Returns the lengths asked."""
     measured = policy.bucket_costs.get(1) or StepCosts()
     asked = []
-    for _ in range(6):
+    for _ in range(FIRST_SINGLE_PASSES + 3):
         k = int(policy.next_lengths(1))
         asked.append(k)
         for _ in range(k):
@@ -61,11 +67,11 @@ def remembered(tmp_path, draft, passes) -> CostMemory:
 
 
 def test_a_remembered_no_skips_the_probes_after_one_matching_target_only_step(tmp_path):
-    """Without a memory a "no" takes two target-only steps and two probes of 4 drafts; with
-    one, the next process checks one 1-token pass against the remembered ones and drafts
-    nothing at all (no probe, no draft prefill)."""
+    """Without a memory a "no" takes FIRST_SINGLE_PASSES target-only steps and two probes of
+    4 drafts; with one, the next process checks one 1-token pass against the remembered ones
+    and drafts nothing at all (no probe, no draft prefill)."""
     fresh = AdaptiveDraftLength(16)
-    assert cost_check(fresh, NO_DRAFT, NO_PASSES) == [0, 0, 4, 4]
+    assert cost_check(fresh, NO_DRAFT, NO_PASSES) == [0] * FIRST_SINGLE_PASSES + [4, 4]
     memory = remembered(tmp_path, NO_DRAFT, NO_PASSES)
     policy = AdaptiveDraftLength(16)
     assert policy.recall(memory) and memory.recalled
@@ -80,12 +86,12 @@ def test_a_remembered_no_skips_the_probes_after_one_matching_target_only_step(tm
 
 
 def test_a_remembered_yes_drafts_from_the_first_step(tmp_path):
-    """Without a memory a "yes" takes two target-only steps and a probe; with one, the first
-    step drafts the longest draft the remembered costs justify, and its pass (here 3 tokens,
-    between the remembered 1 and 5: priced on the line between them) is checked against
-    them."""
+    """Without a memory a "yes" takes FIRST_SINGLE_PASSES target-only steps and a probe; with
+    one, the first step drafts the longest draft the remembered costs justify, and its pass
+    (here 3 tokens, between the remembered 1 and 5: priced on the line between them) is
+    checked against them."""
     fresh = AdaptiveDraftLength(16)
-    assert cost_check(fresh, YES_DRAFT, YES_PASSES) == [0, 0, 4]
+    assert cost_check(fresh, YES_DRAFT, YES_PASSES) == [0] * FIRST_SINGLE_PASSES + [4]
     memory = remembered(tmp_path, YES_DRAFT, YES_PASSES)
     policy = AdaptiveDraftLength(16, lengths="costs")
     policy.recall(memory)
@@ -152,9 +158,10 @@ def test_a_machine_at_another_speed_drops_the_memory_and_checks_again(tmp_path, 
     """First 1-token passes faster than MATCH_FACTOR allows (the memory was timed while the
     machine was busy, or another setting the key does not see): after the second of them the
     remembered "no" of that batch size is dropped, its costs start from that pass, and the cost
-    check runs as without a memory (one more target-only step, then probes); the verdict it
-    reaches is written back. A remembered "yes" whose first drafting passes cost another
-    amount, more or less, is dropped the same way. (A "no" with slower passes stands: below.)"""
+    check runs as without a memory (target-only steps until FIRST_SINGLE_PASSES 1-token
+    passes are timed, that one included, then probes); the verdict it reaches is written back.
+    A remembered "yes" whose first drafting passes cost another amount, more or less, is
+    dropped the same way. (A "no" with slower passes stands: below.)"""
     memory = remembered(tmp_path, NO_DRAFT, NO_PASSES)
     policy = AdaptiveDraftLength(16)
     policy.recall(memory)
@@ -171,7 +178,8 @@ def test_a_machine_at_another_speed_drops_the_memory_and_checks_again(tmp_path, 
     # now drafting pays: a cheap draft and a flat curve at this machine's speed
     fresh = NO_PASSES[1] * faster
     scaled = {n: fresh * seconds / YES_PASSES[1] for n, seconds in YES_PASSES.items()}
-    assert cost_check(policy, YES_DRAFT * fresh / YES_PASSES[1], scaled) == [0, 4]
+    asked = cost_check(policy, YES_DRAFT * fresh / YES_PASSES[1], scaled)
+    assert asked == [0] * (FIRST_SINGLE_PASSES - 1) + [4]
     saved = json.loads(memory.path.read_text())
     assert saved["buckets"]["1"]["verdict"] is True
     policy = AdaptiveDraftLength(16)

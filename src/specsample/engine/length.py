@@ -3,10 +3,12 @@
 - FixedDraftLength(k): always k.
 - AdaptiveDraftLength: costs first, then acceptance.
 
-  1. Costs. The first two steps are target-only (they time 1-token target passes at no extra cost),
-     the next drafts PROBE_LENGTH - 1 = 4 tokens per row (the probe: four draft passes and a
-     5-token pass), and the probe is repeated until the costs decide (a "no" needs two samples
-     of every cost it rests on, so that one slow first pass cannot decide). From then on the
+  1. Costs. The first steps are target-only until FIRST_SINGLE_PASSES = 3 1-token target passes
+     are timed (at no extra cost; the first passes after loading run slow, and the costs are
+     priced against the fastest of them), the next drafts PROBE_LENGTH - 1 = 4 tokens per row
+     (the probe: four draft passes and a 5-token pass), and the probe is repeated until the
+     costs decide (a "no" needs two samples of every cost it rests on, so that one slow first
+     pass cannot decide). From then on the
      policy knows the draft cost ratio c and the relative cost r(n) of a target pass over n tokens
      (measured lengths; longer ones extrapolated along the chord from 1 to the longest measured, see
      StepCosts.relative_pass_cost). If no draft length pays even when every draft is kept
@@ -15,8 +17,8 @@
      whatever the drafts: every row goes target-only for the rest of the engine's life (pass costs
      are the machine's, not the text's; a "no" stands until a step drafts again). On a
      compute-bound CPU (llama.cpp on 2 cores: a 2-token pass costs 1.7 times a 1-token pass and a
-     draft pass 0.45 of it) this settles in four steps, and a "yes" (transformers on CPUs) in
-     three. The verdict, "yes" as well as "no", rests on the probe: where a 2-token pass costs
+     draft pass 0.45 of it) this settles in five steps, and a "yes" (transformers on CPUs) in
+     four. The verdict, "yes" as well as "no", rests on the probe: where a 2-token pass costs
      a jump over 1 token and longer ones little more (transformers on CPUs: 1.7x for 2 tokens,
      2.5x for 5, 2.8x for 16) the chord from 1 to 2 would say no wrongly, and after a "yes"
      from 2-token passes alone the schedule would price every longer draft along that chord and
@@ -41,7 +43,7 @@
      "yes" near the break-even from the modelled costs once made a run draft throughout at
      0.7x target-only, this ends it after GUARD_STEPS drafting steps. With fewer than
      RETIME_BELOW 1-token passes timed, the step before that judgment is target-only (after a
-     cold load the cost check's two 1-token passes can both be slow, and then every drafting
+     cold load the cost check's first 1-token passes can all be slow, and then every drafting
      step looks as if it paid: a cold first run on llama.cpp drafted all of its 128 tokens at
      0.7x target-only).
      Pass costs are the machine's, so they can be kept across processes: `recall` starts
@@ -149,6 +151,13 @@ MAX_GAP = 1024  # the longest wait between probes of a paused row and between co
 # The schedule trusts a target pass length's cost once it was timed this many times (its median
 # then ignores one slow pass); until then the length is priced optimistically, so it is tried again.
 TRUST_SAMPLES = 3
+# The cost check starts with target-only steps until this many 1-token passes are timed (they
+# cost nothing: target-only decoding makes the same passes) and prices every cost against the
+# fastest of them. The first passes after loading run slow (on a 2-core Intel Xeon: 144 and
+# 95 ms, then 75 to 90 ms), and against a slow 1-token pass drafting looks cheap: with two, a
+# cost check there said "yes" at 1.2x (1.015x at a warm pass) and a first run drafted at 0.71x
+# target-only.
+FIRST_SINGLE_PASSES = 3
 # The cost check times one pass over this many tokens (4 drafts) before its verdict; after
 # PROBE_ATTEMPTS probe steps whose drafts all stopped short (a drafter's confidence stop, an
 # n-gram drafter without a match) it decides with the lengths it has.
@@ -164,10 +173,11 @@ EXPLORE_REACH = 2
 # to "no" (module docstring).
 GUARD_STEPS = 8
 # The check of real steps compares them with target-only at the fastest 1-token pass seen; with
-# fewer than RETIME_BELOW 1-token passes timed (the cost check's two, both slow after a cold
-# load: weights paged in from disk), the step before its judgment is target-only, to time one
-# more (a slow 1-token pass makes every drafting step look as if it paid).
-RETIME_BELOW = 3
+# fewer than RETIME_BELOW 1-token passes timed (the cost check's FIRST_SINGLE_PASSES can all be
+# slow after a cold load: weights paged in from disk), the step before its judgment is
+# target-only, to time one more (a slow 1-token pass makes every drafting step look as if it
+# paid).
+RETIME_BELOW = FIRST_SINGLE_PASSES + 1
 # Past its first GUARD_STEPS steps the check keeps judging the steps since the "yes" against
 # the fastest 1-token pass seen, but drafting steps time no 1-token pass: if every one was
 # timed while the machine was slow, that baseline stays slow, and steps that lose at the
@@ -572,7 +582,7 @@ class AdaptiveDraftLength:
         # tokens, so a step where few rows draft is priced below a full pass of its width
         self.ragged_passes = False
         self.rows: dict[Hashable, _RowSchedule] = {}
-        # Per batch size (batch_bucket): None until the costs are known (two 1-token passes, and
+        # Per batch size (batch_bucket): None until the costs are known (three 1-token passes, and
         # a pass that scored drafts); then whether some draft length could pay if every draft
         # were kept. The costs are those the update of a step of that size brought.
         self.verdicts: dict[int, bool | None] = {}
@@ -790,8 +800,8 @@ class AdaptiveDraftLength:
         self._probing = set()
         self._use_bucket(len(ids))
         if self.can_pay is None:
-            # Target-only steps time 1-token target passes for free (two of them); then probe
-            # steps draft probe_length - 1 tokens per row (a draft pass per token and a
+            # Target-only steps time 1-token target passes for free (FIRST_SINGLE_PASSES); then
+            # probe steps draft probe_length - 1 tokens per row (a draft pass per token and a
             # probe_length-token pass) until the costs decide: a "yes" after one, a "no" after
             # two (it needs two samples). Passes over fewer tokens are priced between the
             # measured lengths; a 2-token pass alone would overstate longer ones where it
@@ -799,7 +809,7 @@ class AdaptiveDraftLength:
             # 1.7x for 2, 2.5x for 5).
             costs = self._costs
             single = None if costs is None else costs.target_pass.get(1)
-            if single is None or single.count < 2:
+            if single is None or single.count < FIRST_SINGLE_PASSES:
                 return torch.zeros(len(ids), dtype=torch.int64)
             self._probe_steps[self._bucket] = self._probe_steps.get(self._bucket, 0) + 1
             return torch.full((len(ids),), self._probe_length() - 1, dtype=torch.int64)
@@ -1024,7 +1034,7 @@ class AdaptiveDraftLength:
         return False
 
     def _cost_verdict(self, costs: StepCosts) -> bool | None:
-        """Whether some draft length pays when every draft is kept; None until two 1-token
+        """Whether some draft length pays when every draft is kept; None until three 1-token
         passes, a pass that scored drafts and the probe (a pass over probe_length tokens, or
         PROBE_ATTEMPTS tries) were timed. A "yes" waits for the probe too: past the longest
         measured length the schedule prices passes along a line, and from 2 tokens alone that
@@ -1037,7 +1047,9 @@ class AdaptiveDraftLength:
         drafted until the check of real steps ended it)."""
         single = costs.target_pass.get(1)
         longer = [n for n in costs.target_pass if n >= 2]
-        if single is None or single.count < 2 or not longer or not self._probed(costs):
+        if single is None or single.count < FIRST_SINGLE_PASSES:
+            return None
+        if not longer or not self._probed(costs):
             return None
         c = _cost_ratio(costs)
         fastest = single.low / single.value if single.value > 0 else 1.0  # <= 1

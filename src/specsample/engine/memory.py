@@ -2,7 +2,7 @@
 
 Whether drafting pays is a fact of the machine, the backend and the two models, not of the
 text: on llama.cpp on 2 cores no draft length pays for the default pair, on transformers long
-drafts do. Without a memory every process finds that out again: two target-only steps, then
+drafts do. Without a memory every process finds that out again: three target-only steps, then
 one or two probe steps (4 drafts each) and, for a model drafter, the draft model's prefill of
 the prompt, about 5% of a 128-token run of the command line on llama.cpp, and on transformers
 three of the ten-odd target passes of a 64-token run spent before long drafts start.
