@@ -15,13 +15,11 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 [ -d /opt/wheels ] && pip+=(--find-links /opt/wheels)
 quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 echo "specsample: setting up .venv (torch 2.13.0, then .[$extras]) ..." >&2
-case ",$extras," in
-  *,llamacpp,*) echo "specsample: the first set-up compiles llama.cpp (about 10 minutes on 2" \
-    "cores); pip's wheel cache keeps the build for later set-ups" >&2 ;;
-esac
 quiet "${pip[@]}" "torch==2.13.0"
 case ",$extras," in
   *,llamacpp,*)
+    echo "specsample: the first set-up compiles llama.cpp (about 10 minutes on 2 cores);" \
+      "pip's wheel cache keeps the build for later set-ups" >&2
     # llama.cpp compiles for this processor (-march=native). On processors with AMX tiles that
     # includes its AMX kernels, which crash with an illegal instruction on repacked Q4_K
     # weights in llama-cpp-python 0.3.36: compile without them (x86-64 compilers that know

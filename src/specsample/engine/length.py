@@ -1047,9 +1047,12 @@ class AdaptiveDraftLength:
         drafted until the check of real steps ended it)."""
         single = costs.target_pass.get(1)
         longer = [n for n in costs.target_pass if n >= 2]
-        if single is None or single.count < FIRST_SINGLE_PASSES:
-            return None
-        if not longer or not self._probed(costs):
+        if (
+            single is None
+            or single.count < FIRST_SINGLE_PASSES
+            or not longer
+            or not self._probed(costs)
+        ):
             return None
         c = _cost_ratio(costs)
         fastest = single.low / single.value if single.value > 0 else 1.0  # <= 1
