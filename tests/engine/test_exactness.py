@@ -42,10 +42,14 @@ DEPTH = 3  # new tokens whose joint is tested
 MIN_EXPECTED = 5.0
 PROMPT = [0, 1, 2, 0, 1, 2, 0]  # repeats, so n-gram lookups hit
 SHORT_PROMPT = [2, 1]
-# New tokens for AdaptiveDraftLength runs: the first comes from the prompt pass, the next
-# FIRST_SINGLE_PASSES from the cost check's target-only steps (timing 1-token passes), and two
-# more leave room for a probe's draft and its bonus token (the loop never drafts past the limit).
-ADAPTIVE_NEW_TOKENS = FIRST_SINGLE_PASSES + 3
+# AdaptiveDraftLength runs: the first new token comes from the prompt pass and the next
+# FIRST_SINGLE_PASSES from the cost check's target-only steps (timing 1-token passes); the first
+# draft is the probe's, at the step after them. These runs G-test the DEPTH tokens from there on
+# (ADAPTIVE_WINDOW: new tokens ADAPTIVE_START .. ADAPTIVE_START + DEPTH - 1, against their exact
+# marginal joint), so the tested tokens are the ones the probe's drafts and the steps after it
+# emitted, not the target-only ones before (the loop never drafts past the limit).
+ADAPTIVE_START = FIRST_SINGLE_PASSES + 1
+ADAPTIVE_NEW_TOKENS = ADAPTIVE_START + DEPTH
 
 
 def toy_pair() -> tuple[ToyLM, ToyLM]:
@@ -78,15 +82,23 @@ def p_value(*tests: tuple[float, int]) -> float:
 
 
 def target_outcomes(
-    target: ToyLM, prompt: list[int], sampling: SamplingConfig, eos: tuple[int, ...]
+    target: ToyLM,
+    prompt: list[int],
+    sampling: SamplingConfig,
+    eos: tuple[int, ...],
+    start: int = 0,
 ) -> dict[tuple[int, ...], float]:
-    """Exact probability of each outcome: the first DEPTH new tokens, or fewer when an EOS ends
-    the row (the product of the warped target's next-token probabilities)."""
+    """Exact probability of each outcome: new tokens start .. start + DEPTH - 1, or fewer when an
+    EOS ends the row (the product of the warped target's next-token probabilities, summed over
+    the start tokens before them: their marginal joint)."""
+    if start and eos:
+        raise ValueError(f"start: expected 0 with an EOS (rows may end before it), got {start}")
     outcomes: dict[tuple[int, ...], float] = {}
 
     def walk(tokens: tuple[int, ...], prob: float) -> None:
-        if len(tokens) == DEPTH or (tokens and tokens[-1] in eos):
-            outcomes[tokens] = prob
+        if len(tokens) == start + DEPTH or (tokens and tokens[-1] in eos):
+            window = tokens[start:]
+            outcomes[window] = outcomes.get(window, 0.0) + prob
             return
         logits = target.logits_for(prompt + list(tokens)).double()
         probs = logits_to_probs(logits, sampling).tolist()
@@ -98,10 +110,11 @@ def target_outcomes(
 
 
 def outcome_test(
-    rows: list[list[int]], expected: dict[tuple[int, ...], float]
+    rows: list[list[int]], expected: dict[tuple[int, ...], float], start: int = 0
 ) -> tuple[float, int]:
-    """G-test of the rows' outcomes against their exact probabilities."""
-    counts = Counter(tuple(row[:DEPTH]) for row in rows)
+    """G-test of the rows' outcomes (new tokens start .. start + DEPTH - 1) against their exact
+    probabilities."""
+    counts = Counter(tuple(row[start : start + DEPTH]) for row in rows)
     if not set(counts) <= set(expected):
         return float("inf"), 1  # an outcome the target cannot produce
     cells = sorted(expected)
@@ -119,10 +132,12 @@ def exactness_p_value(
     eos: tuple[int, ...] = (),
     seed: int = 0,
     rule: str = "token",
+    start: int = 0,
 ) -> float:
     """Runs generate on ROWS rows (prompts cycled through the batch) and G-tests each prompt's
-    rows against that prompt's exact outcome distribution; one combined p-value. drafter None:
-    target-only decoding (nothing is drafted)."""
+    rows (their new tokens start .. start + DEPTH - 1) against that prompt's exact outcome
+    distribution; one combined p-value. drafter None: target-only decoding (nothing is
+    drafted)."""
     target, _ = toy_pair()
     sampling = sampling or SamplingConfig()
     batch = [prompts[i % len(prompts)] for i in range(ROWS)]
@@ -147,7 +162,8 @@ def exactness_p_value(
     tests = []
     for g, prompt in enumerate(prompts):
         rows = out.tokens[g :: len(prompts)]
-        tests.append(outcome_test(rows, target_outcomes(target, prompt, sampling, eos)))
+        expected = target_outcomes(target, prompt, sampling, eos, start)
+        tests.append(outcome_test(rows, expected, start))
     return p_value(*tests)
 
 
@@ -184,16 +200,19 @@ VARIANTS = {
     "ragged-prompts": lambda: exactness_p_value(model_drafter(), prompts=(PROMPT, SHORT_PROMPT)),
     # Whether AdaptiveDraftLength pauses depends on measured wall-clock costs (its cost check's
     # target-only steps come first, then probes); the never-paused variant makes sure the
-    # per-row schedule (different k in one batch) is exercised on every machine.
+    # per-row schedule (different k in one batch) is exercised on every machine. These test the
+    # window of new tokens from the probe on (ADAPTIVE_START): every draft falls inside it.
     "adaptive-length": lambda: exactness_p_value(
         model_drafter(),
         draft_length=AdaptiveDraftLength(max_k=3, start_k=1, probe_every=2),
         max_new_tokens=ADAPTIVE_NEW_TOKENS,
+        start=ADAPTIVE_START,
     ),
     "adaptive-length-never-paused": lambda: exactness_p_value(
         model_drafter(),
         draft_length=NeverPausedLength(max_k=3, start_k=1),
         max_new_tokens=ADAPTIVE_NEW_TOKENS,
+        start=ADAPTIVE_START,
     ),
     "block-rule-k3": lambda: exactness_p_value(
         model_drafter(), draft_length=3, max_new_tokens=4, rule="block"
@@ -214,6 +233,7 @@ VARIANTS = {
         ModelDrafter(toy_pair()[1], confidence=0.6, survival=0.3),
         draft_length=AdaptiveDraftLength(max_k=3, probe_every=2),
         max_new_tokens=ADAPTIVE_NEW_TOKENS,
+        start=ADAPTIVE_START,
         rule="block",
     ),
     # Multi-draft and trees: scored in one target pass, verified by recursive rejection sampling.
@@ -296,6 +316,32 @@ CONTROLS = {
 def test_negative_controls_fail_the_same_test(control):
     drafter = MisreportingDrafter(toy_pair()[1], **CONTROLS[control])
     assert exactness_p_value(drafter, draft_length=2) < ALPHA
+
+
+def test_adaptive_negative_control_fails_the_window_test():
+    """The adaptive variants' test (new tokens from the probe on, against their exact marginal
+    joint) must catch a wrong rule: argmax drafts reported as the softmax q, drafted at the
+    lengths AdaptiveDraftLength offers."""
+    drafter = MisreportingDrafter(toy_pair()[1], argmax=True, report=lambda q: q)
+    p = exactness_p_value(
+        drafter,
+        draft_length=NeverPausedLength(max_k=3, start_k=1),
+        max_new_tokens=ADAPTIVE_NEW_TOKENS,
+        start=ADAPTIVE_START,
+    )
+    assert p < ALPHA
+
+
+def test_the_window_marginal_sums_to_one_and_matches_the_plain_joint_at_start_zero():
+    target, _ = toy_pair()
+    sampling = SamplingConfig()
+    window = target_outcomes(target, PROMPT, sampling, (), ADAPTIVE_START)
+    assert len(window) == VOCAB**DEPTH
+    assert sum(window.values()) == pytest.approx(1.0, abs=1e-12)
+    plain = target_outcomes(target, PROMPT, sampling, ())
+    assert target_outcomes(target, PROMPT, sampling, (), 0) == plain
+    # the window's law is not the first tokens' law (the test would not notice a shifted window)
+    assert max(abs(window[c] - plain[c]) for c in plain) > 1e-3
 
 
 def test_tree_negative_control_top_children_reported_as_softmax_fails(monkeypatch):
