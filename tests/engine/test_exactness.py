@@ -4,7 +4,10 @@ Each test runs `generate` once on one big batch of N identical prompts with exac
 (vocab 3; the draft is the target plus noise, so acceptance is moderate) and G-tests the joint
 distribution of the first three new tokens of every row (fewer when an EOS ends the row) against
 the exact target joint p(a | prompt) p(b | prompt, a) p(c | prompt, a, b), read from
-`ToyLM.logits_for` and warped with the same `logits_to_probs` as the loop.
+`ToyLM.logits_for` and warped with the same `logits_to_probs` as the loop. The AdaptiveDraftLength
+variants draft only after their cost check's target-only steps, so they test the three new tokens
+from their first draft on, against the exact marginal joint of those positions (summed over the
+tokens before them).
 
 A test fails when the p-value is below ALPHA = 1e-6: for an exact loop that is the false-failure
 rate (cells with expected count below 5 are pooled so the chi-square tail applies). The seeds are
