@@ -105,3 +105,18 @@ def test_interp_is_linear_between_and_beyond_the_measured_sizes():
     assert report.interp(curve, 2) == 12.0
     assert report.interp(curve, 3) == pytest.approx(16.0)
     assert report.interp(curve, 6) == pytest.approx(28.0)  # the last segment's slope
+
+
+def test_paired_ratio_is_the_median_of_the_per_repeat_ratios():
+    report = load("llamacpp_report")
+
+    def cell(*seconds):
+        return report.Cell(runs=[{"seconds": s, "new_tokens": 96} for s in seconds])
+
+    ours, base = cell(10.0, 12.0, 9.0), cell(10.5, 12.0, 9.9)
+    # per repeat: 1.05, 1.0, 1.1; the ratio of medians (10.5 / 10.0) is 1.05 too, but
+    # a slow repeat of the baseline alone moves only its own ratio
+    assert report.paired_ratio(ours, base) == pytest.approx(1.05)
+    slow = cell(10.0, 12.0, 15.0)  # ours' third run fell in a slow minute, the baseline's not
+    assert report.paired_ratio(slow, cell(10.5, 12.0, 9.9)) == pytest.approx(1.0)
+    assert report.paired_ratio(cell(10.0), base) is None  # repeats do not pair up
