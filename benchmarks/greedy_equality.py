@@ -11,7 +11,9 @@ equal texts and, where they part, gives the position and the target's logit gap 
 fresh 1-token-at-a-time prefill of the common prefix).
 
 Run: .venv/bin/python benchmarks/greedy_equality.py [--tokens 96] [--ks 3,4,8] [--threads 2]
-Writes benchmarks/greedy_equality.md.
+     [--repack --out benchmarks/greedy_equality_repack.md]
+Writes benchmarks/greedy_equality.md (--out: another file). --repack runs with llama.cpp's
+repacked weights, the command line's default, whose multi-token kernels round differently.
 """
 
 from __future__ import annotations
@@ -58,11 +60,17 @@ def main() -> None:
     parser.add_argument("--ks", default="3,4,8")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--limit", type=int, default=6)
+    parser.add_argument(
+        "--repack", action="store_true", help="repacked weights (the command line's default)"
+    )
+    parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
     started = datetime.datetime.now(datetime.timezone.utc)
     load = load_average()
-    pair = load_pair(backend="llama.cpp", threads=args.threads, n_ctx=2048, max_batch=1)
+    pair = load_pair(
+        backend="llama.cpp", threads=args.threads, n_ctx=2048, max_batch=1, repack=args.repack
+    )
     prompts = load_prompts()[: args.limit]
     rows, equal = [], dict.fromkeys(ks, 0)
     for spec in prompts:
@@ -83,9 +91,11 @@ def main() -> None:
         "# Greedy speculative text vs greedy target-only text (default pair, llama.cpp)",
         "",
         f"Run {started:%Y-%m-%d %H:%M} UTC, `benchmarks/greedy_equality.py --tokens "
-        f"{args.tokens} --ks {args.ks} --threads {args.threads}`; CPU {cpu['cpu']}, "
+        f"{args.tokens} --ks {args.ks} --threads {args.threads}"
+        f"{' --repack' if args.repack else ''}`; CPU {cpu['cpu']}, "
         f"{cpu['logical_cores']} logical cores; load average {load}. Qwen2.5-Coder-1.5B-Instruct "
-        "(target) drafted by 0.5B-Instruct, Q4_K_M, llama.cpp with weight repacking off; "
+        f"(target) drafted by 0.5B-Instruct, Q4_K_M, llama.cpp with weight repacking "
+        f"{'on' if args.repack else 'off'}; "
         f"{len(prompts)} prompts of benchmarks/prompts.json through the chat template, "
         f"{args.tokens} new tokens, EOS does not stop; model drafter at fixed k (passes of k + 1 "
         "tokens).",
@@ -106,8 +116,8 @@ def main() -> None:
             *rows,
             "",
         ]
-    OUT.write_text("\n".join(lines))
-    print(f"wrote {OUT}", file=sys.stderr)
+    args.out.write_text("\n".join(lines))
+    print(f"wrote {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
