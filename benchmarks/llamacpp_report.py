@@ -356,8 +356,7 @@ def _goals(contenders, cells, names, temps, full: bool) -> list[str]:
                 f"{met}/{len(ratios)} cells (min {min(ratios):.2f}x)."
             )
         paired = [paired_ratio(x, b) for x, b, _ in pairs if x and b]
-        paired = [r for r in paired if r is not None]
-        if paired and len(paired) == len(ratios):
+        if paired and None not in paired:
             met = sum(r >= GOAL_RATIO for r in paired)
             lines.append(
                 f"  - the median of the per-repeat ratios (each run against the llama.cpp run "
