@@ -8,7 +8,7 @@ tokens here and differ from 8: benchmarks/llamacpp_passes.md), and a near tie be
 best logits can flip. For every prompt of benchmarks/prompts.json this decodes --tokens tokens
 target-only and with the model drafter at fixed k = 3, 4, 8 (passes of 4, 5, 9 tokens), counts
 equal texts and, where they part, gives the position and the target's logit gap there (from a
-fresh 1-token-at-a-time prefill of the common prefix).
+fresh prefill of the common prefix, one pass over it).
 
 Run: .venv/bin/python benchmarks/greedy_equality.py [--tokens 96] [--ks 3,4,8] [--threads 2]
      [--repack --out benchmarks/greedy_equality_repack.md]
@@ -48,7 +48,7 @@ def decode(pair, k: int, prompt: list[int], tokens: int) -> list[int]:
 
 
 def logit_gap(pair, prefix: list[int]) -> float:
-    """Best minus second-best target logit after `prefix`, one token per pass after the first."""
+    """Best minus second-best target logit after `prefix`, from a fresh prefill (one pass)."""
     logits = pair.target.prefill([prefix])[0].float()
     top = torch.topk(logits, 2).values
     return float(top[0] - top[1])
