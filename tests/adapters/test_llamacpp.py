@@ -471,6 +471,41 @@ def test_prompt_longer_than_the_context_and_too_many_rows(gguf_path):
         LlamaCppLM(gguf_path, threads=0)
 
 
+def test_resize_gives_an_empty_model_room_for_a_larger_batch(gguf_path, reference):
+    """resize() before any row: the context is created again with the new cells and
+    sequences (the weights stay), and what did not fit before fits now with the reference's
+    logits; a model holding rows refuses it, and bad sizes are named."""
+    lm = LlamaCppLM(gguf_path, n_ctx=16, max_batch=2, threads=1, **NUMERICS["float32"][0])
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13], [14, 15, 16, 17, 18]]
+    with pytest.raises(ValueError, match=r"^prompts: expected at most max_batch=2 rows"):
+        lm.prefill(prompts)
+    lm.resize(n_ctx=32, max_batch=3)
+    assert (lm.n_ctx, lm.max_batch, lm.batch_size) == (32, 3, 0)
+    got = lm.prefill(prompts)
+    for b, row in enumerate(prompts):
+        assert torch.allclose(got[b], reference(row)[-1], atol=ATOL)
+    lm.extend(torch.tensor([[3, 3], [4, 4], [5, 5]]), torch.tensor([2, 2, 2]))
+    assert lm.cells_used == 24  # past the old 16 cells
+    with pytest.raises(RuntimeError, match=r"^resize: expected a model holding no rows, got"):
+        lm.resize(n_ctx=64)
+    lm.remove_rows(torch.tensor([], dtype=torch.long))
+    lm.resize(n_ctx=64)  # empty again: allowed
+    assert lm.n_ctx == 64 and lm.n_ctx_train == 512 and lm.most_rows == 256
+    for bad, match in (
+        (dict(n_ctx=0), r"^n_ctx: expected a positive integer, got 0"),
+        (dict(max_batch=True), r"^max_batch: expected a positive integer, got True"),
+        (dict(max_batch=300), r"^max_batch: expected at most 256"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            lm.resize(**bad)
+    assert (lm.n_ctx, lm.max_batch) == (64, 3)  # a refused resize changes nothing
+    lazy = LlamaCppLM(gguf_path, n_ctx=16, max_batch=1, threads=1, defer=True)
+    lazy.resize(n_ctx=48, max_batch=2)
+    assert not lazy.loaded and (lazy.n_ctx, lazy.max_batch) == (48, 2)
+    lazy.prefill([[1] * 20, [2] * 20])  # loads with the new sizes
+    assert lazy.loaded and lazy.cells_used == 40
+
+
 def test_trees_wider_than_the_free_sequences_are_refused(gguf_path):
     lm = LlamaCppLM(gguf_path, n_ctx=64, max_batch=1, tree_chains=2, threads=1)
     lm.prefill([[1, 2, 3]])

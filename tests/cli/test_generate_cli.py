@@ -5,6 +5,7 @@ tokenizer-mismatch check."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -336,3 +337,88 @@ def test_prompt_cache_on_llamacpp_restores_a_prompt_and_can_be_turned_off(
     }
     assert main([*common, "--json", "--no-prompt-cache"]) == 0
     assert "prompt_cache" not in json.loads(capsys.readouterr().out)
+
+
+def tiny_gguf_file(tmp_path) -> str:
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("gguf")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "adapters"))
+    from tiny_gguf import write_tiny_gguf
+
+    return str(write_tiny_gguf(tmp_path / "tiny.gguf"))
+
+
+def test_a_prompt_past_the_targets_context_is_refused_before_generation(tmp_path, capsys):
+    """llama.cpp: the tiny GGUF was trained for 512 positions; a prompt whose tokens and
+    --max-new-tokens pass them is an error naming the option and the counts, with no text."""
+    gguf = tiny_gguf_file(tmp_path)
+    prompt = tmp_path / "long.txt"
+    prompt.write_text("ab " * 100)
+    common = ["generate", "--prompt-file", str(prompt), "--target", gguf, "--drafter", "none"]
+    common += ["--threads", "1", "--no-chat-template", "--no-prompt-cache", "--no-cost-memory"]
+    assert main([*common, "--max-new-tokens", "400"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    found = re.search(
+        r"specsample generate: error: --prompt-file: expected at most 512 tokens with "
+        r"--max-new-tokens \(the target's context\), got (\d+) prompt tokens \+ 400 new tokens "
+        r"= (\d+); shorten the prompt or lower --max-new-tokens",
+        err,
+    )
+    assert found and int(found[1]) + 400 == int(found[2]) > 512, err
+    prompt_tokens = int(found[1])
+    # the same prompt with room for its new tokens runs
+    room = 512 - prompt_tokens
+    assert main([*common, "--max-new-tokens", str(room), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["texts"]) == 1
+
+
+def test_a_batch_past_the_default_context_and_rows_gets_room_for_all(tmp_path, capsys):
+    """llama.cpp, target and draft from one tiny GGUF: 70 prompts (more than the 64 rows a
+    context holds by default), 12 of them long (more KV cells in all than the default 4096):
+    both contexts are sized to the batch before generation and every prompt gets its tokens;
+    more prompts than llama.cpp's 256 sequences are refused, naming the batch file."""
+    gguf = tiny_gguf_file(tmp_path)
+    lines = [f"ab{i} " * 90 for i in range(12)] + [f"line {i}" for i in range(58)]
+    batch = tmp_path / "batch.txt"
+    batch.write_text("\n".join(lines) + "\n")
+    common = ["generate", "--target", gguf, "--draft", gguf, "--threads", "1"]
+    common += ["--no-chat-template", "--no-prompt-cache", "--no-cost-memory", "--seed", "3"]
+    code = main([*common, "--batch-file", str(batch), "--max-new-tokens", "6", "--k", "3"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "context: target sized to 8192 cells for 70 prompt(s)" in err
+    assert "context: draft sized to 8192 cells for 70 prompt(s)" in err
+    assert out.count("--- [") == 70
+    code = main([*common, "--batch-file", str(batch), "--max-new-tokens", "6", "--json"])
+    record = json.loads(capsys.readouterr().out)
+    assert code == 0 and len(record["texts"]) == 70
+    assert 70 <= record["stats"]["new_tokens"] <= 70 * 6  # a row ends at 6 tokens or at EOS
+    too_many = tmp_path / "many.txt"
+    too_many.write_text("".join(f"p{i}\n" for i in range(257)))
+    assert main([*common, "--batch-file", str(too_many), "--max-new-tokens", "2"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert (
+        "specsample generate: error: --batch-file: expected at most 256 prompts (llama.cpp's "
+        "sequences per context), got 257; split the file into files of at most 256 prompts"
+    ) in err
+
+
+def test_transformers_prompt_past_the_models_positions_is_refused(tiny_pair, capsys):
+    """transformers: the config's max_position_embeddings (256 for the tiny models) bounds a
+    prompt with its --max-new-tokens, before any generation."""
+    target, draft = tiny_pair
+    args = ["generate", "def reverse(head):", "--target", target, "--draft", draft]
+    args += ["--dtype", "float32", "--no-chat-template", "--max-new-tokens", "300"]
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert re.search(
+        r"specsample generate: error: prompt: expected at most 256 tokens with --max-new-tokens "
+        r"\(the target's context\), got \d+ prompt tokens \+ 300 new tokens",
+        err,
+    ), err

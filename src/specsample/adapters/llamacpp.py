@@ -312,6 +312,7 @@ class LlamaCppLM:
             raise ValueError(f"tree_chains: expected an integer >= 0, got {tree_chains!r}")
         # Every sequence reserves an output row of vocab floats, so ask for no more than needed.
         self.n_seq_max = min(most, max_batch + tree_chains)
+        self.tree_chains = tree_chains
         threads = default_threads() if threads is None else threads
         if not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads: expected a positive integer, got {threads!r}")
@@ -372,7 +373,7 @@ class LlamaCppLM:
     def _load(self, path: str | Path) -> None:
         """Loads the weights and creates the context, its batch and their views."""
         started = time.perf_counter()
-        llama, argument = self._llama, self.argument
+        argument = self.argument
         model = _Model(path, argument, repack=self.repack)
         if self.__dict__.get("_deferred") and model.n_vocab != self.vocab_size:
             model.close()
@@ -383,6 +384,13 @@ class LlamaCppLM:
         self._model = model
         self.path = model.path
         self.vocab_size = model.n_vocab
+        self._make_context()
+        self._deferred = False
+        self.load_seconds = time.perf_counter() - started
+
+    def _make_context(self) -> None:
+        """Creates the context (n_ctx cells, n_seq_max sequences), its batch and their views."""
+        llama, argument = self._llama, self.argument
         n_ctx, n_batch, threads = self.n_ctx, self.n_batch, self.threads
         params = llama.llama_context_default_params()
         params.n_ctx = n_ctx
@@ -411,8 +419,53 @@ class LlamaCppLM:
             np.ctypeslib.as_array(self._batch.n_seq_id, shape=(n_batch,)),
             np.ctypeslib.as_array(self._batch.logits, shape=(n_batch,)),
         )
-        self._deferred = False
-        self.load_seconds = time.perf_counter() - started
+
+    def resize(self, n_ctx: int | None = None, max_batch: int | None = None) -> None:
+        """Gives the context `n_ctx` KV cells and room for `max_batch` rows (None: as they
+        are), before any row was added: the weights stay loaded (a deferred model stays
+        deferred) and only the context is created again. For front ends that size the context
+        to a job once its prompts are tokenized."""
+        if self._rows or self._tree is not None:
+            raise RuntimeError(
+                f"resize: expected a model holding no rows, got one holding {len(self._rows)}"
+            )
+        n_ctx = self.n_ctx if n_ctx is None else n_ctx
+        max_batch = self.max_batch if max_batch is None else max_batch
+        for name, value in (("n_ctx", n_ctx), ("max_batch", max_batch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        most = int(self._llama.llama_max_parallel_sequences())
+        if max_batch > most:
+            raise ValueError(
+                f"max_batch: expected at most {most} (llama.cpp's sequences per context), got "
+                f"{max_batch}"
+            )
+        if (n_ctx, max_batch) == (self.n_ctx, self.max_batch):
+            return
+        loaded = self.loaded
+        if loaded:
+            self._llama.llama_batch_free(self._batch)
+            self._batch = None
+            self._llama.llama_free(self._ctx)
+            self._ctx = None
+        self.n_ctx, self.max_batch = n_ctx, max_batch
+        self.n_batch = min(self.n_batch, n_ctx)
+        self.n_seq_max = min(most, max_batch + self.tree_chains)
+        self._free = list(range(self.n_seq_max))
+        self._started = False
+        if loaded:
+            self._make_context()
+
+    @property
+    def most_rows(self) -> int:
+        """The most rows (sequences) a llama.cpp context can hold: the largest max_batch."""
+        return int(self._llama.llama_max_parallel_sequences())
+
+    @property
+    def n_ctx_train(self) -> int:
+        """The context the model was trained for (the GGUF's `<architecture>.context_length`):
+        positions past it are not what the model learned."""
+        return int(self._llama.llama_model_n_ctx_train(self._model.pointer))
 
     # ------------------------------------------------------------------ facts
 

@@ -25,6 +25,8 @@ from specsample.drafters.model import (
 DEFAULT_PROMPT = "Write a Python function that reverses a linked list."
 COLORS = {"accepted": "\033[32m", "recovered": "\033[33m", "bonus": "\033[36m"}
 RESET = "\033[0m"
+# llama.cpp contexts grow in steps of this many KV cells where a batch needs more (stable sizes)
+CONTEXT_STEP = 4096
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -178,7 +180,6 @@ def run(args: argparse.Namespace) -> int:
     from specsample.engine.length import AdaptiveDraftLength
     from specsample.engine.text import (
         TextStream,
-        encode_prompt,
         eos_token_ids,
         stop_string_condition,
         trim_at_stop,
@@ -247,9 +248,7 @@ def run(args: argparse.Namespace) -> int:
         if drafter is not None and tree_shape is None
         else None
     )
-    token_prompts = [
-        encode_prompt(pair.tokenizer, p, chat_template=not args.no_chat_template) for p in prompts
-    ]
+    token_prompts = _encode_prompts(args, pair, prompts, draft_length, tree_shape)
     stream = TextStream(pair.tokenizer, len(prompts))
     use_color = sys.stdout.isatty() if args.color is None else args.color
     live = len(prompts) == 1 and not args.json
@@ -292,6 +291,65 @@ def run(args: argparse.Namespace) -> int:
     if args.stats:
         _print_stats(summary, memory, prompt_cache)
     return 0
+
+
+def _encode_prompts(args, pair, prompts: list[str], draft_length, tree_shape) -> list[list[int]]:
+    """The prompts' tokens (as chat user turns unless --no-chat-template), checked and given
+    room by _fit_context."""
+    from specsample.engine.text import encode_prompt
+
+    token_prompts = [
+        encode_prompt(pair.tokenizer, p, chat_template=not args.no_chat_template) for p in prompts
+    ]
+    _fit_context(args, pair, token_prompts, draft_length, tree_shape)
+    return token_prompts
+
+
+def _fit_context(args, pair, token_prompts, draft_length, tree_shape) -> None:
+    """Before any generation: every prompt with its --max-new-tokens must fit the target's
+    trained context (else an ArgumentTypeError naming the prompt's option, its tokens and the
+    limit), and on llama.cpp the contexts get enough KV cells and sequences for the whole batch
+    at once (its prompts, their new tokens and a step's drafts): created again larger where the
+    loaded ones are too small, so that no row runs out of room mid-generation."""
+    new = args.max_new_tokens
+    trained = getattr(pair.target, "n_ctx_train", None)
+    if trained is None:  # transformers: the config's positions
+        trained = getattr(pair.target_config, "max_position_embeddings", None)
+    if isinstance(trained, int) and trained > 0:
+        for b, row in enumerate(token_prompts):
+            if len(row) + new > trained:
+                where = (
+                    f"--batch-file: prompt {b + 1}"
+                    if args.batch_file is not None
+                    else "--prompt-file"
+                    if args.prompt_file is not None
+                    else "prompt"
+                )
+                raise argparse.ArgumentTypeError(
+                    f"{where}: expected at most {trained} tokens with --max-new-tokens "
+                    f"(the target's context), got {len(row)} prompt tokens + {new} new tokens "
+                    f"= {len(row) + new}; shorten the prompt or lower --max-new-tokens"
+                )
+    models = [lm for lm in (pair.target, pair.draft) if callable(getattr(lm, "resize", None))]
+    if not models:
+        return
+    if tree_shape is not None:
+        per_step = tree_shape.num_nodes
+    else:  # a chain's drafts, or a pass widened with filler (at most the longest draft + 1)
+        per_step = getattr(draft_length, "max_k", draft_length) + 1
+    cells = sum(len(row) + new + per_step for row in token_prompts)
+    rows = len(token_prompts)
+    for lm in models:
+        if rows > lm.most_rows:
+            raise argparse.ArgumentTypeError(
+                f"--batch-file: expected at most {lm.most_rows} prompts (llama.cpp's sequences "
+                f"per context), got {rows}; split the file into files of at most "
+                f"{lm.most_rows} prompts"
+            )
+        if cells > lm.n_ctx or rows > lm.max_batch:
+            n_ctx = max(lm.n_ctx, -(-cells // CONTEXT_STEP) * CONTEXT_STEP)
+            lm.resize(n_ctx=n_ctx, max_batch=max(lm.max_batch, rows))
+            _note(args, f"context: {lm.argument} sized to {n_ctx} cells for {rows} prompt(s)")
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
