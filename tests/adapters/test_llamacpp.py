@@ -469,6 +469,8 @@ def test_prompt_longer_than_the_context_and_too_many_rows(gguf_path):
         LlamaCppLM(gguf_path, max_batch=300)
     with pytest.raises(ValueError, match=r"^threads: expected a positive integer, got 0"):
         LlamaCppLM(gguf_path, threads=0)
+    with pytest.raises(ValueError, match=r"^threads: expected at most 512 \(ggml's thread limit"):
+        LlamaCppLM(gguf_path, threads=100_000)  # (it would abort the process in ggml)
 
 
 def test_resize_gives_an_empty_model_room_for_a_larger_batch(gguf_path, reference):

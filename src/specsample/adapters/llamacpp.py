@@ -87,12 +87,29 @@ def is_available() -> bool:
     return True
 
 
+# ggml's GGML_MAX_N_THREADS: a larger thread count aborts llama.cpp's compute set-up
+MAX_THREADS = 512
+
+
 def default_threads() -> int:
     """The CPU cores this process may run on (llama.cpp's compute threads by default)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def checked_threads(threads: int | None) -> int:
+    """`threads` for llama.cpp (None: every core), refused by name unless 1..MAX_THREADS."""
+    threads = default_threads() if threads is None else threads
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads: expected a positive integer, got {threads!r}")
+    if threads > MAX_THREADS:  # more aborts the process inside ggml (std::bad_alloc)
+        raise ValueError(
+            f"threads: expected at most {MAX_THREADS} (ggml's thread limit; this machine has "
+            f"{default_threads()} cores), got {threads}"
+        )
+    return threads
 
 
 def _llama() -> Any:
@@ -313,9 +330,7 @@ class LlamaCppLM:
         # Every sequence reserves an output row of vocab floats, so ask for no more than needed.
         self.n_seq_max = min(most, max_batch + tree_chains)
         self.tree_chains = tree_chains
-        threads = default_threads() if threads is None else threads
-        if not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads: expected a positive integer, got {threads!r}")
+        threads = checked_threads(threads)
         n_batch = min(n_ctx, 2048) if n_batch is None else n_batch
         if not isinstance(n_batch, int) or n_batch < 1:
             raise ValueError(f"n_batch: expected a positive integer, got {n_batch!r}")
