@@ -235,3 +235,41 @@ def test_serving_on_llamacpp_restores_kept_prompts_unless_turned_off(tmp_path):
     assert (cache.reused, cache.computed) == (len(prompt), 0)
     engine = _loaded_engine(*common, "--drafter", "none", "--no-prompt-cache")
     assert tokens(engine) == first  # the state it restored was the one a prefill computes
+
+
+def _loaded_models(*options: str):
+    import argparse
+
+    from specsample.cli.models import ModelLoader, add_model_arguments
+
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    return ModelLoader.from_args(parser.parse_args(list(options)))()
+
+
+def test_serving_context_is_bounded_by_what_the_target_was_trained_for(tiny_pair, tmp_path):
+    """serve and batch: with no --context a request gets at most the target's trained context
+    (transformers: max_position_embeddings, 256 for the tiny models; llama.cpp: the GGUF's
+    context length, 512 for the tiny GGUF), capped at 4096; a --context above it is an error
+    naming the option."""
+    target, draft = tiny_pair
+    assert _loaded_models("--target", target, "--draft", draft).context_length == 256
+    assert (
+        _loaded_models("--target", target, "--draft", draft, "--context", "100").context_length
+        == 100
+    )
+    with pytest.raises(ValueError, match=r"^--context: expected at most 256 tokens \(the "):
+        _loaded_models("--target", target, "--draft", draft, "--context", "300")
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("gguf")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "adapters"))
+    from tiny_gguf import write_tiny_gguf
+
+    gguf = str(write_tiny_gguf(tmp_path / "tiny.gguf"))
+    common = ["--target", gguf, "--threads", "1", "--max-batch", "2", "--drafter", "none"]
+    assert _loaded_models(*common).context_length == 512
+    with pytest.raises(ValueError, match=r"^--context: expected at most 512 tokens"):
+        _loaded_models(*common, "--context", "600")

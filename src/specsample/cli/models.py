@@ -218,8 +218,17 @@ class ModelLoader:
         if o.drafter == "model" and pair.draft is None:
             raise ValueError("--drafter model needs --draft when --target is given")
         attach_prompt_caches(o, pair)
-        if o.context is None:
-            context = min(context, getattr(pair.target_config, "max_position_embeddings", context))
+        trained = getattr(pair.target, "n_ctx_train", None)  # llama.cpp: the GGUF's
+        if trained is None:  # transformers: the config's positions
+            trained = getattr(pair.target_config, "max_position_embeddings", None)
+        if isinstance(trained, int) and trained > 0:
+            if o.context is None:
+                context = min(context, trained)
+            elif o.context > trained:
+                raise ValueError(
+                    f"--context: expected at most {trained} tokens (the context the target was "
+                    f"trained for), got {o.context}"
+                )
         if o.k is None:
             o.k = "auto" if pair.backend == "llama.cpp" else str(DEFAULT_SERVING_K)
         draft_length = _draft_length(o, AdaptiveDraftLength)
