@@ -260,6 +260,25 @@ def test_bad_requests_are_refused_naming_the_argument(kwargs, error, argument):
         engine.add_request(call.pop("prompt_tokens"), **call)
 
 
+def test_a_request_longer_than_a_row_of_the_target_can_hold_is_refused():
+    """A target with a bounded cache (llama.cpp's n_ctx cells, a static cache's max_length):
+    a request whose prompt and max_new_tokens pass it is refused when it is added, naming
+    max_new_tokens and what fits, instead of failing mid-generation; one that fits runs."""
+    target, _ = pair16()
+    target.n_ctx = 12  # as LlamaCppLM names its bound
+    engine = Engine(target)
+    with pytest.raises(ValueError, match=r"^max_new_tokens: expected at most 9 after a prompt"):
+        engine.add_request([1, 2, 3], max_new_tokens=10, seed=0)
+    assert not engine.has_unfinished()
+    engine.add_request([1, 2, 3], max_new_tokens=9, seed=0)
+    while engine.has_unfinished():
+        engine.step()
+    del target.n_ctx
+    target.max_length = 4  # as the static cache names its bound
+    with pytest.raises(ValueError, match=r"^max_new_tokens: expected at most 1 after a prompt"):
+        Engine(target).add_request([1, 2, 3], max_new_tokens=2, seed=0)
+
+
 def test_bad_engine_arguments_are_refused_naming_them():
     target, draft = pair16()
     with pytest.raises(TypeError, match="^target: "):

@@ -225,6 +225,13 @@ class Engine:
             or max_new_tokens < 1
         ):
             raise ValueError(f"max_new_tokens: expected an integer >= 1, got {max_new_tokens!r}")
+        room = _row_capacity(self.target.model)
+        if room is not None and len(prompt) + max_new_tokens > room:
+            raise ValueError(
+                f"max_new_tokens: expected at most {room - len(prompt)} after a prompt of "
+                f"{len(prompt)} tokens (a row of the target holds at most {room}), got "
+                f"{max_new_tokens}"
+            )
         if seed is None:
             seed = random.SystemRandom().randrange(2**63)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
@@ -853,6 +860,17 @@ def _draft_length_policy(draft_length, drafter, fixed_depth):
         f"draft_length: expected 'auto', an int or a FixedDraftLength/AdaptiveDraftLength, got "
         f"{draft_length!r}"
     )
+
+
+def _row_capacity(model) -> int | None:
+    """The most tokens one row of `model` can hold, prompt included, where it has a bound:
+    llama.cpp's KV cells (n_ctx, shared by the rows), a static cache's max_length; None for
+    a model whose cache grows as needed."""
+    for name in ("n_ctx", "max_length"):
+        value = getattr(model, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def _check_prompt(prompt_tokens: Sequence[int], vocab: int) -> list[int]:
