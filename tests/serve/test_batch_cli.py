@@ -273,3 +273,5 @@ def test_serving_context_is_bounded_by_what_the_target_was_trained_for(tiny_pair
     assert _loaded_models(*common).context_length == 512
     with pytest.raises(ValueError, match=r"^--context: expected at most 512 tokens"):
         _loaded_models(*common, "--context", "600")
+    with pytest.raises(ValueError, match=r"^--max-batch: expected at most 256 on llama.cpp"):
+        _loaded_models(*common[:-4], "--max-batch", "300", "--drafter", "none")

@@ -112,6 +112,11 @@ def checked_threads(threads: int | None) -> int:
     return threads
 
 
+def most_rows() -> int:
+    """The most rows (sequences) one llama.cpp context can hold: the largest max_batch."""
+    return int(_llama().llama_max_parallel_sequences())
+
+
 def _llama() -> Any:
     """The llama_cpp module, initialised once, with llama.cpp's log routed into `_LOG` (printed
     only with SPECSAMPLE_LLAMA_LOG=1)."""
@@ -474,7 +479,7 @@ class LlamaCppLM:
     @property
     def most_rows(self) -> int:
         """The most rows (sequences) a llama.cpp context can hold: the largest max_batch."""
-        return int(self._llama.llama_max_parallel_sequences())
+        return most_rows()
 
     @property
     def n_ctx_train(self) -> int:

@@ -197,6 +197,7 @@ class ModelLoader:
             import specsample.lossy  # noqa: F401 - registers the lossy rules
 
         context = o.context or 4096
+        check_max_batch(o)
         repack = default_repack(o, o.rule)
         pair = load_pair(
             o.target,
@@ -256,6 +257,24 @@ class ModelLoader:
             lossy=lossy,
             speculative=o.drafter != "none",
             default_max_tokens=o.default_max_tokens,
+        )
+
+
+def check_max_batch(options: argparse.Namespace) -> None:
+    """On llama.cpp --max-batch is bounded by the sequences one context holds (256)."""
+    from specsample.adapters.loading import resolve_backend
+
+    backend = resolve_backend(
+        options.backend, options.target, options.draft, options.device, options.draft_quantize
+    )
+    if backend != "llama.cpp":
+        return
+    from specsample.adapters.llamacpp import most_rows
+
+    if options.max_batch > most_rows():
+        raise ValueError(
+            f"--max-batch: expected at most {most_rows()} on llama.cpp (the sequences one "
+            f"context holds), got {options.max_batch}"
         )
 
 
