@@ -117,6 +117,21 @@ def most_rows() -> int:
     return int(_llama().llama_max_parallel_sequences())
 
 
+def _check_sizes(n_ctx: int, max_batch: int) -> int:
+    """Refuses by name an n_ctx or max_batch that is not a positive integer, or a max_batch
+    above llama.cpp's sequences per context; returns that limit (most_rows())."""
+    for name, value in (("n_ctx", n_ctx), ("max_batch", max_batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    most = most_rows()
+    if max_batch > most:
+        raise ValueError(
+            f"max_batch: expected at most {most} (llama.cpp's sequences per context), got "
+            f"{max_batch}"
+        )
+    return most
+
+
 def _llama() -> Any:
     """The llama_cpp module, initialised once, with llama.cpp's log routed into `_LOG` (printed
     only with SPECSAMPLE_LLAMA_LOG=1)."""
@@ -321,15 +336,7 @@ class LlamaCppLM:
             raise ValueError(f"kv_type: expected one of {sorted(_KV_TYPES)}, got {kv_type!r}")
         if flash_attn not in (None, True, False):
             raise ValueError(f"flash_attn: expected None, True or False, got {flash_attn!r}")
-        for name, value in (("n_ctx", n_ctx), ("max_batch", max_batch)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-        most = int(llama.llama_max_parallel_sequences())
-        if max_batch > most:
-            raise ValueError(
-                f"max_batch: expected at most {most} (llama.cpp's sequences per context), got "
-                f"{max_batch}"
-            )
+        most = _check_sizes(n_ctx, max_batch)
         if not isinstance(tree_chains, int) or tree_chains < 0:
             raise ValueError(f"tree_chains: expected an integer >= 0, got {tree_chains!r}")
         # Every sequence reserves an output row of vocab floats, so ask for no more than needed.
@@ -451,15 +458,7 @@ class LlamaCppLM:
             )
         n_ctx = self.n_ctx if n_ctx is None else n_ctx
         max_batch = self.max_batch if max_batch is None else max_batch
-        for name, value in (("n_ctx", n_ctx), ("max_batch", max_batch)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-        most = int(self._llama.llama_max_parallel_sequences())
-        if max_batch > most:
-            raise ValueError(
-                f"max_batch: expected at most {most} (llama.cpp's sequences per context), got "
-                f"{max_batch}"
-            )
+        most = _check_sizes(n_ctx, max_batch)
         if (n_ctx, max_batch) == (self.n_ctx, self.max_batch):
             return
         loaded = self.loaded

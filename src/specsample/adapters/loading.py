@@ -51,6 +51,15 @@ class LoadedPair:
     description: str
     backend: str = "transformers"
 
+    @property
+    def trained_context(self) -> int | None:
+        """The positions the target was trained for: the GGUF's context length on llama.cpp,
+        the config's max_position_embeddings on transformers; None where neither says."""
+        trained = getattr(self.target, "n_ctx_train", None)
+        if trained is None:
+            trained = getattr(self.target_config, "max_position_embeddings", None)
+        return trained if isinstance(trained, int) and trained > 0 else None
+
 
 def _is_gguf(name: str | None) -> bool:
     return name is None or Path(name).suffix == ".gguf"

@@ -312,10 +312,8 @@ def _fit_context(args, pair, token_prompts, draft_length, tree_shape) -> None:
     at once (its prompts, their new tokens and a step's drafts): created again larger where the
     loaded ones are too small, so that no row runs out of room mid-generation."""
     new = args.max_new_tokens
-    trained = getattr(pair.target, "n_ctx_train", None)
-    if trained is None:  # transformers: the config's positions
-        trained = getattr(pair.target_config, "max_position_embeddings", None)
-    if isinstance(trained, int) and trained > 0:
+    trained = pair.trained_context
+    if trained is not None:
         for b, row in enumerate(token_prompts):
             if len(row) + new > trained:
                 where = (

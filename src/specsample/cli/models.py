@@ -219,10 +219,8 @@ class ModelLoader:
         if o.drafter == "model" and pair.draft is None:
             raise ValueError("--drafter model needs --draft when --target is given")
         attach_prompt_caches(o, pair)
-        trained = getattr(pair.target, "n_ctx_train", None)  # llama.cpp: the GGUF's
-        if trained is None:  # transformers: the config's positions
-            trained = getattr(pair.target_config, "max_position_embeddings", None)
-        if isinstance(trained, int) and trained > 0:
+        trained = pair.trained_context
+        if trained is not None:
             if o.context is None:
                 context = min(context, trained)
             elif o.context > trained:
