@@ -293,12 +293,7 @@ def test_weights_are_repacked_by_default_on_llamacpp(monkeypatch, tmp_path, opti
     assert asked["repack"] is repack
 
 
-def test_prompt_cache_on_llamacpp_restores_a_prompt_and_can_be_turned_off(
-    tmp_path, capsys, monkeypatch
-):
-    """llama.cpp: the first run keeps its prompt in $SPECSAMPLE_PROMPT_CACHE, the second
-    restores all of it (--stats says how much) and, target-only with the same seed, writes the
-    same text; --no-prompt-cache neither reads nor writes."""
+def tiny_gguf_file(tmp_path) -> str:
     pytest.importorskip("llama_cpp")
     pytest.importorskip("gguf")
     import sys
@@ -307,7 +302,16 @@ def test_prompt_cache_on_llamacpp_restores_a_prompt_and_can_be_turned_off(
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "adapters"))
     from tiny_gguf import write_tiny_gguf
 
-    gguf = str(write_tiny_gguf(tmp_path / "tiny.gguf"))
+    return str(write_tiny_gguf(tmp_path / "tiny.gguf"))
+
+
+def test_prompt_cache_on_llamacpp_restores_a_prompt_and_can_be_turned_off(
+    tmp_path, capsys, monkeypatch
+):
+    """llama.cpp: the first run keeps its prompt in $SPECSAMPLE_PROMPT_CACHE, the second
+    restores all of it (--stats says how much) and, target-only with the same seed, writes the
+    same text; --no-prompt-cache neither reads nor writes."""
+    gguf = tiny_gguf_file(tmp_path)
     folder = tmp_path / "prompts"
     monkeypatch.setenv("SPECSAMPLE_PROMPT_CACHE", str(folder))
     common = ["generate", "hello there, a longer prompt", "--target", gguf, "--drafter", "none"]
@@ -337,18 +341,6 @@ def test_prompt_cache_on_llamacpp_restores_a_prompt_and_can_be_turned_off(
     }
     assert main([*common, "--json", "--no-prompt-cache"]) == 0
     assert "prompt_cache" not in json.loads(capsys.readouterr().out)
-
-
-def tiny_gguf_file(tmp_path) -> str:
-    pytest.importorskip("llama_cpp")
-    pytest.importorskip("gguf")
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "adapters"))
-    from tiny_gguf import write_tiny_gguf
-
-    return str(write_tiny_gguf(tmp_path / "tiny.gguf"))
 
 
 def test_a_prompt_past_the_targets_context_is_refused_before_generation(tmp_path, capsys):
